@@ -1,0 +1,49 @@
+"""keel keeps agent applications correct when they are scaled out to many processes and machines.
+
+The public names are the ones in ``__all__``; everything else may change between releases.
+"""
+
+from __future__ import annotations
+
+from keel.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    InvalidKeyError,
+    KeelError,
+    KeyNotFoundError,
+    MissingExtraError,
+    NotSerializableError,
+    PayloadError,
+    PayloadTooLargeError,
+    PayloadValidationError,
+    StaleWriteError,
+    StoreError,
+    UnknownSchemeError,
+    UnsafeLocationError,
+    UpdateContentionError,
+)
+from keel.store import Store, open_store
+from keel.types import Versioned
+from keel.version import __version__
+
+__all__ = [
+    "BackendUnavailable",
+    "ConfigurationError",
+    "InvalidKeyError",
+    "KeelError",
+    "KeyNotFoundError",
+    "MissingExtraError",
+    "NotSerializableError",
+    "PayloadError",
+    "PayloadTooLargeError",
+    "PayloadValidationError",
+    "StaleWriteError",
+    "Store",
+    "StoreError",
+    "UnknownSchemeError",
+    "UnsafeLocationError",
+    "UpdateContentionError",
+    "Versioned",
+    "__version__",
+    "open_store",
+]

@@ -1,0 +1,1 @@
+"""The embedded SQLite engine: one file, several processes on one machine."""

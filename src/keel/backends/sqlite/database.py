@@ -1,0 +1,191 @@
+"""One SQLite connection on a thread of its own, shared by the store (and later the broker) of a process.
+
+Why a thread: sqlite3 blocks, and the event loop must never block. Why one function per call: a write
+transaction is opened, run and committed inside a single function on that thread, so nothing is ever
+awaited while the file's write lock is held; a paused or busy event loop cannot stall other processes.
+Writers take the lock up front (``BEGIN IMMEDIATE``) so that two of them never deadlock upgrading a read
+lock, and a generous busy timeout rides out contention between processes rather than failing fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
+
+from keel.backends._sql import load_queries, load_script
+from keel.errors import BackendUnavailable, ConfigurationError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The schema version this code writes and reads.
+SCHEMA_VERSION = 1
+
+#: How long a writer waits for another process's write lock before giving up, by default.
+DEFAULT_BUSY_TIMEOUT_S = 30.0
+
+#: Accepted values of the ``synchronous`` URL option; FULL makes every commit durable across power loss.
+SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+QUERIES = load_queries(__package__ or "keel.backends.sqlite", "queries.sql")
+
+
+class SqliteDatabase:
+    """A connection to one database file, driven from a dedicated thread."""
+
+    def __init__(self, path: Path, url: str, *, synchronous: str, busy_timeout_s: float) -> None:
+        self.path = path
+        self.url = url
+        self._synchronous = synchronous
+        self._busy_timeout_s = busy_timeout_s
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    async def open(self) -> None:
+        """Connect, set the pragmas and create or migrate the schema."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._connect)
+        except BaseException:
+            self._closed = True
+            self._executor.shutdown(wait=False)
+            raise
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` on the database thread and return its result.
+
+        Raises:
+            BackendUnavailable: The file cannot be opened or read, or stayed locked past the busy timeout.
+        """
+        if self._closed:
+            raise BackendUnavailable(self.url, "the store is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` in one ``BEGIN IMMEDIATE`` transaction: committed if it returns, else rolled back."""
+        return await self.run(lambda conn: _in_transaction(conn, fn))
+
+    async def aclose(self) -> None:
+        """Close the connection and stop the thread. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._disconnect)
+        self._executor.shutdown(wait=True)
+
+    def __del__(self) -> None:
+        if not self._closed and self._conn is not None:
+            warnings.warn(f"keel SQLite store {self.path} was not closed", ResourceWarning, stacklevel=1)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            raise BackendUnavailable(self.url, "the connection is not open")
+        try:
+            return fn(self._conn)
+        except sqlite3.OperationalError as exc:
+            raise BackendUnavailable(self.url, str(exc), hint=_hint(exc)) from exc
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise
+            raise BackendUnavailable(self.url, str(exc), hint="is the file a keel SQLite database?") from exc
+
+    def _connect(self) -> None:
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise BackendUnavailable(self.url, str(exc), hint=_hint(exc)) from exc
+        self._conn = conn
+        try:
+            self._configure(conn)
+            _migrate(conn)
+        except sqlite3.Error as exc:
+            self._disconnect()
+            raise BackendUnavailable(self.url, str(exc), hint=_hint(exc)) from exc
+        except BaseException:
+            self._disconnect()
+            raise
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise BackendUnavailable(self.url, f"could not switch the database to WAL mode (it stays {mode})")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Create the tables on first use and record the schema version; several processes may race here."""
+
+    def apply(c: sqlite3.Connection) -> None:
+        has_table = c.execute("SELECT 1 FROM sqlite_master WHERE name = 'keel_schema'").fetchone()
+        found = c.execute(QUERIES["schema_version"], {"component": "store"}).fetchone() if has_table else None
+        if found is not None and found[0] > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"this SQLite database has keel schema version {found[0]}, newer than this keel "
+                f"understands ({SCHEMA_VERSION}); upgrade keel-runtime"
+            )
+        if found is None or found[0] < SCHEMA_VERSION:
+            for statement in _statements(load_script(__package__ or "keel.backends.sqlite", "schema.sql")):
+                c.execute(statement)
+            c.execute(QUERIES["record_schema_version"], {"component": "store", "version": SCHEMA_VERSION})
+
+    _in_transaction(conn, apply)
+
+
+def _statements(script: str) -> list[str]:
+    lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _hint(exc: sqlite3.Error) -> str:
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return "another process held the write lock past the busy timeout; raise busy_timeout_s= in the URL"
+    if "unable to open" in text or "readonly" in text or "read-only" in text:
+        return "check that the folder exists and this user may write the file and its -wal and -shm files"
+    if "disk" in text and "full" in text:
+        return "the disk is full"
+    return "check the file and its folder"
+
+
+def parse_synchronous(value: str) -> str:
+    """Return a valid ``PRAGMA synchronous`` level from a URL option.
+
+    Raises:
+        ConfigurationError: The level is not one SQLite knows.
+    """
+    level = value.upper()
+    if level not in SYNCHRONOUS_LEVELS:
+        raise ConfigurationError(f"synchronous={value!r} is not one of {', '.join(SYNCHRONOUS_LEVELS)}")
+    return level

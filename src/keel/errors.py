@@ -1,0 +1,215 @@
+"""Every error keel raises, in one tree.
+
+```
+KeelError
+├── ConfigurationError            a URL, option or environment keel cannot work with
+│   ├── UnknownSchemeError        the URL's scheme names no engine
+│   ├── MissingExtraError         the engine's driver is not installed
+│   └── UnsafeLocationError       a SQLite file on a network filesystem
+├── BackendUnavailable            the engine cannot be reached, or went away mid-operation
+├── InvalidKeyError               a key that is empty, too long or not printable
+├── PayloadError                  a value keel refuses to store
+│   ├── NotSerializableError      not a JSON document
+│   ├── PayloadTooLargeError      over the size limit
+│   └── PayloadValidationError    does not fit its pydantic model
+└── StoreError
+    ├── StaleWriteError           compare-and-swap lost: the version moved on
+    ├── KeyNotFoundError          update() of a missing key without a default
+    └── UpdateContentionError     update() kept losing until its deadline
+```
+
+The class docstring is the default message. Domain data travels in attributes, so callers never parse
+messages. A rejected write never changes anything stored.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+
+class ErrorCode(StrEnum):
+    """Stable identifiers for errors, for HTTP responses and machine-readable output."""
+
+    configuration = "configuration"
+    backend_unavailable = "backend_unavailable"
+    invalid_key = "invalid_key"
+    payload = "payload"
+    stale_write = "stale_write"
+    not_found = "not_found"
+    contention = "contention"
+
+
+class KeelError(Exception):
+    """Raised by keel."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.configuration
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        """The human-readable message."""
+        return str(self)
+
+
+class ConfigurationError(KeelError):
+    """Raised when a URL, option or environment setting cannot be used."""
+
+
+class UnknownSchemeError(ConfigurationError):
+    """Raised when a backend URL's scheme names no engine keel knows."""
+
+    def __init__(self, url: str, scheme: str, supported: list[str]) -> None:
+        self.url = url
+        self.scheme = scheme
+        self.supported = supported
+        listed = ", ".join(f"{name}://" for name in supported)
+        super().__init__(f"unknown backend scheme {scheme!r} in {url!r}; supported schemes: {listed}")
+
+
+class MissingExtraError(ConfigurationError):
+    """Raised when a backend's driver is not installed."""
+
+    def __init__(self, engine: str, extra: str, module: str) -> None:
+        self.engine = engine
+        self.extra = extra
+        self.module = module
+        super().__init__(
+            f"the {engine} backend needs the {module!r} package, which is not installed; "
+            f"run `pip install 'keel-runtime[{extra}]'`"
+        )
+
+
+class UnsafeLocationError(ConfigurationError):
+    """Raised when a SQLite database would live where its locks cannot be trusted."""
+
+    def __init__(self, path: str, fstype: str) -> None:
+        self.path = path
+        self.fstype = fstype
+        super().__init__(
+            f"refusing SQLite database {path!r}: it is on a {fstype!r} network filesystem, where SQLite's "
+            "file locks are unreliable and concurrent writers corrupt the file; put it on a local disk, "
+            "or use postgresql:// or redis:// to share state between machines"
+        )
+
+
+class BackendUnavailable(KeelError):
+    """Raised when the backend cannot be reached or stopped answering mid-operation."""
+
+    code = ErrorCode.backend_unavailable
+
+    def __init__(self, url: str, detail: str, *, hint: str = "") -> None:
+        self.url = url
+        self.detail = detail
+        self.hint = hint
+        text = f"backend {url} is unavailable: {detail}"
+        if hint:
+            text += f" ({hint})"
+        super().__init__(text)
+
+
+class InvalidKeyError(KeelError, ValueError):
+    """Raised when a key is empty, longer than 255 characters or not printable."""
+
+    code = ErrorCode.invalid_key
+
+    def __init__(self, key: object, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        shown = repr(key) if not isinstance(key, str) or len(key) <= 60 else repr(key[:60]) + "..."
+        super().__init__(f"invalid key {shown}: {reason}")
+
+
+class PayloadError(KeelError):
+    """Raised when a value cannot be stored."""
+
+    code = ErrorCode.payload
+
+
+class NotSerializableError(PayloadError, TypeError):
+    """Raised when a value is not a JSON document."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        self.what = what
+        self.detail = detail
+        super().__init__(f"{what} is not JSON-serialisable: {detail}; keel stores JSON documents, never pickle")
+
+
+class PayloadTooLargeError(PayloadError, ValueError):
+    """Raised when a value's JSON encoding is over the size limit."""
+
+    def __init__(self, what: str, size_bytes: int, limit_bytes: int) -> None:
+        self.what = what
+        self.size_bytes = size_bytes
+        self.limit_bytes = limit_bytes
+        super().__init__(
+            f"{what} is {size_bytes} bytes as JSON, over the limit of {limit_bytes} bytes "
+            "(raise it with max_value_bytes=, or store large blobs elsewhere and keep a reference)"
+        )
+
+
+class PayloadValidationError(PayloadError, ValueError):
+    """Raised when a value does not fit its pydantic model."""
+
+    def __init__(self, what: str, model: str, errors: Sequence[Mapping[str, Any]]) -> None:
+        self.what = what
+        self.model = model
+        self.errors: list[dict[str, Any]] = [dict(err) for err in errors]
+        parts = []
+        for err in self.errors[:5]:
+            field = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
+            parts.append(f"{field}: {err.get('msg', 'invalid')}")
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        super().__init__(f"{what} does not fit {model}: " + "; ".join(parts) + more)
+
+
+class StoreError(KeelError):
+    """Raised when a store operation cannot be carried out."""
+
+
+class StaleWriteError(StoreError):
+    """Raised when a compare-and-swap finds another version than expected; nothing was written."""
+
+    code = ErrorCode.stale_write
+
+    def __init__(self, key: str, expected_version: int | None, actual_version: int | None) -> None:
+        self.key = key
+        self.expected_version = expected_version
+        self.actual_version = actual_version
+        expected = "absent" if expected_version is None else f"version {expected_version}"
+        actual = "absent" if actual_version is None else f"at version {actual_version}"
+        super().__init__(f"stale write to {key!r}: expected {expected}, but it is {actual}; nothing was written")
+
+
+class KeyNotFoundError(StoreError, KeyError):
+    """Raised when update() finds no value and was given no default."""
+
+    code = ErrorCode.not_found
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"no value stored at {key!r}; pass default= to update() to create it")
+
+    def __str__(self) -> str:
+        # KeyError's own __str__ would print the repr of the message.
+        return str(self.args[0])
+
+
+class UpdateContentionError(StoreError):
+    """Raised when update() lost every compare-and-swap until its deadline; nothing was written."""
+
+    code = ErrorCode.contention
+
+    def __init__(self, key: str, attempts: int, deadline_s: float) -> None:
+        self.key = key
+        self.attempts = attempts
+        self.deadline_s = deadline_s
+        super().__init__(
+            f"update of {key!r} gave up after {attempts} attempts in {deadline_s:g} s: other writers kept "
+            "changing it first; nothing was written (raise update_deadline_s=, or spread the writes over more keys)"
+        )
