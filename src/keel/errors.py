@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from keel.backends.base import StoredRecord
+
 
 class ErrorCode(StrEnum):
     """Stable identifiers for errors, for HTTP responses and machine-readable output."""
@@ -177,10 +179,14 @@ class StaleWriteError(StoreError):
 
     code = ErrorCode.stale_write
 
-    def __init__(self, key: str, expected_version: int | None, actual_version: int | None) -> None:
+    def __init__(
+        self, key: str, expected_version: int | None, actual_version: int | None, *, current: StoredRecord | None = None
+    ) -> None:
         self.key = key
         self.expected_version = expected_version
         self.actual_version = actual_version
+        #: The live record the engine found, when it returns one: ``update()`` retries from it without a re-read.
+        self.current = current
         expected = "absent" if expected_version is None else f"version {expected_version}"
         actual = "absent" if actual_version is None else f"at version {actual_version}"
         super().__init__(f"stale write to {key!r}: expected {expected}, but it is {actual}; nothing was written")

@@ -12,6 +12,7 @@ import copy
 import inspect
 import logging
 import random
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -20,7 +21,7 @@ from pydantic import BaseModel
 from keel.backends import open_store_engine
 from keel.backends.base import DEFAULT_HISTORY_LIMIT, StoredRecord, StoreOptions
 from keel.config import resolve_url
-from keel.errors import ConfigurationError, KeyNotFoundError, StaleWriteError, UpdateContentionError
+from keel.errors import ConfigurationError, KeelError, KeyNotFoundError, StaleWriteError, UpdateContentionError
 from keel.identity import process_identity
 from keel.payload import DEFAULT_MAX_VALUE_BYTES, coerce, decode, encode, validate_key
 from keel.types import Versioned
@@ -47,6 +48,41 @@ UPDATE_BACKOFF_CAP_S = 0.05
 DEFAULT_HISTORY_READ = 100
 
 
+class _RecentRecords:
+    """The last version this store wrote or read of a few keys: a starting guess for ``update()``, never an answer.
+
+    Bounded in entries and in the size of each value kept, so it cannot grow with the data.
+    """
+
+    MAX_ENTRIES = 256
+    MAX_VALUE_CHARS = 16 * 1024
+
+    def __init__(self) -> None:
+        self._records: OrderedDict[str, StoredRecord] = OrderedDict()
+
+    def recall(self, key: str) -> StoredRecord | _Unknown:
+        return self._records.get(key, _UNKNOWN)
+
+    def remember(self, record: StoredRecord) -> None:
+        if record.value_json is None or len(record.value_json) > self.MAX_VALUE_CHARS:
+            self._records.pop(record.key, None)
+            return
+        self._records[record.key] = record
+        self._records.move_to_end(record.key)
+        if len(self._records) > self.MAX_ENTRIES:
+            self._records.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        self._records.pop(key, None)
+
+
+class _Unknown:
+    """What the store knows of a key it has not read: nothing (unlike None, which means absent)."""
+
+
+_UNKNOWN = _Unknown()
+
+
 class _Missing:
     def __repr__(self) -> str:
         return "<no default>"
@@ -67,6 +103,7 @@ class Store:
         self._engine = engine
         self._max_value_bytes = max_value_bytes
         self._update_deadline_s = update_deadline_s
+        self._recent = _RecentRecords()
 
     @property
     def url(self) -> str:
@@ -95,7 +132,9 @@ class Store:
         """
         record = await self._engine.get(validate_key(key))
         if record is None or record.value_json is None:
+            self._recent.forget(key)
             return None
+        self._recent.remember(record)
         return _versioned(record, decode(record.value_json, model, what=f"value of {key!r}"))
 
     async def put(self, key: str, value: object, *, expected_version: int | None) -> Versioned[Any]:
@@ -118,7 +157,12 @@ class Store:
         key = validate_key(key)
         _check_expected(expected_version)
         text = encode(value, what=f"value for {key!r}", max_bytes=self._max_value_bytes)
-        record = await self._engine.put(key, text, expected_version=expected_version, writer=process_identity())
+        try:
+            record = await self._engine.put(key, text, expected_version=expected_version, writer=process_identity())
+        except StaleWriteError:
+            self._recent.forget(key)
+            raise
+        self._recent.remember(record)
         return _versioned(record, _round_trip(text, value))
 
     async def delete(self, key: str, *, expected_version: int) -> None:
@@ -135,6 +179,7 @@ class Store:
         key = validate_key(key)
         if expected_version is None or not _is_version(expected_version):
             raise ConfigurationError(f"delete of {key!r} needs expected_version= a version number ≥ 1")
+        self._recent.forget(key)
         await self._engine.delete(key, expected_version=expected_version, writer=process_identity())
 
     @overload
@@ -194,28 +239,56 @@ class Store:
         budget_s = self._update_deadline_s if deadline_s is None else deadline_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget_s
+        # Start from the version this store last saw, if any: when no one else wrote since, the write
+        # succeeds without a read first. The compare-and-swap keeps that safe: a stale start only fails.
+        known: StoredRecord | _Unknown | None = self._recent.recall(key)
+        from_cache = not isinstance(known, _Unknown)
         attempt = 0
         while True:
             attempt += 1
-            current = await self._engine.get(key)
-            expected, value = self._starting_point(key, current, default, model)
-            new_value = fn(value)
-            if inspect.isawaitable(new_value):
-                new_value = await new_value
-            if model is not None:
-                new_value = coerce(new_value, model, what=f"update() result for {key!r}")
-            text = encode(new_value, what=f"update() result for {key!r}", max_bytes=self._max_value_bytes)
+            if isinstance(known, _Unknown):
+                known, from_cache = await self._engine.get(key), False
+            try:
+                expected, new_value, text = await self._apply(key, known, fn, default, model)
+            except KeelError:
+                raise
+            except Exception:
+                if not from_cache:
+                    raise
+                known = _UNKNOWN  # fn may have failed only on a stale value: judge it on a fresh one
+                continue
             try:
                 record = await self._engine.put(key, text, expected_version=expected, writer=process_identity())
-            except StaleWriteError:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise UpdateContentionError(key, attempt, budget_s) from None
-                await asyncio.sleep(min(remaining, _backoff_s(attempt)))
+            except StaleWriteError as exc:
+                self._recent.forget(key)
+                known = exc.current if exc.current is not None or exc.actual_version is None else _UNKNOWN
+                if not from_cache:  # a real race with another writer, not just an old cached version
+                    await self._back_off(key, attempt, deadline, budget_s)
+                from_cache = False
                 continue
+            self._recent.remember(record)
             if attempt > 1:
                 logger.debug("update of %s committed after %d attempts", key, attempt, extra={"key": key})
             return _versioned(record, _round_trip(text, new_value))
+
+    async def _apply(
+        self, key: str, current: StoredRecord | None, fn: Callable[[Any], Any], default: Any, model: type[ModelT] | None
+    ) -> tuple[int | None, Any, str]:
+        """Run ``fn`` on ``current`` (or the default) and encode the result: (expected version, value, JSON)."""
+        expected, value = self._starting_point(key, current, default, model)
+        new_value = fn(value)
+        if inspect.isawaitable(new_value):
+            new_value = await new_value
+        if model is not None:
+            new_value = coerce(new_value, model, what=f"update() result for {key!r}")
+        text = encode(new_value, what=f"update() result for {key!r}", max_bytes=self._max_value_bytes)
+        return expected, new_value, text
+
+    async def _back_off(self, key: str, attempt: int, deadline: float, budget_s: float) -> None:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise UpdateContentionError(key, attempt, budget_s)
+        await asyncio.sleep(min(remaining, _backoff_s(attempt)))
 
     async def history(self, key: str, *, limit: int = DEFAULT_HISTORY_READ) -> list[Versioned[Any]]:
         """Return the kept versions of ``key``, newest first.

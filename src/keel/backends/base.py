@@ -67,7 +67,8 @@ class StoreEngine(Protocol):
             The record written.
 
         Raises:
-            StaleWriteError: The current version is another one; nothing was written.
+            StaleWriteError: The current version is another one; nothing was written. Engines set its
+                ``current`` to the live record they found (None if absent) when they have it at no extra cost.
             BackendUnavailable: The engine cannot be reached; the write may or may not have happened.
         """
         ...

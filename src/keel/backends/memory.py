@@ -64,7 +64,7 @@ class MemoryStore:
         existing = self._space.current.get(key)
         live_version = existing.version if existing is not None and existing.value_json is not None else None
         if live_version != expected_version:
-            raise StaleWriteError(key, expected_version, live_version)
+            raise StaleWriteError(key, expected_version, live_version, current=existing if live_version else None)
         version = existing.version + 1 if existing is not None else 1
         record = StoredRecord(key, version, value_json, datetime.now(UTC), writer)
         self._space.current[key] = record

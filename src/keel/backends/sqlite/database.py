@@ -9,14 +9,13 @@ lock, and a generous busy timeout rides out contention between processes rather 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sqlite3
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 from keel.backends._sql import load_queries, load_script
+from keel.backends.sqlite.thread import BlockingThread
 from keel.errors import BackendUnavailable, ConfigurationError
 
 if TYPE_CHECKING:
@@ -47,18 +46,17 @@ class SqliteDatabase:
         self.url = url
         self._synchronous = synchronous
         self._busy_timeout_s = busy_timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-sqlite")
+        self._thread = BlockingThread(f"keel-sqlite:{path.name}")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
 
     async def open(self) -> None:
         """Connect, set the pragmas and create or migrate the schema."""
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, self._connect)
+            await self._thread.call(self._connect)
         except BaseException:
             self._closed = True
-            self._executor.shutdown(wait=False)
+            self._thread.stop()
             raise
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -69,8 +67,7 @@ class SqliteDatabase:
         """
         if self._closed:
             raise BackendUnavailable(self.url, "the store is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn)
+        return await self._thread.call(lambda: self._call(fn))
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(connection)`` in one ``BEGIN IMMEDIATE`` transaction: committed if it returns, else rolled back."""
@@ -81,9 +78,8 @@ class SqliteDatabase:
         if self._closed:
             return
         self._closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._disconnect)
-        self._executor.shutdown(wait=True)
+        await self._thread.call(self._disconnect)
+        self._thread.stop()
 
     def __del__(self) -> None:
         if not self._closed and self._conn is not None:

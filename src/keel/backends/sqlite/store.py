@@ -77,9 +77,9 @@ class SqliteStore:
         }
         row = conn.execute(QUERIES["create" if expected is None else "swap"], params).fetchone()
         if row is None:
-            current = conn.execute(QUERIES["get_current"], {"key": key}).fetchone()
-            actual = current[0] if current is not None and current[1] is not None else None
-            raise StaleWriteError(key, expected, actual)
+            row = conn.execute(QUERIES["get_current"], {"key": key}).fetchone()
+            live = _record(key, row) if row is not None and row[1] is not None else None
+            raise StaleWriteError(key, expected, live.version if live else None, current=live)
         version = int(row[0])
         if self._history_limit > 0:
             conn.execute(QUERIES["append_history"], {**params, "version": version})
