@@ -356,3 +356,25 @@ async def test_closing_twice_is_harmless(backend_url: str) -> None:
         current = await reopened.get("k")
         assert current is not None
         assert current.value == 1
+
+
+async def test_two_stores_updating_in_turn_never_work_from_a_stale_value(backend_url: str) -> None:
+    async with keel.open_store(backend_url) as first, keel.open_store(backend_url) as second:
+        results = []
+        for round_no in range(6):
+            writer = first if round_no % 2 == 0 else second
+            results.append(await writer.update("shared", lambda n: n + 1, default=0))
+        assert [(r.version, r.value) for r in results] == [(n, n) for n in range(1, 7)]
+
+
+async def test_update_judges_fn_on_the_fresh_value_when_it_fails_on_an_old_one(backend_url: str) -> None:
+    async with keel.open_store(backend_url) as first, keel.open_store(backend_url) as second:
+        await first.put("doc", {"n": 1}, expected_version=None)  # first now knows version 1
+        await second.update("doc", lambda d: {"n": 2, "ready": True})
+        result = await first.update("doc", lambda d: {**d, "n": d["n"] + 1, "seen": d["ready"]})
+        assert (result.version, result.value) == (3, {"n": 3, "ready": True, "seen": True})
+        with pytest.raises(KeyError, match="missing"):
+            await first.update("doc", lambda d: d["missing"])  # an error on the current value still surfaces
+        current = await second.get("doc")
+        assert current is not None
+        assert current.version == 3
