@@ -1,0 +1,36 @@
+"""The examples in examples/ and the README run as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_store_quickstart_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "store_quickstart.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "refused: stale write to 'loan:42'" in result.stdout
+    assert "version 1 -> 2" in result.stdout
+
+
+def test_readme_store_example_runs(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    store_blocks = [b for b in blocks if "open_store" in b]
+    assert store_blocks, "README.md shows the store API in a ```python block"
+    script = tmp_path / "readme_example.py"
+    script.write_text(store_blocks[0])
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
