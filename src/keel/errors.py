@@ -12,10 +12,16 @@ KeelError
 │   ├── NotSerializableError      not a JSON document
 │   ├── PayloadTooLargeError      over the size limit
 │   └── PayloadValidationError    does not fit its pydantic model
-└── StoreError
-    ├── StaleWriteError           compare-and-swap lost: the version moved on
-    ├── KeyNotFoundError          update() of a missing key without a default
-    └── UpdateContentionError     update() kept losing until its deadline
+├── StoreError
+│   ├── StaleWriteError           compare-and-swap lost: the version moved on
+│   ├── KeyNotFoundError          update() of a missing key without a default
+│   ├── UpdateContentionError     update() kept losing until its deadline
+│   └── LeaseLostError            a worker's lease on an instance is gone: its commit is refused
+├── RegistrationError             a workflow or handler registered wrongly, or after start-up
+├── UnknownWorkflowError          a workflow name the app does not have
+├── MessageNotFoundError          wait() for a message that was never sent
+├── TurnFailedError               the turn that ran a message raised
+└── WaitTimeoutError              wait() ran out of time before the turn committed
 ```
 
 The class docstring is the default message. Domain data travels in attributes, so callers never parse
@@ -43,6 +49,10 @@ class ErrorCode(StrEnum):
     stale_write = "stale_write"
     not_found = "not_found"
     contention = "contention"
+    lease_lost = "lease_lost"
+    registration = "registration"
+    turn_failed = "turn_failed"
+    timeout = "timeout"
 
 
 class KeelError(Exception):
@@ -218,4 +228,76 @@ class UpdateContentionError(StoreError):
         super().__init__(
             f"update of {key!r} gave up after {attempts} attempts in {deadline_s:g} s: other writers kept "
             "changing it first; nothing was written (raise update_deadline_s=, or spread the writes over more keys)"
+        )
+
+
+class LeaseLostError(StoreError):
+    """Raised when a worker's lease on a workflow instance is gone; nothing it tried to write was written."""
+
+    code = ErrorCode.lease_lost
+
+    def __init__(self, instance: str, fencing_token: int, reason: str) -> None:
+        self.instance = instance
+        self.fencing_token = fencing_token
+        self.reason = reason
+        super().__init__(
+            f"lease on {instance} under fencing token {fencing_token} is lost: {reason}; nothing was written"
+        )
+
+
+class RegistrationError(KeelError):
+    """Raised when a workflow or handler is registered wrongly, or after the app has started."""
+
+    code = ErrorCode.registration
+
+
+class UnknownWorkflowError(KeelError, LookupError):
+    """Raised when a workflow name is not registered in the app."""
+
+    code = ErrorCode.not_found
+
+    def __init__(self, app: str, workflow: str, registered: list[str]) -> None:
+        self.app = app
+        self.workflow = workflow
+        self.registered = registered
+        known = ", ".join(registered) if registered else "none"
+        super().__init__(f"app {app!r} has no workflow {workflow!r}; registered workflows: {known}")
+
+
+class MessageNotFoundError(KeelError, LookupError):
+    """Raised when a message id was never sent to the app."""
+
+    code = ErrorCode.not_found
+
+    def __init__(self, app: str, message_id: str) -> None:
+        self.app = app
+        self.message_id = message_id
+        super().__init__(f"app {app!r} has no message {message_id!r}")
+
+
+class TurnFailedError(KeelError):
+    """Raised by wait() when the turn that ran the message raised; the error is the turn's traceback."""
+
+    code = ErrorCode.turn_failed
+
+    def __init__(self, instance: str, message_id: str, error: str) -> None:
+        self.instance = instance
+        self.message_id = message_id
+        self.error = error
+        last = error.strip().splitlines()[-1] if error.strip() else "unknown error"
+        super().__init__(f"the turn of {instance} for message {message_id} failed: {last}")
+
+
+class WaitTimeoutError(KeelError, TimeoutError):
+    """Raised by wait() when the message's turn did not commit in time; the message is still queued."""
+
+    code = ErrorCode.timeout
+
+    def __init__(self, instance: str, message_id: str, timeout_s: float) -> None:
+        self.instance = instance
+        self.message_id = message_id
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"message {message_id} to {instance} was not committed within {timeout_s:g} s; it stays queued "
+            "(is a `keel worker` running for this app and backend?)"
         )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from keel.backends._url import mask_password, scheme_of
 from keel.errors import MissingExtraError, UnknownSchemeError
 
 if TYPE_CHECKING:
-    from keel.backends.base import StoreEngine, StoreOptions
+    from keel.backends.base import Backend, StoreEngine, StoreOptions
 
 #: scheme -> (module, engine name, extra that installs its driver, the driver's import name)
 _ENGINES: dict[str, tuple[str, str, str | None, str | None]] = {
@@ -26,13 +26,32 @@ SUPPORTED_SCHEMES = sorted(_ENGINES)
 
 
 async def open_store_engine(url: str, options: StoreOptions) -> StoreEngine:
-    """Open the engine that ``url`` names.
+    """Open the store of the engine that ``url`` names.
 
     Raises:
         UnknownSchemeError: The scheme names no engine.
         MissingExtraError: The engine's driver is not installed.
         BackendUnavailable: The engine cannot be reached.
     """
+    module = _engine_module(url)
+    opened: StoreEngine = await module.open_engine(url, options)
+    return opened
+
+
+async def open_backend(url: str, options: StoreOptions) -> Backend:
+    """Open the whole backend (store and broker) of the engine that ``url`` names.
+
+    Raises:
+        UnknownSchemeError: The scheme names no engine.
+        MissingExtraError: The engine's driver is not installed.
+        BackendUnavailable: The engine cannot be reached.
+    """
+    module = _engine_module(url)
+    opened: Backend = await module.open_backend(url, options)
+    return opened
+
+
+def _engine_module(url: str) -> Any:
     scheme = scheme_of(url)
     entry = _ENGINES.get(scheme)
     if entry is None:
@@ -43,6 +62,4 @@ async def open_store_engine(url: str, options: StoreOptions) -> StoreEngine:
             importlib.import_module(driver)
         except ImportError as exc:
             raise MissingExtraError(engine, extra, driver) from exc
-    module = importlib.import_module(module_name)
-    opened: StoreEngine = await module.open_engine(url, options)
-    return opened
+    return importlib.import_module(module_name)

@@ -7,9 +7,11 @@ retry loop live above them (``keel.store``), written once for all engines.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Collection, Sequence
     from datetime import datetime
 
 
@@ -29,6 +31,9 @@ class StoredRecord:
 
 #: Versions kept per store key by default, the current one included.
 DEFAULT_HISTORY_LIMIT = 100
+
+#: Versions kept of a workflow instance's state, the current one included.
+STATE_HISTORY_LIMIT = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +99,181 @@ class StoreEngine(Protocol):
             BackendUnavailable: The engine cannot be reached.
         """
         ...
+
+    async def aclose(self) -> None:
+        """Release connections and threads. Safe to call twice."""
+        ...
+
+
+# --- The runtime: inboxes, leases and the atomic turn commit (G2, G3) -------------------------------------
+
+
+class MessageStatus(StrEnum):
+    """Where a message sent to a workflow instance stands."""
+
+    pending = "pending"
+    done = "done"
+    failed = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRef:
+    """One workflow instance of one app."""
+
+    app: str
+    workflow: str
+    workflow_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to append to an instance's inbox."""
+
+    instance: InstanceRef
+    message_id: str
+    payload_json: str
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A leased instance and the next message it must run, as the claiming worker received them.
+
+    ``state_json`` is None and ``state_version`` 0 before the instance's first committed turn.
+    """
+
+    instance: InstanceRef
+    fencing_token: int
+    lease_expires_at: datetime
+    message_id: str
+    payload_json: str
+    attempt: int
+    state_json: str | None
+    state_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class TurnCommit:
+    """What one successful turn writes, all or nothing: the new state, the message's completion, the turn record.
+
+    Later issues add the turn's step records and emitted events here, so that they join the same transaction.
+    """
+
+    claim: Claim
+    state_json: str
+    worker: str
+    started_at: datetime
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class TurnFailure:
+    """A turn that raised: its message is marked failed (with the error) and the instance is paused."""
+
+    claim: Claim
+    error: str
+    worker: str
+    started_at: datetime
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """A message's status; ``state_version`` is the version its turn committed, ``error`` why it failed."""
+
+    message_id: str
+    instance: InstanceRef
+    status: MessageStatus
+    state_version: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecordRow:
+    """One turn as recorded: who ran it, under which token, from which version to which, and how it ended."""
+
+    instance: InstanceRef
+    message_id: str
+    worker: str
+    attempt: int
+    fencing_token: int
+    version_read: int
+    version_written: int | None
+    started_at: datetime
+    duration_s: float
+    outcome: str
+    error: str | None = None
+
+
+class Broker(Protocol):
+    """Inboxes of workflow instances, leases with fencing tokens, and the atomic turn commit."""
+
+    async def send(self, message: NewMessage, /) -> str:
+        """Append ``message`` to its instance's inbox, after every message sent before it.
+
+        Returns:
+            The message's id; when ``idempotency_key`` was used before for the same instance, the first
+            message's id, and nothing is appended.
+        """
+        ...
+
+    async def claim(
+        self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
+    ) -> list[Claim]:
+        """Lease up to ``limit`` instances that have a pending message and no live lease, oldest message first.
+
+        Each claim raises the instance's fencing token by one and sets its lease to expire ``lease_s`` seconds
+        from now by the backend's clock. Paused instances are never claimed.
+        """
+        ...
+
+    async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
+        """Extend the leases still held under these claims' tokens; False for each one that was lost."""
+        ...
+
+    async def commit_turn(self, commit: TurnCommit, /) -> int:
+        """Commit a turn atomically and release its lease; return the new state version.
+
+        Raises:
+            LeaseLostError: The claim's token is no longer the instance's, or its lease has expired; nothing
+                was written.
+        """
+        ...
+
+    async def fail_turn(self, failure: TurnFailure, /) -> None:
+        """Mark the message failed, pause the instance, record the turn and release the lease, atomically.
+
+        Raises:
+            LeaseLostError: The claim's token is no longer current; nothing was written.
+        """
+        ...
+
+    async def release(self, claim: Claim, /) -> None:
+        """Give the lease back without running the turn, if the claim's token is still current."""
+        ...
+
+    async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
+        """Return the status of a message, or None if no such message was sent."""
+        ...
+
+    async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
+        """Return the instance's committed state, or None before its first committed turn."""
+        ...
+
+    async def turns(self, instance: InstanceRef, /, *, limit: int) -> list[TurnRecordRow]:
+        """Return the instance's turn records, newest first."""
+        ...
+
+    async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
+        """Return when a message may have been sent to ``app``, or after ``timeout_s`` at the latest."""
+        ...
+
+
+class Backend(Broker, Protocol):
+    """One engine's store and broker, sharing its connections; what ``open_backend(url)`` returns."""
+
+    url: str
+    store: StoreEngine
 
     async def aclose(self) -> None:
         """Release connections and threads. Safe to call twice."""

@@ -7,11 +7,30 @@ survives the process. It passes the same conformance suite as the real engines.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import deque
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
-from keel.backends.base import StoredRecord, StoreOptions
-from keel.errors import StaleWriteError
+from keel.backends.base import (
+    STATE_HISTORY_LIMIT,
+    Claim,
+    InstanceRef,
+    MessageInfo,
+    MessageStatus,
+    NewMessage,
+    StoredRecord,
+    StoreOptions,
+    TurnCommit,
+    TurnFailure,
+    TurnRecordRow,
+)
+from keel.errors import LeaseLostError, StaleWriteError
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Sequence
 
 
 class _Space:
@@ -20,6 +39,7 @@ class _Space:
     def __init__(self) -> None:
         self.current: dict[str, StoredRecord] = {}
         self.past: dict[str, deque[StoredRecord]] = {}
+        self.runtime = _Runtime()
 
 
 _SPACES: dict[str, _Space] = {}
@@ -72,6 +92,227 @@ class MemoryStore:
         if limit > 0:
             self._space.past.setdefault(key, deque(maxlen=limit)).append(record)
         return record
+
+
+@dataclass
+class _Message:
+    info: MessageInfo
+    payload_json: str
+    seq: int
+    attempts: int = 0
+
+
+@dataclass
+class _Instance:
+    ref: InstanceRef
+    token: int = 0
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    paused: bool = False
+    state: StoredRecord | None = None
+    pending: deque[str] = field(default_factory=deque)
+    history: deque[StoredRecord] = field(default_factory=lambda: deque(maxlen=STATE_HISTORY_LIMIT))
+    turns: list[TurnRecordRow] = field(default_factory=list)
+
+
+class _Runtime:
+    """Inboxes, leases and turn records of every app in one memory space."""
+
+    def __init__(self) -> None:
+        self.instances: dict[InstanceRef, _Instance] = {}
+        self.messages: dict[tuple[str, str], _Message] = {}
+        self.idempotency: dict[tuple[InstanceRef, str], str] = {}
+        self.seq = 0
+        self.waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+
+class MemoryBackend(MemoryStore):
+    """The store plus the broker of one ``memory://`` space; every method runs without awaiting, so atomically."""
+
+    def __init__(self, url: str, options: StoreOptions) -> None:
+        super().__init__(url, options)
+        self.store = self
+        self._rt = self._space.runtime
+
+    async def send(self, message: NewMessage, /) -> str:
+        """Append ``message`` to its instance's inbox, or return the first id sent under its idempotency key."""
+        rt = self._rt
+        if message.idempotency_key is not None:
+            first = rt.idempotency.get((message.instance, message.idempotency_key))
+            if first is not None:
+                return first
+            rt.idempotency[(message.instance, message.idempotency_key)] = message.message_id
+        rt.seq += 1
+        info = MessageInfo(message.message_id, message.instance, MessageStatus.pending)
+        rt.messages[(message.instance.app, message.message_id)] = _Message(info, message.payload_json, rt.seq)
+        self._instance(message.instance).pending.append(message.message_id)
+        for waiter in rt.waiters.pop(message.instance.app, []):
+            if not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.set_result(None)
+        return message.message_id
+
+    async def claim(
+        self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
+    ) -> list[Claim]:
+        """Lease up to ``limit`` claimable instances, oldest pending message first."""
+        now = _now()
+        ready = [
+            inst
+            for inst in self._rt.instances.values()
+            if inst.ref.app == app
+            and inst.ref.workflow in workflows
+            and inst.pending
+            and not inst.paused
+            and (inst.lease_expires_at is None or inst.lease_expires_at <= now)
+        ]
+        ready.sort(key=lambda inst: self._rt.messages[(app, inst.pending[0])].seq)
+        return [self._lease(inst, worker, now + timedelta(seconds=lease_s)) for inst in ready[:limit]]
+
+    async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
+        """Extend each lease still held under its claim's token."""
+        now = _now()
+        held = []
+        for claim in claims:
+            inst = self._rt.instances[claim.instance]
+            ok = self._lease_problem(inst, claim, now) is None
+            if ok:
+                inst.lease_expires_at = now + timedelta(seconds=lease_s)
+            held.append(ok)
+        return held
+
+    async def commit_turn(self, commit: TurnCommit, /) -> int:
+        """Write the new state, complete the message, record the turn and release the lease."""
+        claim = commit.claim
+        inst, message = self._fenced(claim)
+        version = claim.state_version + 1
+        inst.state = StoredRecord(_state_key(claim.instance), version, commit.state_json, _now(), commit.worker)
+        inst.history.append(inst.state)
+        inst.pending.popleft()
+        message.info = replace(message.info, status=MessageStatus.done, state_version=version)
+        self._record(commit, claim, version_written=version, outcome="committed", error=None)
+        self._release(inst)
+        return version
+
+    async def fail_turn(self, failure: TurnFailure, /) -> None:
+        """Mark the message failed, pause the instance, record the turn and release the lease."""
+        claim = failure.claim
+        inst, message = self._fenced(claim)
+        message.info = replace(message.info, status=MessageStatus.failed, error=failure.error)
+        inst.paused = True
+        self._record(failure, claim, version_written=None, outcome="failed", error=failure.error)
+        self._release(inst)
+
+    async def release(self, claim: Claim, /) -> None:
+        """Give back the lease if the claim's token is still current."""
+        inst = self._rt.instances.get(claim.instance)
+        if inst is not None and inst.token == claim.fencing_token:
+            self._release(inst)
+
+    async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
+        """Return a message's status, or None."""
+        found = self._rt.messages.get((app, message_id))
+        return None if found is None else found.info
+
+    async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
+        """Return the instance's committed state, or None."""
+        inst = self._rt.instances.get(instance)
+        return None if inst is None else inst.state
+
+    async def turns(self, instance: InstanceRef, /, *, limit: int) -> list[TurnRecordRow]:
+        """Return the instance's turn records, newest first."""
+        inst = self._rt.instances.get(instance)
+        return [] if inst is None else list(reversed(inst.turns))[:limit]
+
+    async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
+        """Return when a message is sent to ``app``, or after ``timeout_s``."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._rt.waiters.setdefault(app, []).append(waiter)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter, timeout_s)
+
+    def _instance(self, ref: InstanceRef) -> _Instance:
+        inst = self._rt.instances.get(ref)
+        if inst is None:
+            inst = self._rt.instances[ref] = _Instance(ref)
+        return inst
+
+    def _lease(self, inst: _Instance, worker: str, expires_at: datetime) -> Claim:
+        inst.token += 1
+        inst.lease_owner, inst.lease_expires_at = worker, expires_at
+        message = self._rt.messages[(inst.ref.app, inst.pending[0])]
+        message.attempts += 1
+        state = inst.state
+        return Claim(
+            inst.ref,
+            inst.token,
+            expires_at,
+            message.info.message_id,
+            message.payload_json,
+            message.attempts,
+            None if state is None else state.value_json,
+            0 if state is None else state.version,
+        )
+
+    def _fenced(self, claim: Claim) -> tuple[_Instance, _Message]:
+        inst = self._rt.instances[claim.instance]
+        problem = self._lease_problem(inst, claim, _now())
+        if problem is not None:
+            raise LeaseLostError(_describe(claim.instance), claim.fencing_token, problem)
+        return inst, self._rt.messages[(claim.instance.app, claim.message_id)]
+
+    @staticmethod
+    def _lease_problem(inst: _Instance, claim: Claim, now: datetime) -> str | None:
+        if inst.token != claim.fencing_token:
+            return f"the instance moved on to fencing token {inst.token}"
+        if inst.lease_expires_at is None or inst.lease_expires_at <= now:
+            return "the lease expired"
+        return None
+
+    @staticmethod
+    def _release(inst: _Instance) -> None:
+        inst.lease_owner = inst.lease_expires_at = None
+
+    def _record(
+        self,
+        done: TurnCommit | TurnFailure,
+        claim: Claim,
+        *,
+        version_written: int | None,
+        outcome: str,
+        error: str | None,
+    ) -> None:
+        self._rt.instances[claim.instance].turns.append(
+            TurnRecordRow(
+                claim.instance,
+                claim.message_id,
+                done.worker,
+                claim.attempt,
+                claim.fencing_token,
+                claim.state_version,
+                version_written,
+                done.started_at,
+                done.duration_s,
+                outcome,
+                error,
+            )
+        )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _state_key(ref: InstanceRef) -> str:
+    return f"{ref.workflow}/{ref.workflow_id}"
+
+
+def _describe(ref: InstanceRef) -> str:
+    return f"{ref.app}:{ref.workflow}/{ref.workflow_id}"
+
+
+async def open_backend(url: str, options: StoreOptions) -> MemoryBackend:
+    """Open the ``memory://`` space that ``url`` names, store and broker."""
+    return MemoryBackend(url, options)
 
 
 async def open_engine(url: str, options: StoreOptions) -> MemoryStore:
