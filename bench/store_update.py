@@ -32,27 +32,37 @@ SCENARIOS = [(1, False), (1, True), (4, False), (4, True)]
 
 
 def run_scenario(
-    engine: str, url: str, raw: Callable[[str, str, float], int], processes: int, hot: bool, args: argparse.Namespace
+    engine: str,
+    url: str,
+    baselines: dict[str, Callable[[str, str, float], int]],
+    processes: int,
+    hot: bool,
+    args: argparse.Namespace,
 ) -> dict[str, object]:
-    keel_rates: list[float] = []
-    raw_rates: list[float] = []
+    """Measure keel and every baseline, alternating their order round by round; keep the medians."""
+    rates: dict[str, list[float]] = {name: [] for name in [*baselines, "keel"]}
+    loops = {**baselines, "keel": keel_loop}
     for round_no in range(args.rounds):
-        order = [("raw", raw), ("keel", keel_loop)]
+        order = list(loops.items())
         if round_no % 2:
             order.reverse()
         for impl, loop in order:
             tag = f"{engine}-{impl}-{processes}-{hot}-{round_no}"
             done = measure(loop, url=url, processes=processes, hot=hot, seconds=args.seconds, tag=tag)
-            (keel_rates if impl == "keel" else raw_rates).append(done / args.seconds)
-    keel_rate, raw_rate = statistics.median(keel_rates), statistics.median(raw_rates)
-    return {
-        "engine": engine,
-        "processes": processes,
-        "keys": "hot" if hot else "distinct",
-        "raw_per_s": round(raw_rate, 1),
-        "keel_per_s": round(keel_rate, 1),
-        "ratio": round(keel_rate / raw_rate, 3),
-    }
+            rates[impl].append(done / args.seconds)
+    medians = {impl: statistics.median(values) for impl, values in rates.items()}
+    row: dict[str, object] = {"engine": engine, "processes": processes, "keys": "hot" if hot else "distinct"}
+    for impl, rate in medians.items():
+        row[f"{impl}_per_s"] = round(rate, 1)
+    for name in baselines:
+        row[f"keel/{name}"] = round(medians["keel"] / medians[name], 3)
+    return row
+
+
+def _line(row: dict[str, object]) -> str:
+    rates = "  ".join(f"{k[:-6]} {float(str(v)):>8.1f}/s" for k, v in row.items() if k.endswith("_per_s"))
+    ratios = "  ".join(f"{k} {float(str(v)):.2f}" for k, v in row.items() if k.startswith("keel/"))
+    return f"{row['engine']:9} {row['processes']} proc {row['keys']:8}  {rates}  {ratios}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,15 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for engine in args.engines.split(","):
-        with engines.prepared(engine) as (url, raw):
+        with engines.prepared(engine) as (url, baselines):
             for processes, hot in SCENARIOS:
-                row = run_scenario(engine, url, raw, processes, hot, args)
+                row = run_scenario(engine, url, baselines, processes, hot, args)
                 rows.append(row)
-                print(
-                    f"{engine:9} {processes} proc {row['keys']:8}  raw {row['raw_per_s']:>9.1f}/s  "
-                    f"keel {row['keel_per_s']:>9.1f}/s  keel/raw {row['ratio']:.2f}",
-                    flush=True,
-                )
+                print(_line(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "store_update",
@@ -83,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    below = [r for r in rows if float(str(r["ratio"])) < TARGET_RATIO]
-    print(f"results written to {args.out}; {len(below)} of {len(rows)} scenarios below the {TARGET_RATIO:.0%} target")
+    print(f"results written to {args.out}; target: keel at least {TARGET_RATIO:.0%} of each raw loop")
     return 0
 
 
