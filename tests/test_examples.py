@@ -34,3 +34,22 @@ def test_readme_store_example_runs(tmp_path: Path) -> None:
         [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_loans_example_runs_a_worker_and_commits_three_turns() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "loans.py")], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "committed state version 3" in result.stdout
+    assert "requested=6500" in result.stdout
+
+
+def test_readme_workflow_example_registers(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL) if "app.workflow" in b]
+    assert blocks
+    script = tmp_path / "readme_workflow.py"
+    script.write_text(blocks[0] + "\nassert list(app.workflows) == ['loan']\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr

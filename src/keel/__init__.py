@@ -5,6 +5,9 @@ The public names are the ones in ``__all__``; everything else may change between
 
 from __future__ import annotations
 
+from keel.app import App
+from keel.client import Client
+from keel.context import TurnContext
 from keel.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -33,7 +36,9 @@ from keel.types import Versioned
 from keel.version import __version__
 
 __all__ = [
+    "App",
     "BackendUnavailable",
+    "Client",
     "ConfigurationError",
     "InvalidKeyError",
     "KeelError",
@@ -49,6 +54,7 @@ __all__ = [
     "StaleWriteError",
     "Store",
     "StoreError",
+    "TurnContext",
     "TurnFailedError",
     "UnknownSchemeError",
     "UnknownWorkflowError",

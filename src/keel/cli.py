@@ -6,12 +6,33 @@ per way a command can fail.
 
 from __future__ import annotations
 
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any
+
 import click
 from rich.console import Console
 
+from keel.app import load_app
+from keel.commands import InstanceNotFoundError, read_state, send_message
 from keel.demo import DemoError, DemoSettings, Verdict, run_demo
-from keel.errors import BackendUnavailable, ConfigurationError, InvalidKeyError
+from keel.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    InvalidKeyError,
+    PayloadError,
+    TurnFailedError,
+    UnknownWorkflowError,
+    WaitTimeoutError,
+)
+from keel.observe import configure_logging
 from keel.version import __version__
+from keel.worker import DEFAULT_CONCURRENCY, DEFAULT_GRACE_S, DEFAULT_LEASE_S, WorkerSettings, serve
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from keel.app import App
 
 #: Everything went as promised.
 RET_OK = 0
@@ -84,6 +105,122 @@ def demo(url: str | None, processes: int, updates: int, key: str | None) -> None
         click.echo("Interrupted.", err=True)
         raise SystemExit(RET_INTERRUPTED) from None
     raise SystemExit(_DEMO_EXIT[report.verdict])
+
+
+def _url_option(fn: Any) -> Any:
+    return click.option(
+        "--url", metavar="URL", help="Backend URL; default: the app's backend, else KEEL_URL, else sqlite:///keel.db."
+    )(fn)
+
+
+def _load(app_path: str) -> App:
+    try:
+        return load_app(app_path)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'MODULE:APP'") from None
+
+
+@main.command()
+@click.argument("app_path", metavar="MODULE:APP")
+@_url_option
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="Turns run at once (each of a different instance).",
+)
+@click.option(
+    "--lease-s",
+    type=click.FloatRange(min=0.5),
+    default=DEFAULT_LEASE_S,
+    show_default=True,
+    help="Lease length: another worker takes over a crashed one's instances after this.",
+)
+@click.option(
+    "--grace-s",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_GRACE_S,
+    show_default=True,
+    help="On SIGTERM or Ctrl-C, how long running turns may finish before they are cancelled.",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
+def worker(
+    app_path: str, url: str | None, concurrency: int, lease_s: float, grace_s: float, log_level: str, log_json: bool
+) -> None:
+    """Run the turns of MODULE:APP's workflow instances, e.g. `keel worker myproject.workflows:app`.
+
+    Any number of workers on any machines can share one backend; each instance runs on one at a time.
+    SIGTERM or Ctrl-C stops claiming, lets running turns finish within --grace-s, and exits 0.
+    """
+    app = _load(app_path)
+    configure_logging(log_level, json_lines=log_json)
+    settings = WorkerSettings(concurrency=concurrency, lease_s=lease_s, grace_s=grace_s)
+    try:
+        asyncio.run(serve(app, url or app.backend_url, settings))
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--url'") from None
+    except BackendUnavailable as exc:
+        raise CommandFailed(str(exc)) from None
+
+
+@main.command()
+@click.argument("app_path", metavar="MODULE:APP")
+@click.argument("workflow")
+@click.argument("workflow_id")
+@click.argument("message", metavar="JSON")
+@_url_option
+@click.option("--idempotency-key", metavar="KEY", help="Sending again with this key enqueues nothing new.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Wait this long for the turn to commit, and print the state it committed.",
+)
+def send(
+    app_path: str,
+    workflow: str,
+    workflow_id: str,
+    message: str,
+    url: str | None,
+    idempotency_key: str | None,
+    wait_s: float | None,
+) -> None:
+    """Send a JSON message to instance WORKFLOW_ID of WORKFLOW; print its message id."""
+    app = _load(app_path)
+    try:
+        payload = json.loads(message)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="'JSON'") from None
+    result = _run(send_message(app, url, workflow, workflow_id, payload, idempotency_key, wait_s))
+    click.echo(result)
+
+
+@main.command()
+@click.argument("app_path", metavar="MODULE:APP")
+@click.argument("workflow")
+@click.argument("workflow_id")
+@_url_option
+def state(app_path: str, workflow: str, workflow_id: str, url: str | None) -> None:
+    """Print the committed state of instance WORKFLOW_ID of WORKFLOW, with its version, as JSON."""
+    app = _load(app_path)
+    click.echo(_run(read_state(app, url, workflow, workflow_id)))
+
+
+def _run(coroutine: Coroutine[Any, Any, str]) -> str:
+    try:
+        return asyncio.run(coroutine)
+    except (UnknownWorkflowError, InstanceNotFoundError, PayloadError, InvalidKeyError, ConfigurationError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except (BackendUnavailable, TurnFailedError, WaitTimeoutError) as exc:
+        raise CommandFailed(str(exc)) from None
 
 
 if __name__ == "__main__":

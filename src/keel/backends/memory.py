@@ -137,6 +137,8 @@ class MemoryBackend(MemoryStore):
     async def send(self, message: NewMessage, /) -> str:
         """Append ``message`` to its instance's inbox, or return the first id sent under its idempotency key."""
         rt = self._rt
+        if (message.instance.app, message.message_id) in rt.messages:
+            return message.message_id  # a resend of the same message (a retry after a lost reply) appends nothing
         if message.idempotency_key is not None:
             first = rt.idempotency.get((message.instance, message.idempotency_key))
             if first is not None:

@@ -101,7 +101,9 @@ async def test_a_search_path_without_a_schema_is_a_configuration_error(postgres_
 async def test_tables_live_in_the_schema_of_the_search_path(engine: PostgresStore, postgres_url: str) -> None:
     schema = str(conninfo_to_dict(postgres_url)["options"]).split("=", 1)[1]
     rows = _rows(postgres_url, "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", schema)
-    assert sorted(r[0] for r in rows) == ["keel_kv", "keel_kv_history", "keel_schema"]
+    store_tables = ["keel_kv", "keel_kv_history", "keel_schema"]
+    runtime_tables = ["keel_instances", "keel_messages", "keel_state_history", "keel_turns"]
+    assert sorted(r[0] for r in rows) == sorted(store_tables + runtime_tables)
 
 
 async def test_history_holds_each_version_of_a_key_once(engine: PostgresStore, postgres_url: str) -> None:

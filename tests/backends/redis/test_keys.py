@@ -1,4 +1,4 @@
-"""The Redis key layout: names, hash tags that hold whatever the store key contains, and the URL prefix."""
+"""The Redis key layout: names, hash tags that hold whatever the store key or instance contains, the URL prefix."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import pytest
 from redis.crc import key_slot
 
 import keel
-from keel.backends.redis.keys import DEFAULT_PREFIX, RedisKeys, hash_tag, split_prefix
+from keel.backends.base import InstanceRef
+from keel.backends.redis.keys import (
+    DEFAULT_PREFIX,
+    RedisKeys,
+    hash_tag,
+    instance_member,
+    parse_instance_member,
+    split_prefix,
+)
 
 TRICKY_KEYS = ["plain", "a{b", "a}b", "{}", "}{", "{x}", "%", "%7B", "%257B", "{", "}", "\\{", "a%7Bb", "ü{ß}"]
 
@@ -66,3 +74,61 @@ def test_prefix_ending_in_a_colon_is_kept_as_it_is() -> None:
 def test_a_prefix_that_would_break_tags_is_refused(prefix: str) -> None:
     with pytest.raises(keel.ConfigurationError, match="prefix"):
         split_prefix(f"redis://127.0.0.1/0?prefix={prefix}")
+
+
+# -- runtime keys ---------------------------------------------------------------------------------------------------
+
+TRICKY_PARTS = ["plain", "a/b", "a{b}", "%2F", "}{", "/", "ü{ß}/x", "%"]
+
+
+def test_default_runtime_layout() -> None:
+    keys = RedisKeys()
+    member = instance_member(InstanceRef("loans", "loan", "42"))
+    assert member == "loans/loan/42"
+    assert keys.instance(member) == "keel:inst:{loans/loan/42}"
+    assert keys.inbox(member) == "keel:inbox:{loans/loan/42}"
+    assert keys.message(member, "m1") == "keel:msg:{loans/loan/42}:m1"
+    assert keys.idempotency(member) == "keel:idem:{loans/loan/42}"
+    assert keys.states(member) == "keel:states:{loans/loan/42}"
+    assert keys.turns(member) == "keel:turns:{loans/loan/42}"
+    assert keys.sequence("loans") == "keel:seq:{loans}"
+    assert keys.message_index("loans") == "keel:msgindex:{loans}"
+    assert keys.ready("loans", "loan") == "keel:ready:{loans}:loan"
+    assert keys.leased("loans", "loan") == "keel:leased:{loans}:loan"
+    assert keys.wake("loans") == "keel:wake:{loans}"
+
+
+@pytest.mark.parametrize("part", TRICKY_PARTS)
+def test_an_instance_member_splits_back_into_its_parts(part: str) -> None:
+    for ref in (InstanceRef(part, "wf", "id"), InstanceRef("app", part, "id"), InstanceRef("app", "wf", part)):
+        member = instance_member(ref)
+        assert "{" not in member and "}" not in member
+        assert member.count("/") == 2
+        assert parse_instance_member(member) == (ref.app, ref.workflow, ref.workflow_id)
+
+
+def test_distinct_instances_get_distinct_members() -> None:
+    refs = {InstanceRef(a, w, i) for a in TRICKY_PARTS for w in TRICKY_PARTS[:3] for i in TRICKY_PARTS}
+    assert len({instance_member(ref) for ref in refs}) == len(refs)
+
+
+@pytest.mark.parametrize("part", TRICKY_PARTS)
+def test_every_key_of_an_instance_shares_its_slot(part: str) -> None:
+    keys = RedisKeys("tenant:")
+    member = instance_member(InstanceRef("app{x}", "wf", part))
+    names = [
+        keys.instance(member),
+        keys.inbox(member),
+        keys.message(member, "m{1}"),
+        keys.idempotency(member),
+        keys.states(member),
+        keys.turns(member),
+    ]
+    assert {key_slot(name.encode()) for name in names} == {key_slot(member.encode())}
+
+
+@pytest.mark.parametrize("app", TRICKY_KEYS)
+def test_every_key_of_an_app_shares_its_slot(app: str) -> None:
+    keys = RedisKeys()
+    names = [keys.sequence(app), keys.message_index(app), keys.ready(app, "a"), keys.leased(app, "b{"), keys.wake(app)]
+    assert {key_slot(name.encode()) for name in names} == {key_slot(hash_tag(app)[1:-1].encode())}

@@ -6,17 +6,23 @@ These tests start their own servers (``_server.py``) and never touch the shared 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import keel
+from keel.backends import open_backend
+from keel.backends.base import Claim, InstanceRef, MessageStatus, NewMessage, StoreOptions, TurnCommit
 from tests.backends.redis._server import DURABLE, private_redis
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from keel.backends.base import StoreEngine
 
 STORE_LOGGER = "keel.backends.redis.store"
 
@@ -42,7 +48,7 @@ async def _write_several(store: keel.Store) -> dict[str, tuple[Any, int]]:
     return expected
 
 
-async def _wait_until_back(store: keel.Store, key: str) -> None:
+async def _wait_until_back(store: keel.Store | StoreEngine, key: str) -> None:
     deadline = time.monotonic() + BACK_WITHIN_S
     while True:
         try:
@@ -117,3 +123,43 @@ async def test_persistence_is_read_from_info_when_config_is_refused(
     warnings = [r.getMessage() for r in caplog.records if r.name == STORE_LOGGER]
     assert len(warnings) == 1
     assert "appendonly is on, but appendfsync could not be read" in warnings[0]
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_the_runtime_survives_a_sigkill_and_its_waiters_hear_of_it(tmp_path: Path) -> None:
+    instance = InstanceRef("loans", "loan", "42")
+
+    def commit_of(claim: Claim, state: object) -> TurnCommit:
+        return TurnCommit(claim, json.dumps(state), "w1", datetime.now(UTC), 0.01)
+
+    with private_redis(tmp_path, *DURABLE) as server:
+        backend = await open_backend(server.url, StoreOptions())
+        try:
+            ids = [await backend.send(NewMessage(instance, f"m{n}", json.dumps({"n": n}))) for n in range(3)]
+            [first] = await backend.claim("loans", ["loan"], worker="w1", lease_s=60, limit=1)
+            assert await backend.commit_turn(commit_of(first, {"seen": 1})) == 1
+            [second] = await backend.claim("loans", ["loan"], worker="w1", lease_s=60, limit=1)
+            waiting = asyncio.create_task(backend.wait_for_work("loans", timeout_s=30))
+            await asyncio.sleep(0.1)
+
+            server.kill()
+            with pytest.raises(keel.BackendUnavailable):
+                await asyncio.wait_for(waiting, FAIL_WITHIN_S)
+
+            server.start()
+            await _wait_until_back(backend.store, "any")
+            # The lease, its token and the committed turn were all acknowledged, so all are still there;
+            # the restart emptied the script cache, and the commit reloads its script.
+            assert await backend.commit_turn(commit_of(second, {"seen": 2})) == 2
+            statuses = [await backend.message("loans", message_id) for message_id in ids]
+            assert [s.status if s else None for s in statuses] == [
+                MessageStatus.done,
+                MessageStatus.done,
+                MessageStatus.pending,
+            ]
+            [third] = await backend.claim("loans", ["loan"], worker="w1", lease_s=60, limit=1)
+            assert (third.message_id, third.state_version) == ("m2", 2)
+            assert third.fencing_token == second.fencing_token + 1
+        finally:
+            await backend.aclose()

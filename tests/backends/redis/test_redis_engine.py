@@ -229,16 +229,16 @@ async def test_more_concurrent_writers_than_pooled_connections(redis_url: str) -
 async def test_schema_version_is_written_at_connect(redis_url: str, raw: Redis) -> None:
     async with keel.open_store(redis_url):
         pass
-    assert await raw.hgetall("keel:schema") == {"store": "1"}
+    assert await raw.hgetall("keel:schema") == {"store": "2"}
 
 
 @pytest.mark.redis
 async def test_data_from_a_newer_keel_is_refused(redis_url: str, raw: Redis) -> None:
-    await raw.hset("keel:schema", "store", "2")
+    await raw.hset("keel:schema", "store", "3")
     with pytest.raises(keel.ConfigurationError, match="newer"):
         async with keel.open_store(redis_url):
             pass
-    assert await raw.hgetall("keel:schema") == {"store": "2"}
+    assert await raw.hgetall("keel:schema") == {"store": "3"}
 
 
 @pytest.mark.redis

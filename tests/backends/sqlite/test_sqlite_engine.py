@@ -13,6 +13,7 @@ import pytest
 
 import keel
 from keel.backends.sqlite import location
+from keel.backends.sqlite.database import SCHEMA_VERSION
 
 
 def _pragma(path: Path, name: str) -> object:
@@ -132,7 +133,7 @@ async def test_schema_version_is_recorded_and_newer_schemas_are_refused(tmp_path
     async with keel.open_store(f"sqlite:///{path}") as store:
         await store.put("k", 1, expected_version=None)
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT version FROM keel_schema WHERE component = 'store'").fetchone() == (1,)
+        assert conn.execute("SELECT version FROM keel_schema WHERE component = 'store'").fetchone() == (SCHEMA_VERSION,)
         conn.execute("UPDATE keel_schema SET version = 99 WHERE component = 'store'")
     with pytest.raises(keel.ConfigurationError, match="schema version 99"):
         async with keel.open_store(f"sqlite:///{path}"):
@@ -209,3 +210,22 @@ async def test_unclosed_store_warns(tmp_path: Path) -> None:
     with pytest.warns(ResourceWarning, match="not closed"):
         database.__del__()
     await database.aclose()
+
+
+async def test_opening_waits_out_a_transaction_on_a_file_not_yet_in_wal_mode(tmp_path: Path) -> None:
+    # Switching to WAL needs an exclusive lock, which SQLite refuses at once (without the busy handler) while
+    # another connection is mid-transaction on a file still in rollback-journal mode, as another process's
+    # first open can be: keel must wait that out, not fail.
+    path = tmp_path / "fresh.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE someone_elses (x)")
+    released = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    released.start()
+    try:
+        async with keel.open_store(f"sqlite:///{path}") as store:
+            await store.put("k", 1, expected_version=None)
+    finally:
+        released.join()
+        holder.close()
+    assert _pragma(path, "journal_mode") == "wal"

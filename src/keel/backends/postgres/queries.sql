@@ -72,3 +72,7 @@ SELECT version, value, written_at, writer
  WHERE key = %(key)s
  ORDER BY version DESC
  LIMIT %(limit)s
+
+-- current_schema --
+-- The schema the search_path resolves to, where the tables are: it namespaces the broker's NOTIFY channels.
+SELECT current_schema()

@@ -34,3 +34,91 @@ CREATE TABLE keel_kv_history (
     -- One entry per version; the index also serves "newest first" reads and the trimming of old entries.
     PRIMARY KEY (key, version)
 );
+
+-- runtime_v1 --
+-- The runtime: workflow instances (lease, fencing token, committed state), their inboxes, state history and turns.
+CREATE TABLE keel_instances (
+    app              text NOT NULL,
+    workflow         text NOT NULL,
+    workflow_id      text NOT NULL,
+    -- Raised by one at every claim and never lowered, so a token names one lease for ever (G2).
+    fencing_token    bigint NOT NULL DEFAULT 0,
+    lease_owner      text,
+    -- Set from the server's clock_timestamp() only, never from a worker's clock; NULL when nobody holds a lease.
+    lease_expires_at timestamptz,
+    -- A failed turn pauses the instance: its messages wait, none is claimed.
+    paused           boolean NOT NULL DEFAULT false,
+    -- The committed state as keel encoded it (NULL and version 0 before the first turn).
+    state            text,
+    state_version    bigint NOT NULL DEFAULT 0,
+    state_written_at timestamptz,
+    state_writer     text,
+    -- The seq of the oldest pending message (the next turn to run), NULL when the inbox is empty.
+    next_seq         bigint,
+    PRIMARY KEY (app, workflow, workflow_id)
+);
+
+-- What claim scans: instances with work, oldest first; live leases are filtered out as the scan goes.
+CREATE INDEX keel_instances_ready ON keel_instances (app, next_seq) WHERE next_seq IS NOT NULL AND NOT paused;
+
+CREATE TABLE keel_state_history (
+    app         text NOT NULL,
+    workflow    text NOT NULL,
+    workflow_id text NOT NULL,
+    version     bigint NOT NULL,
+    state       text NOT NULL,
+    written_at  timestamptz NOT NULL,
+    writer      text NOT NULL,
+    PRIMARY KEY (app, workflow, workflow_id, version),
+    FOREIGN KEY (app, workflow, workflow_id) REFERENCES keel_instances
+);
+
+CREATE TABLE keel_messages (
+    app             text NOT NULL,
+    message_id      text NOT NULL,
+    -- The send order. Sends to one instance take its row lock before drawing a number, so within an inbox the
+    -- numbers follow the commit order.
+    seq             bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+    workflow        text NOT NULL,
+    workflow_id     text NOT NULL,
+    payload         text NOT NULL,
+    idempotency_key text,
+    status          text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'done', 'failed')),
+    attempts        integer NOT NULL DEFAULT 0,
+    -- The state version the message's turn committed.
+    state_version   bigint,
+    error           text,
+    sent_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at     timestamptz,
+    PRIMARY KEY (app, message_id),
+    FOREIGN KEY (app, workflow, workflow_id) REFERENCES keel_instances
+);
+
+-- One message per idempotency key and instance, across every process that sends.
+CREATE UNIQUE INDEX keel_messages_idempotency ON keel_messages (app, workflow, workflow_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
+-- An instance's inbox in order: finds the next pending message when a turn completes.
+CREATE INDEX keel_messages_inbox ON keel_messages (app, workflow, workflow_id, seq) WHERE status = 'pending';
+
+CREATE TABLE keel_turns (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    app             text NOT NULL,
+    workflow        text NOT NULL,
+    workflow_id     text NOT NULL,
+    message_id      text NOT NULL,
+    worker          text NOT NULL,
+    attempt         integer NOT NULL,
+    fencing_token   bigint NOT NULL,
+    version_read    bigint NOT NULL,
+    version_written bigint,
+    started_at      timestamptz NOT NULL,
+    duration_s      double precision NOT NULL,
+    outcome         text NOT NULL,
+    error           text,
+    recorded_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    FOREIGN KEY (app, workflow, workflow_id) REFERENCES keel_instances
+);
+
+-- An instance's turns, newest first.
+CREATE INDEX keel_turns_instance ON keel_turns (app, workflow, workflow_id, id);

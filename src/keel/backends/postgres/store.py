@@ -9,7 +9,8 @@ How it works:
   happen together or not at all. Row locks make concurrent writers to one key take turns, and the loser's
   ``WHERE version = expected`` is re-checked against the winner's row, so exactly one of them succeeds.
 - The tables are created on first use (``schema.sql``) in one transaction under an advisory lock, so processes
-  starting together do not race; ``keel_schema`` records the version reached. Table names are unqualified: the
+  starting together do not race; ``keel_schema`` records the version reached. Opening the store alone creates the
+  runtime's tables too: one schema version for the whole engine. Table names are unqualified: the
   URL's ``options=-csearch_path=...`` picks the schema.
 - Driver failures become ``BackendUnavailable`` in one place, ``PostgresStore._driver_errors``, which also bounds
   every call in time. After a failure it has the pool check its idle connections: dead ones are replaced, and the
@@ -53,16 +54,20 @@ if TYPE_CHECKING:
 
     from psycopg.rows import TupleRow
 
+    from keel.backends.postgres.backend import PostgresBackend
+
 logger = logging.getLogger(__name__)
 
 #: The statements the engine runs, by name (``queries.sql``).
 QUERIES = load_queries(__package__ or __name__, "queries.sql")
 
-#: The schema steps (``schema.sql``); ``bootstrap`` runs every time, the rest once each, in this order.
+#: The schema steps (``schema.sql``); ``bootstrap`` runs every time, the rest once each, in this order: version 1 is
+#: the store's tables, version 2 the runtime's (``broker.py``).
 _SCHEMA = load_queries(__package__ or __name__, "schema.sql")
-MIGRATIONS = (_SCHEMA["store_v1"],)
+MIGRATIONS = (_SCHEMA["store_v1"], _SCHEMA["runtime_v1"])
 
-#: The schema version this code needs, recorded in ``keel_schema`` under ``SCHEMA_COMPONENT``.
+#: The schema version this code needs, recorded in ``keel_schema`` under ``SCHEMA_COMPONENT``. The component keeps
+#: the name it got when the store was all there was: it counts the steps of the whole engine's schema.
 SCHEMA_VERSION = len(MIGRATIONS)
 SCHEMA_COMPONENT = "store"
 
@@ -408,3 +413,16 @@ async def open_engine(url: str, options: StoreOptions) -> PostgresStore:
         await store.aclose()
         raise
     return store
+
+
+async def open_backend(url: str, options: StoreOptions) -> PostgresBackend:
+    """Open the PostgreSQL store and broker that ``url`` names (``keel.backends.open_backend`` calls this).
+
+    Raises:
+        ConfigurationError: The URL or a keel parameter in it is unusable, or the tables cannot be created.
+        BackendUnavailable: The server cannot be reached.
+    """
+    # Imported here: the backend module builds on this one.
+    from keel.backends.postgres.backend import open_backend as open_postgres_backend
+
+    return await open_postgres_backend(url, options)

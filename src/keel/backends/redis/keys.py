@@ -2,7 +2,7 @@
 
 Layout, with the default prefix ``keel:`` (``?prefix=NAME`` in the URL picks another)::
 
-    keel:schema        hash  component -> schema version ("store" -> "1"), written at connect
+    keel:schema        hash  component -> schema version ("store" -> "2"), written at connect
     keel:kv:{TAG}      hash  the current record of one store key: v version, d value JSON (absent in a
                              tombstone), t written_at in microseconds since the epoch, w writer
     keel:kvh:{TAG}     list  the kept versions of that key, newest first, as JSON entries
@@ -11,14 +11,49 @@ Layout, with the default prefix ``keel:`` (``?prefix=NAME`` in the URL picks ano
 between the first ``{`` and the next ``}``, so with no brace left inside, the tag cannot end early or
 start late: both keys of one store key always share a slot, and a Lua script may touch them together.
 The encoding is reversible, so two store keys never share a tag.
+
+The runtime (schema version 2) adds, per workflow instance, under the tag ``{INST}`` where ``INST`` is
+``app/workflow/workflow_id`` with each part percent-encoded (``%``, ``/``, ``{``, ``}``) so that it splits back
+into the same three parts::
+
+    keel:inst:{INST}           hash  tok fencing token; own, exp lease owner and expiry (microseconds, absent
+                                     when not leased); paused "1"; v, d, t, w the committed state as in kv:
+    keel:inbox:{INST}          list  ids of the instance's pending messages, oldest first
+    keel:msg:{INST}:ID         hash  one message: p payload JSON, s status, n attempts, q sequence number,
+                                     v state version its turn committed, e error of its failed turn
+    keel:idem:{INST}           hash  idempotency key -> the id of the first message sent under it
+    keel:states:{INST}         list  the last STATE_HISTORY_LIMIT states, newest first, as in kvh:
+    keel:turns:{INST}          list  the last TURNS_LIMIT turn records, newest first, as JSON
+
+and per app, under the tag ``{APP}`` (the app name encoded like a store key)::
+
+    keel:seq:{APP}             string  the app's message sequence counter: the send order
+    keel:msgindex:{APP}        hash    message id -> INST, so a message is found from its app and id alone
+    keel:ready:{APP}:WORKFLOW  zset    INST -> sequence number of its oldest pending message, for every
+                                       instance with a pending message that is neither leased nor paused
+    keel:leased:{APP}:WORKFLOW zset    INST -> lease expiry in microseconds, for every leased instance
+    keel:wake:{APP}            stream  one entry per send (capped), read with XREAD BLOCK by idle workers
+
+The claim, commit, fail and release scripts build the ``inst:``, ``inbox:`` and ``msg:`` names of instances they
+find in a ready or leased set themselves, from the prefix they are given, exactly as ``RedisKeys`` does here.
+
+Every key of one instance shares that instance's slot, and every per-app key the app's slot. Each runtime
+script touches one instance's keys plus its app's keys, except claim, which leases instances of many slots
+in one script and builds their key names itself. That is sound on a single primary, which is all keel
+supports now; Redis Cluster will need per-slot ready queues (ready and leased sets per slot, claimed slot by
+slot, with the instance's tag in every key a script touches) before the runtime can run there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from keel.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from keel.backends.base import InstanceRef
 
 #: The prefix of every key when the URL names none.
 DEFAULT_PREFIX = "keel:"
@@ -29,12 +64,32 @@ PREFIX_PARAM = "prefix"
 # "%" first: it is the escape character, so it must be encoded before the escapes are written.
 _TAG_ESCAPES = (("%", "%25"), ("{", "%7B"), ("}", "%7D"))
 
+# An instance's parts are joined with "/", so a "/" inside a part is encoded too.
+_PART_ESCAPES = (*_TAG_ESCAPES, ("/", "%2F"))
+
 
 def hash_tag(key: str) -> str:
     """Return ``key`` as a cluster hash tag, braces included: ``a{b`` -> ``{a%7Bb}``."""
     for char, escaped in _TAG_ESCAPES:
         key = key.replace(char, escaped)
     return "{" + key + "}"
+
+
+def instance_member(ref: InstanceRef) -> str:
+    """Return the name of an instance inside its tag and in the ready sets: ``app/workflow/workflow_id``, encoded."""
+    return "/".join(_encode_part(part) for part in (ref.app, ref.workflow, ref.workflow_id))
+
+
+def parse_instance_member(member: str) -> tuple[str, str, str]:
+    """Split an ``instance_member`` back into app, workflow and workflow id."""
+    app, workflow, workflow_id = (unquote(part) for part in member.split("/"))
+    return app, workflow, workflow_id
+
+
+def _encode_part(part: str) -> str:
+    for char, escaped in _PART_ESCAPES:
+        part = part.replace(char, escaped)
+    return part
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +110,50 @@ class RedisKeys:
     def history(self, key: str) -> str:
         """The list holding the kept versions of ``key``, newest first."""
         return f"{self.prefix}kvh:{hash_tag(key)}"
+
+    def instance(self, member: str) -> str:
+        """The hash of one instance: fencing token, lease, paused flag and committed state."""
+        return f"{self.prefix}inst:{{{member}}}"
+
+    def inbox(self, member: str) -> str:
+        """The list of an instance's pending message ids, oldest first."""
+        return f"{self.prefix}inbox:{{{member}}}"
+
+    def message(self, member: str, message_id: str) -> str:
+        """The hash of one message, under its instance's tag."""
+        return f"{self.prefix}msg:{{{member}}}:{message_id}"
+
+    def idempotency(self, member: str) -> str:
+        """The hash of an instance's idempotency keys -> first message ids."""
+        return f"{self.prefix}idem:{{{member}}}"
+
+    def states(self, member: str) -> str:
+        """The list of an instance's kept states, newest first."""
+        return f"{self.prefix}states:{{{member}}}"
+
+    def turns(self, member: str) -> str:
+        """The list of an instance's turn records, newest first."""
+        return f"{self.prefix}turns:{{{member}}}"
+
+    def sequence(self, app: str) -> str:
+        """The counter that orders every message sent to ``app``."""
+        return f"{self.prefix}seq:{hash_tag(app)}"
+
+    def message_index(self, app: str) -> str:
+        """The hash of message id -> instance member, for every message sent to ``app``."""
+        return f"{self.prefix}msgindex:{hash_tag(app)}"
+
+    def ready(self, app: str, workflow: str) -> str:
+        """The sorted set of claimable instances of one workflow, by their oldest pending message."""
+        return f"{self.prefix}ready:{hash_tag(app)}:{workflow}"
+
+    def leased(self, app: str, workflow: str) -> str:
+        """The sorted set of leased instances of one workflow, by lease expiry."""
+        return f"{self.prefix}leased:{hash_tag(app)}:{workflow}"
+
+    def wake(self, app: str) -> str:
+        """The stream that every send to ``app`` appends to, so that idle workers wake."""
+        return f"{self.prefix}wake:{hash_tag(app)}"
 
 
 def split_prefix(url: str) -> tuple[RedisKeys, str]:

@@ -18,6 +18,10 @@ Map of the design:
   timeout): a compare-and-swap whose reply was lost may have been applied, and resending it would report a
   stale write for our own write, which ``update()`` would then apply a second time. Reads are not retried
   either, so every call fails within the socket timeouts rather than after several of them.
+- Schema: ``keel:schema`` records the layout version (``scripts/schema.lua`` raises it, never lowers it); data
+  at a newer version than this code is refused.
+- Runtime: ``broker.py`` adds inboxes, leases and the turn commit on the same client and error boundary;
+  ``open_backend`` here opens both, so that the factory finds every Redis entry point in this module.
 - Durability: at connect the engine reads the server's persistence settings and logs one warning when a
   restart or crash of the server would lose acknowledged writes.
 """
@@ -56,6 +60,8 @@ from keel.errors import BackendUnavailable, ConfigurationError, StaleWriteError
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from keel.backends.redis.backend import RedisBackend
+
 logger = logging.getLogger(__name__)
 
 #: Seconds to wait for a TCP connection, and for each reply, before raising ``BackendUnavailable``.
@@ -64,8 +70,9 @@ SOCKET_TIMEOUT_S = 5.0
 #: Seconds a call waits for a free pooled connection when all are busy (``?max_connections=``, 50 by default).
 POOL_WAIT_S = 5.0
 
-#: The layout version this code reads and writes, kept in the schema hash under ``SCHEMA_COMPONENT``.
-STORE_SCHEMA_VERSION = 1
+#: The layout version this code reads and writes, kept in the schema hash under ``SCHEMA_COMPONENT``:
+#: 1 the versioned store, 2 adds the runtime's keys (created on first use, so 1 -> 2 only records the number).
+STORE_SCHEMA_VERSION = 2
 
 #: The field of the schema hash that holds the store's layout version.
 SCHEMA_COMPONENT = "store"
@@ -80,6 +87,17 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # The fields of the current-record hash, in the order HMGET returns them.
 _RECORD_FIELDS = ("v", "d", "t", "w")
+
+# Operations that change data, which may or may not have been applied when the reply is lost: what to do then.
+_WRITES = {
+    "write": "read the key before writing again",
+    "send": "sending the same message id again appends nothing if it was",
+    "claim": "a lease taken by a lost claim expires by itself",
+    "renew": "the lease may still end at its old expiry",
+    "commit": "read the message's status before running its turn again",
+    "fail": "read the message's status",
+    "release": "the lease expires by itself",
+}
 
 # Most specific first: the first two are ConnectionErrors too.
 _HINTS: tuple[tuple[type[BaseException], str], ...] = (
@@ -106,6 +124,7 @@ class RedisStore:
         self._keys = keys
         self._options = options
         self._write_script = client.register_script(_script_text("write.lua"))
+        self._schema_script = client.register_script(_script_text("schema.lua"))
         self._closed = False
 
     async def get(self, key: str, /) -> StoredRecord | None:
@@ -178,12 +197,15 @@ class RedisStore:
             )
 
     async def _record_schema(self) -> str:
-        """Write our schema version unless one is there; return the one that is; preload the script."""
-        await self._client.hsetnx(self._keys.schema, SCHEMA_COMPONENT, STORE_SCHEMA_VERSION)
-        found = await self._client.hget(self._keys.schema, SCHEMA_COMPONENT)
+        """Raise the recorded schema version to ours unless it is newer; return the one now recorded."""
+        before, now = await self._schema_script(
+            keys=[self._keys.schema], args=[SCHEMA_COMPONENT, str(STORE_SCHEMA_VERSION)]
+        )
+        if before != now:
+            logger.info("keel data at %s (prefix %r): schema %s -> %s", self.url, self._keys.prefix, before or "-", now)
         # Loaded now, the first write is a single EVALSHA instead of EVALSHA, NOSCRIPT, SCRIPT LOAD, EVALSHA.
         await self._client.script_load(self._write_script.script)
-        return str(found)
+        return str(now)
 
     async def _current(self, key: str) -> StoredRecord | None:
         async with self._unavailable_on_error("get"):
@@ -244,7 +266,23 @@ async def open_engine(url: str, options: StoreOptions) -> RedisStore:
     return store
 
 
-def _client(redis_url: str, masked: str) -> Redis:
+async def open_backend(url: str, options: StoreOptions) -> RedisBackend:
+    """Connect to the Redis server that ``url`` names, for the store and the runtime (see ``open_engine``).
+
+    Returns:
+        The open backend: the broker, with this engine's store as its ``store``.
+
+    Raises:
+        ConfigurationError: The URL or prefix cannot be used, or the data was written by a newer keel.
+        BackendUnavailable: The server cannot be reached.
+    """
+    # Imported here: backend.py builds on this module.
+    from keel.backends.redis.backend import open_redis_backend
+
+    return await open_redis_backend(url, options)
+
+
+def _client(redis_url: str, masked: str, *, socket_timeout_s: float = SOCKET_TIMEOUT_S, **pool_options: Any) -> Redis:
     path = urlsplit(redis_url).path
     if path not in ("", "/") and not re.fullmatch(r"/\d+", path):
         # redis-py would silently fall back to DB 0, another application's data perhaps.
@@ -257,11 +295,12 @@ def _client(redis_url: str, masked: str) -> Redis:
             # maintenance notifications, under which its pool skips the closed-socket check on checkout.
             protocol=2,
             socket_connect_timeout=SOCKET_TIMEOUT_S,
-            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_timeout=socket_timeout_s,
             # No automatic resend: see the module docstring.
             retry=Retry(NoBackoff(), 0),
             # When every connection is busy a call waits for one, this long at most, rather than failing at once.
             timeout=POOL_WAIT_S,
+            **pool_options,
         )
         # redis-py builds connections at first use; build one now, so that an unknown URL option fails here
         # as a ConfigurationError, not as a TypeError from the first command.
@@ -277,8 +316,8 @@ def _unavailable(url: str, operation: str, exc: BaseException) -> BackendUnavail
         # The blocking pool gave up waiting POOL_WAIT_S for a connection; redis-py has no class for it.
         hint = f"every pooled connection stayed busy for {POOL_WAIT_S:g} s; raise ?max_connections= in the URL"
     detail = f"{operation} failed: {type(exc).__name__}: {exc}"
-    if operation == "write" and isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
-        detail += " (the write may or may not have been applied; read the key before writing again)"
+    if operation in _WRITES and isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+        detail += f" (the {operation} may or may not have been applied; {_WRITES[operation]})"
     return BackendUnavailable(url, detail, hint=hint)
 
 

@@ -1,4 +1,4 @@
-"""One SQLite connection on a thread of its own, shared by the store (and later the broker) of a process.
+"""One SQLite connection on a thread of its own, shared by the store and the broker of a process.
 
 Why a thread: sqlite3 blocks, and the event loop must never block. Why one function per call: a write
 transaction is opened, run and committed inside a single function on that thread, so nothing is ever
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 import warnings
 from typing import TYPE_CHECKING, TypeVar
 
-from keel.backends._sql import load_queries, load_script
+from keel.backends._sql import load_queries
 from keel.backends.sqlite.thread import BlockingThread
 from keel.errors import BackendUnavailable, ConfigurationError
 
@@ -26,16 +27,22 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: The schema version this code writes and reads.
-SCHEMA_VERSION = 1
+#: The statements of the store and the schema bookkeeping, by name (``queries.sql``).
+QUERIES = load_queries(__package__ or "keel.backends.sqlite", "queries.sql")
+
+#: The schema steps (``schema.sql``); ``bootstrap`` runs every time, the rest once each, in this order.
+_SCHEMA = load_queries(__package__ or "keel.backends.sqlite", "schema.sql")
+MIGRATIONS = (_SCHEMA["store_v1"], _SCHEMA["runtime_v2"])
+
+#: The schema version this code writes and reads, recorded in ``keel_schema`` under ``SCHEMA_COMPONENT``.
+SCHEMA_VERSION = len(MIGRATIONS)
+SCHEMA_COMPONENT = "store"
 
 #: How long a writer waits for another process's write lock before giving up, by default.
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 
 #: Accepted values of the ``synchronous`` URL option; FULL makes every commit durable across power loss.
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
-
-QUERIES = load_queries(__package__ or "keel.backends.sqlite", "queries.sql")
 
 
 class SqliteDatabase:
@@ -117,11 +124,30 @@ class SqliteDatabase:
 
     def _configure(self, conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
+        mode = self._switch_to_wal(conn)
+        if mode != "wal":
             raise BackendUnavailable(self.url, f"could not switch the database to WAL mode (it stays {mode})")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
+        """Set WAL mode, waiting out other openers of a new file.
+
+        Switching needs an exclusive lock, and SQLite answers "database is locked" at once, without calling the
+        busy handler, when another connection is mid-transaction on a file not yet in WAL mode (to avoid a
+        deadlock): so retry here, within the busy timeout.
+        """
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+            if mode == "wal":
+                return mode
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     def _disconnect(self) -> None:
         if self._conn is not None:
@@ -141,22 +167,31 @@ def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection],
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Create the tables on first use and record the schema version; several processes may race here."""
+    """Bring the file to ``SCHEMA_VERSION`` in one transaction; the write lock serialises racing processes."""
+    _in_transaction(conn, _apply_migrations)
 
-    def apply(c: sqlite3.Connection) -> None:
-        has_table = c.execute("SELECT 1 FROM sqlite_master WHERE name = 'keel_schema'").fetchone()
-        found = c.execute(QUERIES["schema_version"], {"component": "store"}).fetchone() if has_table else None
-        if found is not None and found[0] > SCHEMA_VERSION:
-            raise ConfigurationError(
-                f"this SQLite database has keel schema version {found[0]}, newer than this keel "
-                f"understands ({SCHEMA_VERSION}); upgrade keel-runtime"
-            )
-        if found is None or found[0] < SCHEMA_VERSION:
-            for statement in _statements(load_script(__package__ or "keel.backends.sqlite", "schema.sql")):
-                c.execute(statement)
-            c.execute(QUERIES["record_schema_version"], {"component": "store", "version": SCHEMA_VERSION})
 
-    _in_transaction(conn, apply)
+def _apply_migrations(conn: sqlite3.Connection) -> None:
+    _execute_script(conn, _SCHEMA["bootstrap"])
+    found = conn.execute(QUERIES["schema_version"], {"component": SCHEMA_COMPONENT}).fetchone()
+    reached = 0 if found is None else int(found[0])
+    if reached > SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"this SQLite database has keel schema version {reached}, newer than this keel "
+            f"understands ({SCHEMA_VERSION}); upgrade keel-runtime"
+        )
+    if reached == SCHEMA_VERSION:
+        return
+    for step in MIGRATIONS[reached:]:
+        _execute_script(conn, step)
+    conn.execute(QUERIES["record_schema_version"], {"component": SCHEMA_COMPONENT, "version": SCHEMA_VERSION})
+    logger.info("SQLite database migrated from schema version %d to %d", reached, SCHEMA_VERSION)
+
+
+def _execute_script(conn: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it would commit the open transaction first, and the migration must be all or nothing.
+    for statement in _statements(script):
+        conn.execute(statement)
 
 
 def _statements(script: str) -> list[str]:

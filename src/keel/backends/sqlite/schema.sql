@@ -1,9 +1,16 @@
--- keel's SQLite schema, version 1. Applied once per file under BEGIN IMMEDIATE, recorded in keel_schema.
+-- keel's SQLite schema, one section per step. database._migrate runs bootstrap every time and each later
+-- section once, in order, under BEGIN IMMEDIATE, and records in keel_schema how far the file has got.
+-- Never edit a released section: add a new one (store_v3, ...). Statements are split on ';'.
 
+-- bootstrap --
+-- The table recording which schema version each keel component has reached.
 CREATE TABLE IF NOT EXISTS keel_schema (
     component TEXT PRIMARY KEY,
     version   INTEGER NOT NULL
 );
+
+-- store_v1 --
+-- The versioned store: one current row per key, plus the last versions of each key.
 
 -- The current version of each key. value is JSON text; NULL marks a tombstone, which keeps the
 -- version counter so that a deleted and re-created key never reuses a version number.
@@ -24,3 +31,91 @@ CREATE TABLE IF NOT EXISTS keel_kv_history (
     writer     TEXT NOT NULL,
     PRIMARY KEY (key, version)
 ) WITHOUT ROWID;
+
+-- runtime_v2 --
+-- The broker: workflow instances with their lease and state, their inboxes, state history and turn records.
+
+-- One row per workflow instance, created by the first message sent to it.
+CREATE TABLE keel_instances (
+    app              TEXT NOT NULL,
+    workflow         TEXT NOT NULL,
+    workflow_id      TEXT NOT NULL,
+    -- Raised by one on every claim, never lowered: a commit under an older token is refused.
+    fencing_token    INTEGER NOT NULL DEFAULT 0,
+    lease_owner      TEXT,
+    -- Microseconds since the Unix epoch by this machine's clock (an integer compares exactly); NULL: no lease.
+    lease_expires_us INTEGER,
+    -- 1 after a failed turn: never claimed until a retry or skip clears it.
+    paused           INTEGER NOT NULL DEFAULT 0,
+    -- The committed state (JSON text) and its version; NULL and 0 before the first committed turn.
+    state            TEXT,
+    state_version    INTEGER NOT NULL DEFAULT 0,
+    state_written_at TEXT,
+    state_writer     TEXT,
+    -- seq of the oldest pending message, NULL when the inbox is empty: what claims order and filter by.
+    next_seq         INTEGER,
+    PRIMARY KEY (app, workflow, workflow_id)
+) WITHOUT ROWID;
+
+-- The instances a claim may take, oldest pending message first.
+CREATE INDEX keel_instances_ready ON keel_instances (app, next_seq) WHERE next_seq IS NOT NULL AND paused = 0;
+
+-- Every message sent, in one sequence for the whole file: seq orders each inbox and the claims.
+CREATE TABLE keel_messages (
+    -- AUTOINCREMENT: a seq is never reused, even if the newest messages are deleted one day.
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    app             TEXT NOT NULL,
+    message_id      TEXT NOT NULL,
+    workflow        TEXT NOT NULL,
+    workflow_id     TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    idempotency_key TEXT,
+    status          TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'done', 'failed')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    -- The state version the message's turn committed.
+    state_version   INTEGER,
+    error           TEXT,
+    sent_at         TEXT NOT NULL,
+    completed_at    TEXT,
+    UNIQUE (app, message_id),
+    -- NULL keys are distinct in a UNIQUE constraint, so messages without a key never collide.
+    UNIQUE (app, workflow, workflow_id, idempotency_key)
+);
+
+-- An instance's pending messages in order: the next one to run.
+CREATE INDEX keel_messages_pending ON keel_messages (app, workflow, workflow_id, seq) WHERE status = 'pending';
+
+-- The newest message of an app, which idle workers poll.
+CREATE INDEX keel_messages_app ON keel_messages (app, seq);
+
+-- The last versions of each instance's state, the current one included, trimmed on every commit.
+CREATE TABLE keel_state_history (
+    app         TEXT NOT NULL,
+    workflow    TEXT NOT NULL,
+    workflow_id TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    written_at  TEXT NOT NULL,
+    writer      TEXT NOT NULL,
+    PRIMARY KEY (app, workflow, workflow_id, version)
+) WITHOUT ROWID;
+
+-- One row per turn that ended, committed or failed.
+CREATE TABLE keel_turns (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    app             TEXT NOT NULL,
+    workflow        TEXT NOT NULL,
+    workflow_id     TEXT NOT NULL,
+    message_id      TEXT NOT NULL,
+    worker          TEXT NOT NULL,
+    attempt         INTEGER NOT NULL,
+    fencing_token   INTEGER NOT NULL,
+    version_read    INTEGER NOT NULL,
+    version_written INTEGER,
+    started_at      TEXT NOT NULL,
+    duration_s      REAL NOT NULL,
+    outcome         TEXT NOT NULL,
+    error           TEXT
+);
+
+CREATE INDEX keel_turns_instance ON keel_turns (app, workflow, workflow_id, id);

@@ -1,4 +1,7 @@
-"""The SQLite store: ``sqlite:///path.db``.
+"""The SQLite engine's entry point and store: ``sqlite:///path.db``.
+
+``open_engine`` opens the store alone; ``open_backend`` the store and the broker (``broker.py``) over one
+connection (``backend.py``).
 
 URL options (query string): ``synchronous`` (OFF, NORMAL, FULL, EXTRA; default FULL: every commit is on
 disk before it returns) and ``busy_timeout_s`` (default 30: how long a writer waits for another process).
@@ -23,6 +26,8 @@ from keel.errors import ConfigurationError, StaleWriteError
 
 if TYPE_CHECKING:
     import sqlite3
+
+    from keel.backends.sqlite.backend import SqliteBackend
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +105,31 @@ async def open_engine(url: str, options: StoreOptions) -> SqliteStore:
         UnsafeLocationError: The file is on a network filesystem.
         BackendUnavailable: The file cannot be opened.
     """
+    return SqliteStore(await open_database(url), options)
+
+
+async def open_backend(url: str, options: StoreOptions) -> SqliteBackend:
+    """Open (creating if needed) the SQLite database that ``url`` names, store and broker.
+
+    Raises:
+        ConfigurationError: A bad path or option.
+        UnsafeLocationError: The file is on a network filesystem.
+        BackendUnavailable: The file cannot be opened.
+    """
+    # Imported here: backend.py builds on this module, and a store alone never needs the broker.
+    from keel.backends.sqlite.backend import SqliteBackend
+
+    return SqliteBackend(await open_database(url), options)
+
+
+async def open_database(url: str) -> SqliteDatabase:
+    """Check ``url``, then open its file with the schema brought up to date.
+
+    Raises:
+        ConfigurationError: A bad path or option.
+        UnsafeLocationError: The file is on a network filesystem.
+        BackendUnavailable: The file cannot be opened.
+    """
     query = query_options(url)
     unknown = sorted(set(query) - _KNOWN_OPTIONS)
     if unknown:
@@ -110,7 +140,7 @@ async def open_engine(url: str, options: StoreOptions) -> SqliteStore:
     refuse_network_filesystem(path)
     database = SqliteDatabase(path, f"sqlite:///{path}", synchronous=synchronous, busy_timeout_s=busy_timeout_s)
     await database.open()
-    return SqliteStore(database, options)
+    return database
 
 
 def _positive_float(raw: str | None, default: float, name: str) -> float:

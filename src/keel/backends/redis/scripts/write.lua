@@ -26,7 +26,7 @@
 -- cluster slot; see keys.py):
 --
 -- keel:schema
---   A hash of component -> schema version ("store" -> "1"). Written at connect, never here.
+--   A hash of component -> schema version ("store" -> "2"). Written at connect (schema.lua), never here.
 --
 -- keel:kv:{$tag}
 --   A hash, the current record: v = version, d = value JSON, t = written_at (microseconds since the

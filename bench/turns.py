@@ -1,0 +1,143 @@
+"""Benchmark: durable turns per second through real `keel worker` processes, and send→commit latency.
+
+For each engine: the raw engine commit rate (the raw-driver compare-and-swap loop of ``store_update``, one
+process) as the baseline; then turns/s with 1 and 2 worker processes over many instances, every message sent
+at once and timed from the first send to the last commit; then, with one idle worker, the latency from
+``send`` to the turn's commit (taken from the turn record, so the client's polling does not blur it).
+
+Run: ``python -m bench.turns [--engines sqlite,postgres,redis] [--instances 200] [--turns 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from bench import engines
+from bench.turns_app import Tick, app
+from keel.backends import open_backend
+from keel.backends.base import InstanceRef, StoreOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_workers(url: str, count: int) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable,
+        "-m",
+        "keel.cli",
+        "worker",
+        "bench.turns_app:app",
+        "--url",
+        url,
+        "--concurrency",
+        "32",
+        "--log-level",
+        "WARNING",
+    ]
+    workers = [subprocess.Popen(command, cwd=ROOT, env=env) for _ in range(count)]
+    time.sleep(2.0)  # imports and connections; the figures below start at the first send
+    return workers
+
+
+def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        worker.wait(30)
+
+
+async def throughput(url: str, tag: str, instances: int, turns: int) -> float:
+    async with app.client(url=url) as client:
+        started = time.perf_counter()
+
+        async def one(n: int) -> list[str]:
+            return [await client.send("tick", f"{tag}-{n}", Tick(n=t)) for t in range(turns)]
+
+        sent = await asyncio.gather(*(one(n) for n in range(instances)))
+        for n, ids in enumerate(sent):
+            await client.wait("tick", f"{tag}-{n}", ids[-1], timeout_s=300)
+        return instances * turns / (time.perf_counter() - started)
+
+
+async def latencies(url: str, samples: int) -> list[float]:
+    backend = await open_backend(url, StoreOptions())
+    result = []
+    try:
+        async with app.client(url=url) as client:
+            for n in range(samples):
+                sent_at = datetime.now(UTC)
+                message_id = await client.send("tick", "latency", Tick(n=n))
+                await client.wait("tick", "latency", message_id, timeout_s=30)
+                [turn] = await backend.turns(InstanceRef(app.name, "tick", "latency"), limit=1)
+                committed_at = turn.started_at + timedelta(seconds=turn.duration_s)
+                result.append((committed_at - sent_at).total_seconds() * 1000)
+                await asyncio.sleep(0.05)  # idle between messages
+    finally:
+        await backend.aclose()
+    return result
+
+
+def run_engine(engine: str, args: argparse.Namespace) -> dict[str, object]:
+    with engines.prepared(engine) as (url, baselines):
+        raw = baselines["raw"](url, "bench:raw-commit", time.time() + args.seconds) / args.seconds
+        row: dict[str, object] = {"engine": engine, "raw_commits_per_s": round(raw, 1)}
+        for count in (1, 2):
+            workers = start_workers(url, count)
+            try:
+                rate = asyncio.run(throughput(url, f"w{count}", args.instances, args.turns))
+            finally:
+                stop_workers(workers)
+            row[f"turns_per_s_{count}w"] = round(rate, 1)
+            row[f"ratio_{count}w"] = round(rate / raw, 3)
+        workers = start_workers(url, 1)
+        try:
+            sample = asyncio.run(latencies(url, args.samples))
+        finally:
+            stop_workers(workers)
+        quantiles = statistics.quantiles(sample, n=100)
+        row["latency_p50_ms"] = round(statistics.median(sample), 1)
+        row["latency_p99_ms"] = round(quantiles[98], 1)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", default="sqlite,postgres,redis")
+    parser.add_argument("--instances", type=int, default=200)
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/turns.json"))
+    args = parser.parse_args(argv)
+    rows = []
+    for engine in args.engines.split(","):
+        row = run_engine(engine, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "turns",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()},
+        "instances": args.instances,
+        "turns": args.turns,
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

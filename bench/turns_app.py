@@ -1,0 +1,24 @@
+"""The app the turns benchmark's `keel worker` processes run: one trivial turn per message."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+import keel
+
+app = keel.App("bench-turns")
+
+
+class Tick(BaseModel):
+    n: int
+
+
+class Count(BaseModel):
+    count: int = 0
+    last: int = -1
+
+
+@app.workflow(state=Count, message=Tick)
+async def tick(ctx: keel.TurnContext[Count], msg: Tick) -> None:
+    ctx.state.count += 1
+    ctx.state.last = msg.n

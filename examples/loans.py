@@ -1,0 +1,66 @@
+"""A workflow any worker can run: `keel worker examples.loans:app`, then send it messages from anywhere.
+
+    export KEEL_URL=sqlite:///$PWD/loans.db          # or postgresql://..., redis://...
+    keel worker examples.loans:app &                  # as many as you like, on any machines sharing KEEL_URL
+    keel send examples.loans:app loan 42 '{"amount": 1000}' --wait 10
+    keel state examples.loans:app loan 42
+
+Or from Python: `python examples/loans.py`, which runs a worker in the background and sends three messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+import keel
+from keel.worker import serve
+
+
+class LoanRequest(BaseModel):
+    amount: int = Field(gt=0)
+
+
+class LoanState(BaseModel):
+    step: int = 0
+    requested: int = 0
+    approved: bool = False
+
+
+app = keel.App("loans")
+
+
+@app.workflow(state=LoanState, message=LoanRequest)
+async def loan(ctx: keel.TurnContext[LoanState], msg: LoanRequest) -> None:
+    """One turn: ctx.state is a private copy, committed atomically when this returns."""
+    ctx.state.step += 1
+    ctx.state.requested += msg.amount
+    ctx.state.approved = ctx.state.requested <= 5000
+    ctx.logger.info("loan now at %d requested (token %d)", ctx.state.requested, ctx.fencing_token)
+
+
+async def main(url: str) -> None:
+    stop = asyncio.Event()
+    worker = asyncio.create_task(serve(app, url, stop=stop))
+    async with app.client(url=url) as client:
+        for amount in (1000, 2500, 3000):
+            message_id = await client.send("loan", "42", LoanRequest(amount=amount))
+            version = await client.wait("loan", "42", message_id, timeout_s=30)
+            print(f"sent {amount}: committed state version {version}")
+        state = await client.state("loan", "42")
+        assert state is not None
+        print(f"loan 42 at version {state.version}: {state.value!r}")
+    stop.set()  # as SIGTERM would: finish running turns, release leases
+    await worker
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        asyncio.run(main(sys.argv[1]))
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            asyncio.run(main(f"sqlite:///{Path(folder) / 'loans.db'}"))

@@ -1,0 +1,296 @@
+"""The PostgreSQL broker: inboxes, leases with fencing tokens, and the atomic turn commit (G2, G3).
+
+Tables (``schema.sql``, step ``runtime_v1``): ``keel_instances`` holds one row per workflow instance with its
+lease, fencing token, committed state and ``next_seq``, the seq of its oldest pending message (NULL when its inbox
+is empty); ``keel_messages`` the inboxes, in ``seq`` order; ``keel_state_history`` the last states;
+``keel_turns`` one record per turn. Statements are in ``broker.sql``.
+
+How each operation stays atomic and fenced:
+
+- ``send``: one transaction. It locks the instance row (creating it), then appends the message, sets ``next_seq``
+  if the inbox was empty, and notifies the app's channel, delivered at commit. Locking first makes the messages of
+  one inbox draw their seq in commit order, and lets the idempotency check see every earlier send.
+- ``claim``: one transaction. ``FOR UPDATE SKIP LOCKED`` locks claimable instance rows (pending message, not
+  paused, lease absent or expired by ``clock_timestamp()``) oldest ``next_seq`` first, so concurrent claimers in any
+  process take disjoint rows; a second statement raises their tokens, sets the leases and counts the attempts.
+- ``commit_turn`` and ``fail_turn``: one transaction. It locks the instance row, then one statement writes
+  everything under the condition that the token is the claim's and the lease is unexpired (by the server's clock,
+  read after the lock is held); when that condition fails nothing is written and ``LeaseLostError`` says why.
+  ``_commit_in``/``_fail_in`` take an open transaction, so that several commits, and later a turn's step records
+  and events, can share one.
+- ``renew``, ``release``: one fenced statement each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from keel.backends._sql import load_queries
+from keel.backends.base import (
+    STATE_HISTORY_LIMIT,
+    Claim,
+    InstanceRef,
+    MessageInfo,
+    MessageStatus,
+    NewMessage,
+    StoredRecord,
+    TurnCommit,
+    TurnFailure,
+    TurnRecordRow,
+)
+from keel.backends.postgres.store import _fetch_one
+from keel.errors import LeaseLostError
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Sequence
+
+    import psycopg
+    from psycopg.rows import TupleRow
+
+    from keel.backends.postgres.store import PostgresStore
+
+#: The broker's statements, by name (``broker.sql``).
+BROKER_QUERIES = load_queries(__package__ or __name__, "broker.sql")
+
+#: How much of an app's name its channel name shows, to make it recognisable in ``pg_listening_channels()``.
+_READABLE_CHARS = 24
+
+_UNSAFE = re.compile(r"[^a-z0-9_]")
+
+
+def channel_for(schema: str, app: str) -> str:
+    """Return the NOTIFY channel of ``app``'s messages in ``schema``: a lower-case identifier under 63 bytes.
+
+    A digest of both names keeps apart names that differ only in what the readable part drops, and keeps apps
+    (or tests) in different schemas of one database from waking each other.
+    """
+    readable = _UNSAFE.sub("_", app.lower())[:_READABLE_CHARS]
+    digest = hashlib.blake2b(f"{schema}\0{app}".encode(), digest_size=8).hexdigest()
+    return f"keel_{readable}_{digest}"
+
+
+class PostgresBroker:
+    """Inboxes, leases and turn commits in the tables of one PostgreSQL schema, over the store's pool."""
+
+    def __init__(self, store: PostgresStore, schema: str) -> None:
+        self._store = store
+        self._schema = schema
+
+    async def send(self, message: NewMessage, /) -> str:
+        """Append ``message`` to its inbox and wake the app's listeners, unless its id or idempotency key was used.
+
+        Returns:
+            The message's id, or the id of the message first sent under the same idempotency key.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached; the message may or may not have been appended.
+        """
+        params = {
+            **_instance_params(message.instance),
+            "message_id": message.message_id,
+            "payload": message.payload_json,
+            "idempotency_key": message.idempotency_key,
+            "channel": channel_for(self._schema, message.instance.app),
+        }
+        async with self._store._connection() as conn, conn.transaction():
+            await conn.execute(BROKER_QUERIES["lock_inbox"], params)
+            row = await _fetch_one(conn, BROKER_QUERIES["append"], params)
+        assert row is not None  # the statement always returns its one row
+        return str(row[0])
+
+    async def claim(
+        self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
+    ) -> list[Claim]:
+        """Lease up to ``limit`` claimable instances of ``app`` in ``workflows``, oldest pending message first."""
+        if limit <= 0 or not workflows:
+            return []
+        wanted = {"app": app, "workflows": list(workflows), "limit": limit}
+        async with self._store._connection() as conn, conn.transaction():
+            cursor = await conn.execute(BROKER_QUERIES["lock_ready"], wanted)
+            picked = await cursor.fetchall()
+            if not picked:
+                return []
+            lease = {
+                "app": app,
+                "workflows": [row[0] for row in picked],
+                "workflow_ids": [row[1] for row in picked],
+                "worker": worker,
+                "lease_s": lease_s,
+            }
+            cursor = await conn.execute(BROKER_QUERIES["lease"], lease)
+            rows = await cursor.fetchall()
+        return [_claim(app, row) for row in rows]
+
+    async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
+        """Extend each lease still live under its claim's token, by ``lease_s`` from the server's now."""
+        if not claims:
+            return []
+        params = {
+            "apps": [c.instance.app for c in claims],
+            "workflows": [c.instance.workflow for c in claims],
+            "workflow_ids": [c.instance.workflow_id for c in claims],
+            "tokens": [c.fencing_token for c in claims],
+            "lease_s": lease_s,
+        }
+        async with self._store._connection() as conn:
+            cursor = await conn.execute(BROKER_QUERIES["renew"], params)
+            renewed = {InstanceRef(*row) for row in await cursor.fetchall()}
+        return [c.instance in renewed for c in claims]
+
+    async def commit_turn(self, commit: TurnCommit, /) -> int:
+        """Commit a turn atomically and release its lease; return the new state version.
+
+        Raises:
+            LeaseLostError: The claim's token is no longer the instance's, or its lease expired; nothing was written.
+            BackendUnavailable: The server cannot be reached; the commit may or may not have happened.
+        """
+        async with self._store._connection() as conn, conn.transaction():
+            return await _commit_in(conn, commit)
+
+    async def fail_turn(self, failure: TurnFailure, /) -> None:
+        """Mark the message failed, pause the instance, record the turn and release the lease, atomically.
+
+        Raises:
+            LeaseLostError: The claim's token is no longer the instance's, or its lease expired; nothing was written.
+            BackendUnavailable: The server cannot be reached.
+        """
+        async with self._store._connection() as conn, conn.transaction():
+            await _fail_in(conn, failure)
+
+    async def release(self, claim: Claim, /) -> None:
+        """Give the lease back if the claim's token is still current; otherwise do nothing."""
+        params = {**_instance_params(claim.instance), "fencing_token": claim.fencing_token}
+        async with self._store._connection() as conn:
+            await conn.execute(BROKER_QUERIES["release"], params)
+
+    async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
+        """Return a message's status, or None if no such message was sent to ``app``."""
+        async with self._store._connection() as conn:
+            row = await _fetch_one(conn, BROKER_QUERIES["message"], {"app": app, "message_id": message_id})
+        if row is None:
+            return None
+        workflow, workflow_id, status, state_version, error = row
+        return MessageInfo(
+            message_id, InstanceRef(app, workflow, workflow_id), MessageStatus(status), state_version, error
+        )
+
+    async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
+        """Return the instance's committed state, or None before its first committed turn."""
+        async with self._store._connection() as conn:
+            row = await _fetch_one(conn, BROKER_QUERIES["state"], _instance_params(instance))
+        if row is None:
+            return None
+        version, state, written_at, writer = row
+        return StoredRecord(
+            f"{instance.workflow}/{instance.workflow_id}", int(version), state, _utc(written_at), writer
+        )
+
+    async def turns(self, instance: InstanceRef, /, *, limit: int) -> list[TurnRecordRow]:
+        """Return the instance's turn records, newest first."""
+        async with self._store._connection() as conn:
+            cursor = await conn.execute(BROKER_QUERIES["turns"], {**_instance_params(instance), "limit": limit})
+            rows = await cursor.fetchall()
+        return [_turn(instance, row) for row in rows]
+
+
+async def _commit_in(conn: psycopg.AsyncConnection[TupleRow], commit: TurnCommit) -> int:
+    """Perform one turn commit inside the caller's open transaction; return the new state version.
+
+    Raises:
+        LeaseLostError: The claim is stale; the caller's transaction must roll back (nothing of this was written).
+    """
+    claim = commit.claim
+    held = await _lock_instance(conn, claim)
+    params = {
+        **_turn_params(claim, commit.worker, commit.started_at, commit.duration_s),
+        "state": commit.state_json,
+        "history_limit": STATE_HISTORY_LIMIT,
+    }
+    row = await _fetch_one(conn, BROKER_QUERIES["commit_turn"], params)
+    if row is None:
+        raise LeaseLostError(_describe(claim.instance), claim.fencing_token, _lease_problem(claim, held))
+    return int(row[0])
+
+
+async def _fail_in(conn: psycopg.AsyncConnection[TupleRow], failure: TurnFailure) -> None:
+    """Record one failed turn inside the caller's open transaction.
+
+    Raises:
+        LeaseLostError: The claim is stale; the caller's transaction must roll back (nothing of this was written).
+    """
+    claim = failure.claim
+    held = await _lock_instance(conn, claim)
+    params = {**_turn_params(claim, failure.worker, failure.started_at, failure.duration_s), "error": failure.error}
+    if await _fetch_one(conn, BROKER_QUERIES["fail_turn"], params) is None:
+        raise LeaseLostError(_describe(claim.instance), claim.fencing_token, _lease_problem(claim, held))
+
+
+async def _lock_instance(conn: psycopg.AsyncConnection[TupleRow], claim: Claim) -> tuple[Any, ...] | None:
+    # Sends to this inbox wait from here on, and the next statement's snapshot shows every message sent before:
+    # the next message it queues is the right one.
+    return await _fetch_one(conn, BROKER_QUERIES["lock_instance"], _instance_params(claim.instance))
+
+
+def _lease_problem(claim: Claim, held: tuple[Any, ...] | None) -> str:
+    """Say why a fenced write found nothing to write, from the instance row it locked."""
+    if held is None:
+        return "the instance does not exist"
+    token, expires_at, state_version = held
+    if token != claim.fencing_token:
+        return f"the instance moved on to fencing token {token}"
+    if expires_at is None:
+        return "the lease was released"
+    if state_version != claim.state_version:
+        return f"the state moved on to version {state_version}"
+    return "the lease expired"
+
+
+def _instance_params(ref: InstanceRef) -> dict[str, Any]:
+    return {"app": ref.app, "workflow": ref.workflow, "workflow_id": ref.workflow_id}
+
+
+def _turn_params(claim: Claim, worker: str, started_at: datetime, duration_s: float) -> dict[str, Any]:
+    return {
+        **_instance_params(claim.instance),
+        "message_id": claim.message_id,
+        "fencing_token": claim.fencing_token,
+        "version_read": claim.state_version,
+        "attempt": claim.attempt,
+        "worker": worker,
+        "started_at": started_at,
+        "duration_s": duration_s,
+    }
+
+
+def _claim(app: str, row: tuple[Any, ...]) -> Claim:
+    workflow, workflow_id, token, expires_at, message_id, payload, attempts, state, state_version = row
+    ref = InstanceRef(app, workflow, workflow_id)
+    return Claim(ref, int(token), _utc(expires_at), message_id, payload, int(attempts), state, int(state_version))
+
+
+def _turn(instance: InstanceRef, row: tuple[Any, ...]) -> TurnRecordRow:
+    message_id, worker, attempt, token, version_read, version_written, started_at, duration_s, outcome, error = row
+    return TurnRecordRow(
+        instance,
+        message_id,
+        worker,
+        int(attempt),
+        int(token),
+        int(version_read),
+        None if version_written is None else int(version_written),
+        _utc(started_at),
+        float(duration_s),
+        outcome,
+        error,
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(UTC)
+
+
+def _describe(ref: InstanceRef) -> str:
+    return f"{ref.app}:{ref.workflow}/{ref.workflow_id}"

@@ -1,0 +1,182 @@
+-- The statements of the PostgreSQL broker, loaded by keel.backends._sql; the tables are in schema.sql (runtime_v1).
+--
+-- Writes that must see every message committed before them run in one transaction of two statements: the first
+-- locks the instance rows, the second (a fresh snapshot under read committed, taken once the locks are held) reads
+-- and writes. One statement alone would read the inbox through a snapshot older than the row it locked. Lease
+-- times come from clock_timestamp(), the server's clock. Parameters use psycopg's %(name)s style.
+
+-- lock_inbox --
+-- Create the instance if new and lock its row (the no-op update takes the lock), so that one inbox's sends are serial.
+INSERT INTO keel_instances AS i (app, workflow, workflow_id)
+VALUES (%(app)s, %(workflow)s, %(workflow_id)s)
+ON CONFLICT (app, workflow, workflow_id) DO UPDATE SET next_seq = i.next_seq
+
+-- append --
+-- Append a message (not if its id or idempotency key was used) and wake listeners; the id that stands for it.
+WITH sent AS (
+    INSERT INTO keel_messages (app, message_id, workflow, workflow_id, payload, idempotency_key)
+    VALUES (%(app)s, %(message_id)s, %(workflow)s, %(workflow_id)s, %(payload)s, %(idempotency_key)s)
+    ON CONFLICT DO NOTHING
+    RETURNING message_id, seq
+), queued AS (
+    UPDATE keel_instances AS i
+       SET next_seq = sent.seq
+      FROM sent
+     WHERE i.app = %(app)s AND i.workflow = %(workflow)s AND i.workflow_id = %(workflow_id)s AND i.next_seq IS NULL
+)
+SELECT coalesce(
+           (SELECT message_id FROM sent),
+           (SELECT message_id FROM keel_messages
+             WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+               AND idempotency_key = %(idempotency_key)s),
+           %(message_id)s),
+       -- Delivered at commit; a repeated send wakes listeners for nothing, which is allowed.
+       pg_notify(%(channel)s, '')
+
+-- lock_ready --
+-- Lock up to limit claimable instances, oldest pending message first, skipping rows other claimers hold.
+SELECT workflow, workflow_id
+  FROM keel_instances
+ WHERE app = %(app)s AND workflow = ANY(%(workflows)s::text[])
+   AND next_seq IS NOT NULL AND NOT paused
+   AND (lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp())
+ ORDER BY next_seq
+ LIMIT %(limit)s
+   FOR UPDATE SKIP LOCKED
+
+-- lease --
+-- Lease the locked instances under fresh fencing tokens and count an attempt of each one's next message.
+WITH leased AS (
+    UPDATE keel_instances AS i
+       SET fencing_token = i.fencing_token + 1,
+           lease_owner = %(worker)s,
+           lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_s)s)
+      FROM unnest(%(workflows)s::text[], %(workflow_ids)s::text[]) AS picked (workflow, workflow_id)
+     WHERE i.app = %(app)s AND i.workflow = picked.workflow AND i.workflow_id = picked.workflow_id
+    RETURNING i.workflow, i.workflow_id, i.fencing_token, i.lease_expires_at, i.next_seq, i.state, i.state_version
+), tried AS (
+    UPDATE keel_messages AS m
+       SET attempts = m.attempts + 1
+      FROM leased
+     WHERE m.seq = leased.next_seq
+    RETURNING m.seq, m.message_id, m.payload, m.attempts
+)
+SELECT leased.workflow, leased.workflow_id, leased.fencing_token, leased.lease_expires_at,
+       tried.message_id, tried.payload, tried.attempts, leased.state, leased.state_version
+  FROM leased JOIN tried ON tried.seq = leased.next_seq
+ ORDER BY leased.next_seq
+
+-- renew --
+-- Extend the live leases still held under the given tokens; the instances whose lease was extended.
+UPDATE keel_instances AS i
+   SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_s)s)
+  FROM unnest(%(apps)s::text[], %(workflows)s::text[], %(workflow_ids)s::text[], %(tokens)s::bigint[])
+       AS held (app, workflow, workflow_id, fencing_token)
+ WHERE i.app = held.app AND i.workflow = held.workflow AND i.workflow_id = held.workflow_id
+   AND i.fencing_token = held.fencing_token AND i.lease_expires_at > clock_timestamp()
+RETURNING i.app, i.workflow, i.workflow_id
+
+-- lock_instance --
+-- Lock one instance row for a fenced write; what it holds now, to say why the write was refused if it is.
+SELECT fencing_token, lease_expires_at, state_version
+  FROM keel_instances
+ WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+   FOR UPDATE
+
+-- commit_turn --
+-- Fenced: new state and history, message done, next message queued, turn recorded, lease released; no row if stale.
+WITH up AS (
+    UPDATE keel_instances
+       SET state = %(state)s, state_version = state_version + 1, state_written_at = clock_timestamp(),
+           state_writer = %(worker)s, lease_owner = NULL, lease_expires_at = NULL,
+           next_seq = (SELECT min(seq) FROM keel_messages
+                        WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+                          AND status = 'pending' AND message_id <> %(message_id)s)
+     WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+       AND fencing_token = %(fencing_token)s AND lease_expires_at > clock_timestamp()
+       AND state_version = %(version_read)s
+    RETURNING state_version, state, state_written_at, state_writer
+), kept AS (
+    INSERT INTO keel_state_history (app, workflow, workflow_id, version, state, written_at, writer)
+    SELECT %(app)s, %(workflow)s, %(workflow_id)s, state_version, state, state_written_at, state_writer FROM up
+), trimmed AS (
+    -- Every statement in a WITH sees the same snapshot, so this never sees (or deletes) the row inserted above.
+    DELETE FROM keel_state_history AS h USING up
+     WHERE h.app = %(app)s AND h.workflow = %(workflow)s AND h.workflow_id = %(workflow_id)s
+       AND h.version <= up.state_version - %(history_limit)s
+), done AS (
+    UPDATE keel_messages AS m
+       SET status = 'done', state_version = up.state_version, finished_at = up.state_written_at
+      FROM up
+     WHERE m.app = %(app)s AND m.message_id = %(message_id)s
+), recorded AS (
+    INSERT INTO keel_turns (app, workflow, workflow_id, message_id, worker, attempt, fencing_token, version_read,
+                            version_written, started_at, duration_s, outcome)
+    SELECT %(app)s, %(workflow)s, %(workflow_id)s, %(message_id)s, %(worker)s, %(attempt)s, %(fencing_token)s,
+           %(version_read)s, up.state_version, %(started_at)s, %(duration_s)s, 'committed'
+      FROM up
+)
+SELECT state_version FROM up
+
+-- fail_turn --
+-- Fenced: message failed with its error, instance paused, turn recorded, lease released; no row if stale.
+WITH up AS (
+    UPDATE keel_instances
+       SET paused = true, lease_owner = NULL, lease_expires_at = NULL
+     WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+       AND fencing_token = %(fencing_token)s AND lease_expires_at > clock_timestamp()
+    RETURNING state_version
+), failed AS (
+    UPDATE keel_messages AS m
+       SET status = 'failed', error = %(error)s, finished_at = clock_timestamp()
+      FROM up
+     WHERE m.app = %(app)s AND m.message_id = %(message_id)s
+), recorded AS (
+    INSERT INTO keel_turns (app, workflow, workflow_id, message_id, worker, attempt, fencing_token, version_read,
+                            version_written, started_at, duration_s, outcome, error)
+    SELECT %(app)s, %(workflow)s, %(workflow_id)s, %(message_id)s, %(worker)s, %(attempt)s, %(fencing_token)s,
+           %(version_read)s, NULL, %(started_at)s, %(duration_s)s, 'failed', %(error)s
+      FROM up
+)
+SELECT state_version FROM up
+
+-- release --
+-- Clear the lease if it is still held under the given token; nothing otherwise.
+UPDATE keel_instances
+   SET lease_owner = NULL, lease_expires_at = NULL
+ WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+   AND fencing_token = %(fencing_token)s
+
+-- message --
+-- A message's instance and status.
+SELECT workflow, workflow_id, status, state_version, error
+  FROM keel_messages
+ WHERE app = %(app)s AND message_id = %(message_id)s
+
+-- state --
+-- An instance's committed state; no row before its first committed turn.
+SELECT state_version, state, state_written_at, state_writer
+  FROM keel_instances
+ WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s AND state_version > 0
+
+-- turns --
+-- An instance's turn records, newest first.
+SELECT message_id, worker, attempt, fencing_token, version_read, version_written, started_at, duration_s, outcome,
+       error
+  FROM keel_turns
+ WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+ ORDER BY id DESC
+ LIMIT %(limit)s
+
+-- has_work --
+-- Whether an app has a claimable instance: asked after each LISTEN, since sends before it notified nobody.
+SELECT EXISTS (
+    SELECT 1
+      FROM keel_instances
+     WHERE app = %(app)s AND next_seq IS NOT NULL AND NOT paused
+       AND (lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp())
+)
+
+-- listen --
+-- Subscribe the listener connection to a channel; {channel} is filled in as a quoted identifier.
+LISTEN {channel}

@@ -1,0 +1,367 @@
+"""The Redis runtime: workflow instances' inboxes, leases with fencing tokens, and the atomic turn commit.
+
+Map of the design:
+
+- Keys: ``keys.py`` names them (the instance's keys share its hash tag ``{app/workflow/workflow_id}``; ready,
+  leased and wake keys are per app); ``scripts/runtime_lib.lua`` draws the whole layout.
+- Writes: every operation that changes more than one key is one Lua script (``send``, ``claim``, ``renew``,
+  ``commit``, ``fail``, ``release``), so it is atomic and one round trip. The shared helpers of
+  ``runtime_lib.lua`` are prepended to each script's text when it is registered.
+- Claiming: a per-(app, workflow) sorted set holds the instances that can be claimed, scored by the app-wide
+  sequence number of their oldest pending message; a second one holds leased instances by lease expiry.
+  ``claim.lua`` first moves expired leases back to the ready set, then takes the lowest scores across the
+  asked workflows, raises each instance's fencing token and leases it. Redis runs one script at a time, so
+  two claimers, in any processes, never take the same instance.
+- Fencing: ``commit.lua``, ``fail.lua`` and ``renew.lua`` check, inside the script, that the claim's token is
+  still the instance's and its lease unexpired by the server's clock; otherwise they write nothing and say
+  why, which becomes ``LeaseLostError`` here.
+- Time: lease expiries and ``written_at`` come from the server's ``TIME``, in microseconds since the epoch.
+- Waking: ``send.lua`` appends to the app's wake stream; ``wait_for_work`` blocks on it (``wake.py``).
+- Errors: every call runs inside the store's error boundary, so driver errors become ``BackendUnavailable``.
+
+A turn record is kept as a JSON object with the keys ``message_id``, ``worker``, ``attempt``,
+``fencing_token``, ``version_read``, ``version_written`` (null for a failed turn), ``started_at_us``,
+``duration_s``, ``outcome`` and ``error``; the newest ``TURNS_LIMIT`` are kept per instance.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from functools import cache
+from typing import TYPE_CHECKING, Any, cast
+
+from keel.backends.base import (
+    STATE_HISTORY_LIMIT,
+    Claim,
+    InstanceRef,
+    MessageInfo,
+    MessageStatus,
+    NewMessage,
+    StoredRecord,
+    TurnCommit,
+    TurnFailure,
+    TurnRecordRow,
+)
+from keel.backends.redis.keys import RedisKeys, instance_member, parse_instance_member
+from keel.backends.redis.store import _EPOCH, _from_micros, _record_from_fields, _script_text
+from keel.errors import LeaseLostError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Sequence
+    from contextlib import AbstractAsyncContextManager
+    from datetime import datetime
+
+    from redis.asyncio import Redis
+
+    from keel.backends.redis.wake import WakeStreams
+
+#: Turn records kept per instance, newest first; older ones are trimmed by the commit that pushes a new one.
+TURNS_LIMIT = 1000
+
+#: About how many entries an app's wake stream keeps (trimmed with ``MAXLEN ~``); waiters need only the last.
+WAKE_STREAM_MAXLEN = 100
+
+#: At least this many expired leases per workflow are put back in play by each claim, before it picks.
+SWEEP_LIMIT = 100
+
+#: The scripts of the runtime, each run with ``runtime_lib.lua`` prepended.
+RUNTIME_SCRIPTS = ("send.lua", "claim.lua", "renew.lua", "commit.lua", "fail.lua", "release.lua")
+
+_STATE_FIELDS = ("v", "d", "t", "w")
+
+
+@cache
+def runtime_script(name: str) -> str:
+    """Return the text of one runtime script with the shared helpers in front of it."""
+    return _script_text("runtime_lib.lua") + "\n" + _script_text(name)
+
+
+class RedisBroker:
+    """Inboxes, leases and turn commits in Redis, shared by every process using the same server, DB and prefix."""
+
+    def __init__(
+        self,
+        client: Redis,
+        keys: RedisKeys,
+        boundary: Callable[[str], AbstractAsyncContextManager[None]],
+        waker: WakeStreams,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._boundary = boundary
+        self._waker = waker
+        scripts = {name: client.register_script(runtime_script(name)) for name in RUNTIME_SCRIPTS}
+        self._scripts = scripts
+        self._send, self._claim, self._renew = scripts["send.lua"], scripts["claim.lua"], scripts["renew.lua"]
+        self._commit, self._fail, self._release = scripts["commit.lua"], scripts["fail.lua"], scripts["release.lua"]
+
+    async def load_scripts(self) -> None:
+        """Load every runtime script now, so that each first call is a single EVALSHA."""
+        async with self._boundary("connect"):
+            for script in self._scripts.values():
+                await self._client.script_load(script.script)
+
+    async def send(self, message: NewMessage, /) -> str:
+        """Append ``message`` to its instance's inbox, after every message sent to the app before it.
+
+        Sending the same message id again appends nothing, so a send whose reply was lost can be repeated.
+
+        Returns:
+            The message's id; the first message's id when the idempotency key was used before for the instance.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached; the message may or may not have been appended.
+        """
+        ref, member = message.instance, instance_member(message.instance)
+        keys = [
+            self._keys.instance(member),
+            self._keys.inbox(member),
+            self._keys.message(member, message.message_id),
+            self._keys.idempotency(member),
+            self._keys.sequence(ref.app),
+            self._keys.message_index(ref.app),
+            self._keys.ready(ref.app, ref.workflow),
+            self._keys.wake(ref.app),
+        ]
+        key = message.idempotency_key
+        args = [member, message.message_id, message.payload_json, "0" if key is None else "1", key or ""]
+        async with self._boundary("send"):
+            sent = await self._send(keys=keys, args=[*args, WAKE_STREAM_MAXLEN])
+        return str(sent)
+
+    async def claim(
+        self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
+    ) -> list[Claim]:
+        """Lease up to ``limit`` instances with a pending message and no live lease, oldest message first.
+
+        Returns:
+            One claim per leased instance, each under a fencing token one higher than the instance's last.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached; leases a lost reply took expire by themselves.
+        """
+        names = sorted(set(workflows))
+        if not names or limit <= 0:
+            return []
+        keys = [key for name in names for key in (self._keys.ready(app, name), self._keys.leased(app, name))]
+        args: list[str | int] = [self._keys.prefix, worker, _micros(lease_s), limit, max(limit, SWEEP_LIMIT)]
+        async with self._boundary("claim"):
+            reply = await self._claim(keys=[*keys, self._keys.wake(app)], args=args)
+        self._waker.note_claimed(app, str(reply[0]))
+        return [_claim_from_row(row) for row in reply[1:]]
+
+    async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
+        """Extend the leases still held under these claims' tokens; an expired lease is not revived.
+
+        Returns:
+            For each claim, True if its lease now runs ``lease_s`` from the server's now, False if it was lost.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached.
+        """
+        if not claims:
+            return []
+        keys: list[str] = []
+        args: list[str | int] = [_micros(lease_s)]
+        for claim in claims:
+            ref, member = claim.instance, instance_member(claim.instance)
+            keys += [self._keys.instance(member), self._keys.leased(ref.app, ref.workflow)]
+            args += [member, claim.fencing_token]
+        async with self._boundary("renew"):
+            held = await self._renew(keys=keys, args=args)
+        return [bool(flag) for flag in held]
+
+    async def commit_turn(self, commit: TurnCommit, /) -> int:
+        """Write the new state, complete the message, record the turn and release the lease, in one script.
+
+        Returns:
+            The new state version, one above the version the claim read.
+
+        Raises:
+            LeaseLostError: The claim's token is no longer the instance's, or its lease expired; nothing written.
+            BackendUnavailable: The server cannot be reached; the commit may or may not have been applied.
+        """
+        keys, args = self._commit_call(commit)
+        async with self._boundary("commit"):
+            reply = await self._commit(keys=keys, args=args)
+        if int(reply[0]) != 1:
+            raise _lease_lost(commit.claim, str(reply[1]), str(reply[2]))
+        return int(reply[1])
+
+    async def fail_turn(self, failure: TurnFailure, /) -> None:
+        """Mark the message failed, pause the instance, record the turn and release the lease, in one script.
+
+        Raises:
+            LeaseLostError: The claim's token is no longer the instance's, or its lease expired; nothing written.
+            BackendUnavailable: The server cannot be reached.
+        """
+        claim = failure.claim
+        ref, member = claim.instance, instance_member(claim.instance)
+        keys = [
+            self._keys.instance(member),
+            self._keys.message(member, claim.message_id),
+            self._keys.turns(member),
+            self._keys.leased(ref.app, ref.workflow),
+        ]
+        turn = _turn_json(failure, version_written=None, outcome="failed", error=failure.error)
+        args: list[str | int] = [self._keys.prefix, member, claim.fencing_token, failure.error, turn, TURNS_LIMIT]
+        async with self._boundary("fail"):
+            reply = await self._fail(keys=keys, args=args)
+        if int(reply[0]) != 1:
+            raise _lease_lost(claim, str(reply[1]), str(reply[2]))
+
+    async def release(self, claim: Claim, /) -> None:
+        """Give the lease back without running the turn, if the claim's token is still current; else do nothing.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached.
+        """
+        ref, member = claim.instance, instance_member(claim.instance)
+        keys = [
+            self._keys.instance(member),
+            self._keys.ready(ref.app, ref.workflow),
+            self._keys.leased(ref.app, ref.workflow),
+        ]
+        async with self._boundary("release"):
+            await self._release(keys=keys, args=[self._keys.prefix, member, claim.fencing_token])
+
+    async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
+        """Return the status of a message, or None if no such message was sent to ``app``.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached.
+        """
+        # decode_responses=True: every reply is text.
+        async with self._boundary("message"):
+            member = cast("str | None", await self._client.hget(self._keys.message_index(app), message_id))
+            if member is None:
+                return None
+            fields = await self._client.hmget(self._keys.message(member, message_id), ["s", "v", "e"])
+        status, version, error = cast("list[str | None]", fields)
+        ref = InstanceRef(*parse_instance_member(member))
+        return MessageInfo(
+            message_id,
+            ref,
+            MessageStatus(status or MessageStatus.pending),
+            None if version is None else int(version),
+            error,
+        )
+
+    async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
+        """Return the instance's committed state, or None before its first committed turn.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached.
+        """
+        async with self._boundary("state"):
+            fields = await self._client.hmget(self._keys.instance(instance_member(instance)), _STATE_FIELDS)
+        return _record_from_fields(f"{instance.workflow}/{instance.workflow_id}", cast("list[str | None]", fields))
+
+    async def turns(self, instance: InstanceRef, /, *, limit: int) -> list[TurnRecordRow]:
+        """Return up to ``limit`` of the instance's kept turn records, newest first.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached.
+        """
+        if limit <= 0:
+            return []
+        async with self._boundary("turns"):
+            entries = await self._client.lrange(self._keys.turns(instance_member(instance)), 0, limit - 1)
+        return [_turn_from_json(instance, entry) for entry in cast("list[str]", entries)]
+
+    async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
+        """Return when a message may have been sent to ``app``, or after ``timeout_s`` at the latest.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached.
+        """
+        await self._waker.wait(app, timeout_s=timeout_s)
+
+    def _commit_call(self, commit: TurnCommit) -> tuple[list[str], list[str | int]]:
+        """The keys and arguments of one turn's commit: the unit a group commit would concatenate."""
+        claim = commit.claim
+        ref, member = claim.instance, instance_member(claim.instance)
+        keys = [
+            self._keys.instance(member),
+            self._keys.inbox(member),
+            self._keys.message(member, claim.message_id),
+            self._keys.states(member),
+            self._keys.turns(member),
+            self._keys.ready(ref.app, ref.workflow),
+            self._keys.leased(ref.app, ref.workflow),
+        ]
+        turn = _turn_json(commit, version_written=claim.state_version + 1, outcome="committed", error=None)
+        args: list[str | int] = [self._keys.prefix, member, claim.fencing_token, claim.message_id]
+        args += [claim.state_version, commit.state_json, commit.worker, turn, STATE_HISTORY_LIMIT, TURNS_LIMIT]
+        return keys, args
+
+
+def _micros(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def _micros_since_epoch(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _claim_from_row(row: list[Any]) -> Claim:
+    member, token, expires_us, message_id, payload_json, attempt, state_version, state_json = row
+    return Claim(
+        InstanceRef(*parse_instance_member(member)),
+        int(token),
+        _from_micros(expires_us),
+        message_id,
+        payload_json,
+        int(attempt),
+        state_json,
+        int(state_version),
+    )
+
+
+def _turn_json(done: TurnCommit | TurnFailure, *, version_written: int | None, outcome: str, error: str | None) -> str:
+    claim = done.claim
+    record = {
+        "message_id": claim.message_id,
+        "worker": done.worker,
+        "attempt": claim.attempt,
+        "fencing_token": claim.fencing_token,
+        "version_read": claim.state_version,
+        "version_written": version_written,
+        "started_at_us": _micros_since_epoch(done.started_at),
+        "duration_s": done.duration_s,
+        "outcome": outcome,
+        "error": error,
+    }
+    return json.dumps(record, separators=(",", ":"))
+
+
+def _turn_from_json(instance: InstanceRef, entry: str) -> TurnRecordRow:
+    record: dict[str, Any] = json.loads(entry)
+    return TurnRecordRow(
+        instance,
+        record["message_id"],
+        record["worker"],
+        record["attempt"],
+        record["fencing_token"],
+        record["version_read"],
+        record["version_written"],
+        _from_micros(record["started_at_us"]),
+        record["duration_s"],
+        record["outcome"],
+        record["error"],
+    )
+
+
+def _lease_lost(claim: Claim, reason: str, detail: str) -> LeaseLostError:
+    ref = claim.instance
+    reasons = {
+        "token": f"the instance moved on to fencing token {detail}",
+        "released": "the lease expired, or was released",
+        "expired": "the lease expired",
+        "version": f"the instance's state moved on to version {detail}",
+        "message": f"message {claim.message_id} is no longer the instance's next one",
+    }
+    return LeaseLostError(
+        f"{ref.app}:{ref.workflow}/{ref.workflow_id}", claim.fencing_token, reasons.get(reason, reason)
+    )

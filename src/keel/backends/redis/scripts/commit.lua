@@ -1,0 +1,71 @@
+-- commit.lua: commit one turn atomically: the new state, its history entry, the message's completion,
+-- the turn record and the release of the lease; or nothing at all when the lease is lost.
+--
+-- commit(
+--   keys=[instance, inbox, message, states, turns, ready, leased],
+--   args=[prefix, member, token, message_id, version_read, state_json, writer, turn_json,
+--         state_history_limit, turns_limit]
+-- )
+--
+-- KEYS[1]   instance             keel:inst:{$inst}: checked (token, lease), then v d t w written, own exp
+--                                cleared
+-- KEYS[2]   inbox                keel:inbox:{$inst}: its head, the message, is popped
+-- KEYS[3]   message              keel:msg:{$inst}:$id: s = "done", v = the version written
+-- KEYS[4]   states               keel:states:{$inst}: the new state pushed, trimmed to the limit
+-- KEYS[5]   turns                keel:turns:{$inst}: turn_json pushed, trimmed to the limit
+-- KEYS[6]   ready                keel:ready:{$app}:$workflow: the instance rejoins it if more is pending
+-- KEYS[7]   leased               keel:leased:{$app}:$workflow: the instance leaves it
+-- ARGV[1]   prefix               the key prefix, to name the next pending message's keel:msg: key
+-- ARGV[2]   member               $inst
+-- ARGV[3]   token                the fencing token the turn ran under
+-- ARGV[4]   message_id           $id, which must be the inbox head
+-- ARGV[5]   version_read         the state version the turn started from; the commit writes the next one
+-- ARGV[6]   state_json           the new state
+-- ARGV[7]   writer               "host:pid" of the committing worker
+-- ARGV[8]   turn_json            the turn record, written by the engine
+-- ARGV[9]   state_history_limit  states kept, the new one included
+-- ARGV[10]  turns_limit          turn records kept, the new one included
+--
+-- returns  {1, version, written_at_us}  committed; written_at from this server's clock
+--          {0, reason, detail}          nothing written. reason "token" (detail: the instance's token now),
+--                                       "released", "expired" (detail: the expiry), "version" (detail: the
+--                                       stored version) or "message" (detail: the inbox head now)
+--
+-- One commit is the local function commit(), given its own slice of keys and arguments, so that a later
+-- script can commit several turns in one call (group commit) or add step and event keys to the same one.
+--
+-- Key layout: runtime_lib.lua, prepended to this script.
+
+local function commit(keys, args)
+    local instance, inbox, message, states, turns, ready, leased = unpack(keys, 1, 7)
+    local prefix, member, token, message_id, version_read = unpack(args, 1, 5)
+    local state_json, writer, turn_json, state_history_limit, turns_limit = unpack(args, 6, 10)
+
+    local now = now_us()
+    local problem = lease_problem(instance, token, now)
+    if problem then
+        return {0, problem[1], problem[2]}
+    end
+    local stored = redis.call("HGET", instance, "v") or "0"
+    if stored ~= version_read then
+        return {0, "version", stored}
+    end
+    local head = redis.call("LINDEX", inbox, 0)
+    if head ~= message_id then
+        return {0, "message", head or ""}
+    end
+
+    local version = digits(tonumber(version_read) + 1)
+    local written_at = digits(now)
+    redis.call("HSET", instance, "v", version, "d", state_json, "t", written_at, "w", writer)
+    redis.call("LPUSH", states, cjson.encode({v = version, d = state_json, t = written_at, w = writer}))
+    redis.call("LTRIM", states, 0, digits(tonumber(state_history_limit) - 1))
+    redis.call("LPOP", inbox)
+    redis.call("HSET", message, "s", "done", "v", version)
+    record_turn(turns, turn_json, turns_limit)
+    drop_lease(prefix, member, leased)
+    make_ready(prefix, member, ready)
+    return {1, version, written_at}
+end
+
+return commit(KEYS, ARGV)

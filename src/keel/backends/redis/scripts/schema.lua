@@ -1,0 +1,28 @@
+-- schema.lua: record the layout version this code writes, unless the data is at a newer one.
+--
+-- schema(
+--   keys=[schema],
+--   args=[component, version]
+-- )
+--
+-- KEYS[1]  schema     keel:schema, a hash of component -> schema version
+-- ARGV[1]  component  the field to check and raise, "store"
+-- ARGV[2]  version    the version this code reads and writes, as decimal digits
+--
+-- returns  {before, now}  the version found ("" when none) and the one recorded after the call; the
+--                         field is raised to ARGV[2] when absent or lower, and left alone when it is
+--                         higher or not a number (the caller refuses such data)
+--
+-- Versions of the layout (see keys.py): 1 the versioned store (keel:kv:, keel:kvh:); 2 adds the runtime's
+-- keys, which are created on first use, so going from 1 to 2 rewrites nothing and only records the number.
+--
+-- One script, so that processes starting together never lower a version another one has just raised.
+
+local schema, component, version = KEYS[1], ARGV[1], ARGV[2]
+
+local found = redis.call("HGET", schema, component)
+if not found or (tonumber(found) and tonumber(found) < tonumber(version)) then
+    redis.call("HSET", schema, component, version)
+    return {found or "", version}
+end
+return {found, found}

@@ -1,0 +1,148 @@
+"""The client: send messages to workflow instances, read their state, wait for their turns, from any process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from keel.backends import open_backend
+from keel.backends.base import InstanceRef, MessageStatus, NewMessage, StoreOptions
+from keel.errors import ConfigurationError, MessageNotFoundError, TurnFailedError, WaitTimeoutError
+from keel.payload import DEFAULT_MAX_VALUE_BYTES, coerce, decode, encode, validate_key
+from keel.types import Versioned
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from keel.app import App
+    from keel.backends.base import Backend
+
+logger = logging.getLogger(__name__)
+
+#: The longest pause between two looks at a message's status in ``wait()``.
+WAIT_POLL_MAX_S = 0.1
+
+
+class Client:
+    """Sends messages to an app's workflow instances and reads their state.
+
+    Use it as ``async with app.client() as client``; starting it freezes the app's registry.
+    """
+
+    def __init__(self, app: App, url: str, *, max_message_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> None:
+        self.app = app
+        self.url = url
+        self._max_message_bytes = max_message_bytes
+        self._backend: Backend | None = None
+
+    async def __aenter__(self) -> Client:
+        self.app.freeze()
+        self._backend = await open_backend(self.url, StoreOptions())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the backend's connections. Safe to call twice."""
+        if self._backend is not None:
+            backend, self._backend = self._backend, None
+            await backend.aclose()
+
+    async def send(
+        self,
+        workflow: str,
+        workflow_id: str,
+        message: BaseModel | dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Append ``message`` to the inbox of instance ``workflow_id`` of ``workflow``.
+
+        Args:
+            workflow: A registered workflow's name.
+            workflow_id: The instance (1-255 printable characters); it exists from its first message on.
+            message: An instance of the workflow's message model, or data that validates as one.
+            idempotency_key: Sending again with the same key (for the same instance) returns the first send's
+                message id and enqueues nothing.
+
+        Returns:
+            The message id, for ``wait()``.
+
+        Raises:
+            UnknownWorkflowError: No such workflow; the error lists the registered ones.
+            PayloadValidationError: The message does not fit the model; the error names the field.
+            InvalidKeyError, PayloadTooLargeError: Bad id, key or size. Nothing is enqueued on any error.
+            BackendUnavailable: The backend cannot be reached.
+        """
+        spec = self.app.spec(workflow)
+        ref = InstanceRef(self.app.name, workflow, validate_key(workflow_id, what="workflow_id"))
+        if idempotency_key is not None:
+            validate_key(idempotency_key, what="idempotency key")
+        what = f"message to {workflow}/{workflow_id}"
+        payload = encode(coerce(message, spec.message, what=what), what=what, max_bytes=self._max_message_bytes)
+        message_id = await self._open().send(NewMessage(ref, uuid.uuid4().hex, payload, idempotency_key))
+        logger.debug(
+            "message %s sent to %s/%s",
+            message_id,
+            workflow,
+            workflow_id,
+            extra={"workflow": workflow, "workflow_id": workflow_id, "message_id": message_id},
+        )
+        return message_id
+
+    async def state(self, workflow: str, workflow_id: str) -> Versioned[Any] | None:
+        """Return the instance's committed state, typed by the workflow's state model, or None before its first turn.
+
+        Raises:
+            UnknownWorkflowError: No such workflow.
+            PayloadValidationError: The stored state no longer fits the state model (the model changed).
+            BackendUnavailable: The backend cannot be reached.
+        """
+        spec = self.app.spec(workflow)
+        ref = InstanceRef(self.app.name, workflow, validate_key(workflow_id, what="workflow_id"))
+        record = await self._open().state(ref)
+        if record is None or record.value_json is None:
+            return None
+        value = decode(record.value_json, spec.state, what=f"state of {workflow}/{workflow_id}")
+        return Versioned[Any].model_construct(
+            value=value, version=record.version, written_at=record.written_at, writer=record.writer, deleted=False
+        )
+
+    async def wait(self, workflow: str, workflow_id: str, message_id: str, *, timeout_s: float) -> int:
+        """Wait until the turn that runs ``message_id`` has committed.
+
+        Returns:
+            The state version that turn committed.
+
+        Raises:
+            MessageNotFoundError: No such message was sent to this instance.
+            TurnFailedError: The turn raised; the error carries its traceback.
+            WaitTimeoutError: Not committed within ``timeout_s``; the message stays queued.
+            BackendUnavailable: The backend cannot be reached.
+        """
+        self.app.spec(workflow)
+        ref = InstanceRef(self.app.name, workflow, workflow_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        pause_s = 0.005
+        while True:
+            info = await self._open().message(self.app.name, message_id)
+            if info is None or info.instance != ref:
+                raise MessageNotFoundError(self.app.name, message_id)
+            if info.status is MessageStatus.done and info.state_version is not None:
+                return info.state_version
+            if info.status is MessageStatus.failed:
+                raise TurnFailedError(f"{workflow}/{workflow_id}", message_id, info.error or "")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise WaitTimeoutError(f"{workflow}/{workflow_id}", message_id, timeout_s)
+            await asyncio.sleep(min(pause_s, remaining))
+            pause_s = min(pause_s * 2, WAIT_POLL_MAX_S)
+
+    def _open(self) -> Backend:
+        if self._backend is None:
+            raise ConfigurationError("the client is not open: use it inside `async with app.client() as client:`")
+        return self._backend

@@ -1,0 +1,345 @@
+"""The worker: claims the next turn of any instance of its app, runs it, and commits it, under a lease.
+
+Map of the design:
+
+- Claiming: ``backend.claim`` leases instances that have a pending message and no live lease, raising each
+  one's fencing token. At most ``concurrency`` turns run at once, each of a different instance, so one
+  instance's turns run one at a time and in send order (G2) while different instances run in parallel.
+- Idle: when there is nothing to claim the worker waits on ``backend.wait_for_work`` (LISTEN/NOTIFY on
+  PostgreSQL, a blocking read on Redis, a short poll on SQLite), for a turn to finish, or for shutdown.
+- Heartbeat: a task on the worker's own event loop renews every held lease each third of ``lease_s``. A wedged
+  loop stops renewing, so its leases expire and another worker takes over (G4). A renewal that finds a lease
+  lost cancels that turn: its result could never be committed.
+- Commit: the new state, the message's completion and the turn record go in one ``commit_turn`` (G3), which
+  the backend refuses under a stale token or an expired lease. A turn that raises is recorded with its
+  traceback by ``fail_turn``, which pauses the instance (retries and dead letters build on this later).
+- Shutdown: stop claiming, let running turns finish within ``grace_s``, cancel the rest and release their
+  leases so another worker can take them at once.
+
+Every log record about a turn carries workflow, workflow_id, worker, state_version, fencing_token and attempt (G9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from keel.backends import open_backend
+from keel.backends._url import scheme_of
+from keel.backends.base import Claim, StoreOptions, TurnCommit, TurnFailure
+from keel.context import TurnContext
+from keel.errors import BackendUnavailable, ConfigurationError, LeaseLostError
+from keel.identity import process_identity
+from keel.payload import DEFAULT_MAX_VALUE_BYTES, coerce, decode, encode
+
+if TYPE_CHECKING:
+    from keel.app import App, WorkflowSpec
+    from keel.backends.base import Backend
+
+logger = logging.getLogger(__name__)
+
+#: How long a lease lasts unless renewed; another worker takes over a crashed one's instances after this.
+DEFAULT_LEASE_S = 10.0
+
+#: How long a stopping worker lets running turns finish before cancelling them.
+DEFAULT_GRACE_S = 10.0
+
+#: How many turns one worker runs at once, by default.
+DEFAULT_CONCURRENCY = 8
+
+#: The longest an idle worker waits before looking for work again, even without a wake-up.
+IDLE_POLL_S = 1.0
+
+#: The longest pause after a failed claim (backend unreachable) before the next try.
+CLAIM_RETRY_MAX_S = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker runs."""
+
+    concurrency: int = DEFAULT_CONCURRENCY
+    lease_s: float = DEFAULT_LEASE_S
+    grace_s: float = DEFAULT_GRACE_S
+    idle_poll_s: float = IDLE_POLL_S
+    max_state_bytes: int = DEFAULT_MAX_VALUE_BYTES
+
+
+@dataclass
+class _Running:
+    claim: Claim
+    task: asyncio.Task[None]
+
+
+class Worker:
+    """Runs the turns of one app's workflow instances from one backend."""
+
+    def __init__(self, app: App, backend: Backend, settings: WorkerSettings | None = None) -> None:
+        self.app = app
+        self.backend = backend
+        self.settings = settings or WorkerSettings()
+        self.identity = process_identity()
+        self._running: dict[str, _Running] = {}
+        self._slot_freed = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and run turns until ``stop`` is set, then shut down gracefully."""
+        self.app.freeze()
+        workflows = sorted(self.app.workflows)
+        logger.info(
+            "worker %s started for app %s on %s: workflows %s, concurrency %d, lease %gs",
+            self.identity,
+            self.app.name,
+            self.backend.url,
+            ", ".join(workflows) or "(none)",
+            self.settings.concurrency,
+            self.settings.lease_s,
+            extra={"worker": self.identity},
+        )
+        heartbeat = asyncio.create_task(self._heartbeat(), name="keel-heartbeat")
+        try:
+            await self._claim_loop(workflows, stop)
+        finally:
+            await self._drain()
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        logger.info("worker %s stopped", self.identity, extra={"worker": self.identity})
+
+    async def _claim_loop(self, workflows: list[str], stop: asyncio.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            free = self.settings.concurrency - len(self._running)
+            claims: list[Claim] = []
+            if free > 0 and workflows:
+                try:
+                    claims = await self.backend.claim(
+                        self.app.name, workflows, worker=self.identity, lease_s=self.settings.lease_s, limit=free
+                    )
+                    failures = 0
+                except BackendUnavailable as exc:
+                    failures += 1
+                    logger.error("claiming failed: %s", exc, extra={"worker": self.identity})
+                    await _sleep_or_stop(stop, min(CLAIM_RETRY_MAX_S, 0.1 * 2**failures))
+                    continue
+            for claim in claims:
+                self._start(claim)
+            if claims and len(claims) == free:
+                await self._wait_for_slot_or_stop(stop)
+            elif not claims:
+                await self._idle(stop)
+
+    def _start(self, claim: Claim) -> None:
+        key = _instance_key(claim)
+        task = asyncio.create_task(self._run_turn(claim), name=f"keel-turn:{key}")
+        self._running[key] = _Running(claim, task)
+        task.add_done_callback(lambda _: self._finished(key, task))
+
+    def _finished(self, key: str, task: asyncio.Task[None]) -> None:
+        current = self._running.get(key)
+        if current is not None and current.task is task:
+            del self._running[key]
+        self._slot_freed.set()
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        waits = [
+            asyncio.create_task(stop.wait()),
+            asyncio.create_task(self._slot_freed.wait()),
+            asyncio.create_task(self._wake_up()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+            self._slot_freed.clear()
+
+    async def _wake_up(self) -> None:
+        try:
+            await self.backend.wait_for_work(self.app.name, timeout_s=self.settings.idle_poll_s)
+        except BackendUnavailable as exc:
+            logger.error("waiting for work failed: %s", exc, extra={"worker": self.identity})
+            await asyncio.sleep(self.settings.idle_poll_s)
+
+    async def _wait_for_slot_or_stop(self, stop: asyncio.Event) -> None:
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(self._slot_freed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+            self._slot_freed.clear()
+
+    async def _run_turn(self, claim: Claim) -> None:
+        spec = self.app.spec(claim.instance.workflow)
+        extra = self._extra(claim)
+        started_at, started = datetime.now(UTC), time.monotonic()
+        logger.debug("turn started", extra=extra)
+        try:
+            state_json = await self._execute(spec, claim)
+        except asyncio.CancelledError:
+            logger.warning("turn cancelled before it could commit", extra=extra)
+            raise
+        except Exception:  # noqa: BLE001 - every failure of user code is recorded, never swallowed
+            error = traceback.format_exc()
+            await self._record_failure(claim, error, started_at, time.monotonic() - started)
+            return
+        commit = TurnCommit(claim, state_json, self.identity, started_at, time.monotonic() - started)
+        try:
+            version = await self.backend.commit_turn(commit)
+        except LeaseLostError as exc:
+            logger.warning("turn not committed, its lease is lost: %s", exc.reason, extra=extra)
+            return
+        except BackendUnavailable as exc:
+            logger.error("turn not committed, the backend is unavailable: %s", exc, extra=extra)
+            return
+        logger.info(
+            "turn committed: state version %d in %.3fs",
+            version,
+            commit.duration_s,
+            extra={**extra, "state_version": version},
+        )
+
+    async def _execute(self, spec: WorkflowSpec, claim: Claim) -> str:
+        """Run the workflow function on a private copy of the state; return the new state as JSON."""
+        where = f"{claim.instance.workflow}/{claim.instance.workflow_id}"
+        if claim.state_json is None:
+            state: BaseModel = spec.state()
+        else:
+            state = decode(claim.state_json, spec.state, what=f"stored state of {where}")
+        message = decode(claim.payload_json, spec.message, what=f"message {claim.message_id} to {where}")
+        ctx: TurnContext[Any] = TurnContext(
+            state=state,
+            workflow=claim.instance.workflow,
+            workflow_id=claim.instance.workflow_id,
+            message_id=claim.message_id,
+            fencing_token=claim.fencing_token,
+            attempt=claim.attempt,
+            state_version=claim.state_version,
+            worker=self.identity,
+        )
+        await spec.fn(ctx, message)
+        # Pydantic does not check assignments by default: validate the state as it will be stored. No warnings:
+        # a wrongly typed field is reported below, as the validation error that names it.
+        raw = ctx.state.model_dump(warnings=False) if isinstance(ctx.state, BaseModel) else ctx.state
+        new_state = coerce(raw, spec.state, what=f"the state the turn of {where} left")
+        return encode(new_state, what=f"the state of {where}", max_bytes=self.settings.max_state_bytes)
+
+    async def _record_failure(self, claim: Claim, error: str, started_at: datetime, duration_s: float) -> None:
+        extra = self._extra(claim)
+        logger.error("turn failed; the instance is paused:\n%s", error.rstrip(), extra=extra)
+        try:
+            await self.backend.fail_turn(TurnFailure(claim, error, self.identity, started_at, duration_s))
+        except LeaseLostError as exc:
+            logger.warning("turn failure not recorded, its lease is lost: %s", exc.reason, extra=extra)
+        except BackendUnavailable as exc:
+            logger.error("turn failure not recorded, the backend is unavailable: %s", exc, extra=extra)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            running = list(self._running.values())
+            if not running:
+                continue
+            try:
+                held = await self.backend.renew([r.claim for r in running], lease_s=self.settings.lease_s)
+            except BackendUnavailable as exc:
+                logger.error("renewing leases failed: %s", exc, extra={"worker": self.identity})
+                continue
+            for entry, ok in zip(running, held, strict=True):
+                if not ok and not entry.task.done():
+                    logger.warning(
+                        "lease lost (expired, or another worker took the instance over): cancelling the turn",
+                        extra=self._extra(entry.claim),
+                    )
+                    entry.task.cancel()
+
+    async def _drain(self) -> None:
+        running = list(self._running.values())
+        if not running:
+            return
+        logger.info(
+            "stopping: waiting up to %gs for %d running turn(s)",
+            self.settings.grace_s,
+            len(running),
+            extra={"worker": self.identity},
+        )
+        _, late = await asyncio.wait([r.task for r in running], timeout=self.settings.grace_s)
+        for entry in running:
+            if entry.task in late:
+                entry.task.cancel()
+        await asyncio.gather(*(r.task for r in running), return_exceptions=True)
+        for entry in running:
+            if entry.task in late:
+                with contextlib.suppress(BackendUnavailable):
+                    await self.backend.release(entry.claim)
+                logger.warning("turn cancelled at shutdown; its lease was released", extra=self._extra(entry.claim))
+
+    def _extra(self, claim: Claim) -> dict[str, Any]:
+        return {
+            "workflow": claim.instance.workflow,
+            "workflow_id": claim.instance.workflow_id,
+            "worker": self.identity,
+            "state_version": claim.state_version,
+            "fencing_token": claim.fencing_token,
+            "attempt": claim.attempt,
+            "message_id": claim.message_id,
+        }
+
+
+def _instance_key(claim: Claim) -> str:
+    return f"{claim.instance.workflow}/{claim.instance.workflow_id}"
+
+
+async def _sleep_or_stop(stop: asyncio.Event, delay_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay_s)
+
+
+def refuse_unshareable(url: str) -> None:
+    """Raise if ``url`` is a backend that other processes cannot see (``memory://``).
+
+    Raises:
+        ConfigurationError: The URL is ``memory://``.
+    """
+    if scheme_of(url) == "memory":
+        raise ConfigurationError(
+            f"a worker cannot use {url}: memory:// lives inside one process, so clients in other processes could "
+            "never reach this worker. Use sqlite:///path.db on one machine, or postgresql:// or redis:// across "
+            "machines; for tests, run the worker in the test's own process (keel.worker.Worker)"
+        )
+
+
+async def serve(
+    app: App, url: str, settings: WorkerSettings | None = None, *, stop: asyncio.Event | None = None
+) -> None:
+    """Run a worker for ``app`` on ``url`` until SIGTERM, SIGINT (Ctrl-C) or ``stop``, then stop gracefully.
+
+    Raises:
+        ConfigurationError: ``url`` is ``memory://``, or another unusable URL.
+        BackendUnavailable: The backend cannot be reached at start.
+    """
+    refuse_unshareable(url)
+    app.freeze()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    backend = await open_backend(url, StoreOptions())
+    try:
+        await Worker(app, backend, settings).run(stop)
+    finally:
+        await backend.aclose()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

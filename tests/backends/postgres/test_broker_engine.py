@@ -1,0 +1,417 @@
+"""PostgreSQL-only broker behaviour: LISTEN/NOTIFY wake-ups, listener reconnection, SKIP LOCKED claims across
+backends and processes, the runtime_v1 migration from a store-only database, and what the tables hold."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import pytest
+
+import keel
+from keel.backends.base import (
+    STATE_HISTORY_LIMIT,
+    Backend,
+    Claim,
+    InstanceRef,
+    MessageStatus,
+    NewMessage,
+    StoreOptions,
+    TurnCommit,
+)
+from keel.backends.postgres import store as pg_store
+from keel.backends.postgres.backend import PostgresBackend, open_backend
+from keel.backends.postgres.broker import BROKER_QUERIES, channel_for
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+pytestmark = pytest.mark.postgres
+
+APP = "loans"
+
+
+@pytest.fixture
+async def backend(postgres_url: str) -> AsyncIterator[PostgresBackend]:
+    opened = await open_backend(postgres_url, StoreOptions())
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+@pytest.fixture
+async def other(postgres_url: str) -> AsyncIterator[PostgresBackend]:
+    """A second backend on the same schema: its own pool and its own listener, as another process would have."""
+    opened = await open_backend(postgres_url, StoreOptions())
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+def _rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        cursor = conn.execute(query, params)
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+def ref(workflow_id: str = "42", app: str = APP) -> InstanceRef:
+    return InstanceRef(app, "loan", workflow_id)
+
+
+async def send(backend: Backend, instance: InstanceRef, payload: object) -> str:
+    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload)))
+
+
+def commit_of(claim: Claim, state: object, worker: str = "w1") -> TurnCommit:
+    return TurnCommit(claim, json.dumps(state), worker, datetime.now(UTC), 0.01)
+
+
+async def _listening(backend: PostgresBackend, app: str) -> None:
+    """Wait until the backend's listener has LISTENed on ``app``'s channel."""
+    channel = backend._listener.channel(app)
+    deadline = time.monotonic() + 5
+    while channel not in backend._listener._listening:
+        assert time.monotonic() < deadline, "the listener never subscribed"
+        await asyncio.sleep(0.01)
+
+
+async def _timed_wait(backend: PostgresBackend, app: str, timeout_s: float) -> float:
+    """Wait for work and return the monotonic time at which the wait returned."""
+    await backend.wait_for_work(app, timeout_s=timeout_s)
+    return time.monotonic()
+
+
+# --- Wake-ups ------------------------------------------------------------------------------------------------
+
+
+async def test_a_notify_from_another_backend_wakes_a_waiter_within_100_ms(
+    backend: PostgresBackend, other: PostgresBackend
+) -> None:
+    waiter = asyncio.create_task(_timed_wait(backend, APP, 10))
+    await _listening(backend, APP)
+    await asyncio.sleep(0.05)  # the waiter is parked in its read of notifications
+    await send(other, ref(), {})
+    sent = time.monotonic()
+    woke = await waiter
+    assert woke - sent < 0.1
+
+
+async def test_a_send_to_another_app_does_not_wake_the_waiter(backend: PostgresBackend, other: PostgresBackend) -> None:
+    waiter = asyncio.create_task(_timed_wait(backend, APP, 0.5))
+    await _listening(backend, APP)
+    started = time.monotonic()
+    await send(other, ref(app="other-app"), {})
+    assert await waiter - started >= 0.4
+
+
+async def test_work_sent_before_the_first_listen_is_found_at_once(
+    backend: PostgresBackend, other: PostgresBackend
+) -> None:
+    await send(other, ref(), {})  # nobody listens yet: this notification reaches no one
+    started = time.monotonic()
+    await backend.wait_for_work(APP, timeout_s=10)
+    assert time.monotonic() - started < 1.0
+
+
+async def test_leased_and_paused_instances_are_not_work_for_a_new_listener(
+    backend: PostgresBackend, other: PostgresBackend
+) -> None:
+    await send(other, ref("leased"), {})
+    await other.claim(APP, ["loan"], worker="w1", lease_s=60, limit=1)
+    started = time.monotonic()
+    await backend.wait_for_work(APP, timeout_s=0.4)
+    assert time.monotonic() - started >= 0.3
+
+
+async def test_the_listener_reconnects_after_its_connection_is_terminated(
+    backend: PostgresBackend, other: PostgresBackend, postgres_url: str
+) -> None:
+    waiter = asyncio.create_task(_timed_wait(backend, APP, 30))
+    await _listening(backend, APP)
+    pid = backend._listener.backend_pid
+    assert pid is not None
+    killed = time.monotonic()
+    _rows(postgres_url, "SELECT pg_terminate_backend(%s)", pid)
+    # Notifications may have been lost while it was down: the waiter returns at once, so the worker re-polls.
+    assert await waiter - killed < 1.0
+    waiter = asyncio.create_task(_timed_wait(backend, APP, 30))
+    await _listening(backend, APP)
+    assert backend._listener.backend_pid not in {None, pid}
+    await send(other, ref(), {})
+    sent = time.monotonic()
+    assert await waiter - sent < 0.5
+
+
+async def test_a_dead_idle_listener_is_noticed_by_the_next_wait(
+    backend: PostgresBackend, other: PostgresBackend, postgres_url: str
+) -> None:
+    await backend.wait_for_work(APP, timeout_s=0.2)
+    pid = backend._listener.backend_pid
+    assert pid is not None
+    _rows(postgres_url, "SELECT pg_terminate_backend(%s)", pid)
+    await asyncio.sleep(0.3)
+    await send(other, ref(), {})  # lost: nobody listens on a dead connection
+    started = time.monotonic()
+    await backend.wait_for_work(APP, timeout_s=10)
+    assert time.monotonic() - started < 1.0
+
+
+async def test_aclose_closes_the_listener_connection_and_returns_waiters(postgres_url: str) -> None:
+    opened = await open_backend(postgres_url, StoreOptions())
+    waiter = asyncio.create_task(_timed_wait(opened, APP, 30))
+    await _listening(opened, APP)
+    pid = opened._listener.backend_pid
+    await opened.aclose()
+    await asyncio.wait_for(waiter, 2)
+    alive = _rows(postgres_url, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", pid)
+    assert alive == [(0,)]
+    with pytest.raises(keel.BackendUnavailable, match="closed"):
+        await opened.wait_for_work(APP, timeout_s=0.1)
+    await opened.aclose()
+
+
+async def test_the_pool_is_not_held_while_waiting(postgres_url: str) -> None:
+    opened = await open_backend(f"{postgres_url}&pool_min_size=1&pool_max_size=1", StoreOptions())
+    try:
+        waiters = [asyncio.create_task(opened.wait_for_work(APP, timeout_s=2)) for _ in range(5)]
+        await _listening(opened, APP)
+        started = time.monotonic()
+        await send(opened, ref(), {})  # needs the pool's only connection
+        assert time.monotonic() - started < 0.5
+        await asyncio.wait_for(asyncio.gather(*waiters), 1)
+    finally:
+        await opened.aclose()
+
+
+@pytest.mark.parametrize("app", ["Loans", "a" * 255, "ünï cödé / app.name", "keel; DROP TABLE keel_kv --"])
+async def test_any_app_name_gets_a_working_channel(backend: PostgresBackend, other: PostgresBackend, app: str) -> None:
+    channel = backend._listener.channel(app)
+    assert re.fullmatch(r"keel_[a-z0-9_]+", channel)
+    assert len(channel.encode()) <= 63
+    waiter = asyncio.create_task(_timed_wait(backend, app, 10))
+    await _listening(backend, app)
+    await send(other, ref(app=app), {})
+    sent = time.monotonic()
+    assert await waiter - sent < 0.5
+
+
+def test_channels_differ_by_app_and_by_schema() -> None:
+    assert channel_for("s1", "loans") != channel_for("s2", "loans")
+    assert channel_for("s1", "a.b") != channel_for("s1", "a_b")
+    assert channel_for("s1", "loans") == channel_for("s1", "loans")
+
+
+# --- Claims across backends and processes -----------------------------------------------------------------
+
+
+async def test_skip_locked_claims_from_two_backends_never_overlap(
+    backend: PostgresBackend, other: PostgresBackend
+) -> None:
+    instances = [ref(str(n)) for n in range(30)]
+    sent: dict[InstanceRef, list[str]] = {inst: [] for inst in instances}
+    held: set[InstanceRef] = set()
+    committed: list[tuple[InstanceRef, str]] = []
+
+    async def sender() -> None:
+        for round_ in range(3):
+            for inst in instances:
+                sent[inst].append(await send(backend if round_ % 2 else other, inst, {"round": round_}))
+
+    async def claimer(engine: Backend, name: str) -> None:
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < 0.5:
+            claims = await engine.claim(APP, ["loan"], worker=name, lease_s=30, limit=3)
+            if not claims:
+                await asyncio.sleep(0.01)
+                continue
+            idle_since = time.monotonic()
+            for claim in claims:
+                assert claim.instance not in held, f"{claim.instance} claimed while leased"
+                held.add(claim.instance)
+            await asyncio.sleep(0.005)  # a turn
+            for claim in claims:
+                held.discard(claim.instance)
+                await engine.commit_turn(commit_of(claim, {"n": claim.state_version + 1}, worker=name))
+                committed.append((claim.instance, claim.message_id))
+
+    await asyncio.gather(
+        sender(),
+        *(
+            claimer(engine, f"{engine_name}-{i}")
+            for engine_name, engine in (("a", backend), ("b", other))
+            for i in range(4)
+        ),
+    )
+    assert sorted(m for _, m in committed) == sorted(m for ids in sent.values() for m in ids)
+    for inst in instances:
+        assert [m for i, m in committed if i == inst] == sent[inst]  # each inbox ran in send order
+        state = await backend.state(inst)
+        assert state is not None and state.version == 3
+        turns = await backend.turns(inst, limit=10)
+        assert [t.attempt for t in turns] == [1, 1, 1]
+        tokens = [t.fencing_token for t in reversed(turns)]
+        assert tokens == sorted(set(tokens))
+
+
+_CLAIMER = textwrap.dedent(
+    """
+    import asyncio, json, sys, time
+    from datetime import UTC, datetime
+    from keel.backends.base import StoreOptions, TurnCommit
+    from keel.backends.postgres.backend import open_backend
+
+    async def main(url, name):
+        backend = await open_backend(url, StoreOptions())
+        done = []
+        try:
+            idle_since = time.monotonic()
+            while time.monotonic() - idle_since < 1.0:
+                claims = await backend.claim("loans", ["loan"], worker=name, lease_s=30, limit=2)
+                if not claims:
+                    await asyncio.sleep(0.01)
+                    continue
+                idle_since = time.monotonic()
+                for claim in claims:
+                    await backend.commit_turn(TurnCommit(claim, "{}", name, datetime.now(UTC), 0.0))
+                    done.append([claim.message_id, claim.attempt])
+        finally:
+            await backend.aclose()
+        print(json.dumps(done))
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+@pytest.mark.processes
+async def test_claims_from_two_processes_never_overlap(backend: PostgresBackend, postgres_url: str) -> None:
+    sent = [await send(backend, ref(str(n % 20)), {"n": n}) for n in range(100)]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CLAIMER, postgres_url, f"p{i}", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for i in range(2)
+    ]
+    outputs = [await proc.communicate() for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err.decode() for _, err in outputs]
+    done = [entry for out, _ in outputs for entry in json.loads(out)]
+    assert sorted(m for m, _ in done) == sorted(sent)  # every message ran once, in one of the two processes
+    assert {attempt for _, attempt in done} == {1}  # and no claim ever took over a live lease
+    assert all(len(json.loads(out)) > 0 for out, _ in outputs)
+
+
+# --- Migration and tables ----------------------------------------------------------------------------------
+
+
+async def test_a_store_only_database_at_schema_version_1_is_migrated(postgres_url: str) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        # What the previous keel created: the bootstrap table and step store_v1, recorded as version 1.
+        conn.execute(pg_store._SCHEMA["bootstrap"])
+        conn.execute(pg_store._SCHEMA["store_v1"])
+        conn.execute(pg_store.QUERIES["record_schema_version"], {"component": "store", "version": 1})
+        conn.execute("INSERT INTO keel_kv VALUES ('loan:1', 4, '{\"step\": 4}', now(), 'old')")
+        conn.execute("INSERT INTO keel_kv_history VALUES ('loan:1', 4, '{\"step\": 4}', now(), 'old')")
+    opened = await asyncio.gather(*(open_backend(postgres_url, StoreOptions()) for _ in range(3)))
+    try:
+        assert _rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", 2)]
+        kept = await opened[0].store.get("loan:1")
+        assert kept is not None and (kept.version, kept.value_json) == (4, '{"step": 4}')
+        await send(opened[1], ref(), {})
+        [claim] = await opened[2].claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)
+        assert await opened[0].commit_turn(commit_of(claim, {})) == 1
+    finally:
+        for engine in opened:
+            await engine.aclose()
+
+
+def test_the_broker_sql_holds_every_statement_it_runs() -> None:
+    expected = {"lock_inbox", "append", "lock_ready", "lease", "renew", "lock_instance", "commit_turn"}
+    expected |= {"fail_turn", "release", "message", "state", "turns", "has_work", "listen"}
+    assert expected <= set(BROKER_QUERIES)
+    assert pg_store.SCHEMA_VERSION == 2
+
+
+async def test_state_history_keeps_the_last_versions(backend: PostgresBackend, postgres_url: str) -> None:
+    for n in range(STATE_HISTORY_LIMIT + 3):
+        await send(backend, ref(), {"n": n})
+        [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)
+        await backend.commit_turn(commit_of(claim, {"n": n}))
+    rows = _rows(postgres_url, "SELECT version, state FROM keel_state_history ORDER BY version")
+    assert [v for v, _ in rows] == list(range(4, STATE_HISTORY_LIMIT + 4))
+    assert json.loads(rows[-1][1]) == {"n": STATE_HISTORY_LIMIT + 2}
+
+
+async def test_a_refused_commit_writes_nothing_anywhere(backend: PostgresBackend, postgres_url: str) -> None:
+    message_id = await send(backend, ref(), {})
+    [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=0.2, limit=1)
+    tables = ["keel_instances", "keel_messages", "keel_state_history", "keel_turns"]
+    await asyncio.sleep(0.3)
+    before = [_rows(postgres_url, f"SELECT * FROM {table}") for table in tables]
+    with pytest.raises(keel.LeaseLostError, match="expired"):
+        await backend.commit_turn(commit_of(claim, {}))
+    assert [_rows(postgres_url, f"SELECT * FROM {table}") for table in tables] == before
+    info = await backend.message(APP, message_id)
+    assert info is not None and info.status is MessageStatus.pending
+
+
+async def test_a_repeated_message_id_is_not_appended_twice(backend: PostgresBackend) -> None:
+    message = NewMessage(ref(), "m-1", "{}")
+    assert await backend.send(message) == "m-1"
+    assert await backend.send(message) == "m-1"
+    claims = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=5)
+    await backend.commit_turn(commit_of(claims[0], {}))
+    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=5) == []
+
+
+async def test_concurrent_sends_with_one_idempotency_key_append_once(
+    backend: PostgresBackend, other: PostgresBackend
+) -> None:
+    ids = await asyncio.gather(
+        *(
+            (backend if n % 2 else other).send(NewMessage(ref(), f"m-{n}", "{}", idempotency_key="req-1"))
+            for n in range(10)
+        )
+    )
+    assert len(set(ids)) == 1
+    claims = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=5)
+    assert [c.message_id for c in claims] == ids[:1]
+    await backend.commit_turn(commit_of(claims[0], {}))
+    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=5) == []
+
+
+async def test_a_message_sent_while_a_commit_waits_for_the_row_is_queued_next(
+    backend: PostgresBackend, postgres_url: str
+) -> None:
+    await send(backend, ref(), {"n": 1})
+    [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=30, limit=1)
+    params = {
+        "app": APP,
+        "workflow": "loan",
+        "workflow_id": "42",
+        "message_id": "late",
+        "payload": "{}",
+        "idempotency_key": None,
+        "channel": backend._listener.channel(APP),
+    }
+    # A send caught between its two statements holds the instance row; the commit must wait for it, then see it.
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        async with conn.transaction():
+            await conn.execute(BROKER_QUERIES["lock_inbox"], params)
+            committing = asyncio.create_task(backend.commit_turn(commit_of(claim, {"n": 1})))
+            await asyncio.sleep(0.3)
+            assert not committing.done()
+            await conn.execute(BROKER_QUERIES["append"], params)
+        assert await committing == 1
+    [following] = await backend.claim(APP, ["loan"], worker="w1", lease_s=30, limit=1)
+    assert following.message_id == "late"

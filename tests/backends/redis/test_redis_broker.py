@@ -1,0 +1,424 @@
+"""Redis-only behaviour of the runtime: the stored layout, the Lua scripts' fencing, the wake stream, claims from
+separate backends and processes, and the schema step. What every engine shares is in tests/conformance/."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+import keel
+from keel.backends import open_backend
+from keel.backends.base import (
+    STATE_HISTORY_LIMIT,
+    Backend,
+    Claim,
+    InstanceRef,
+    MessageStatus,
+    NewMessage,
+    StoreOptions,
+    TurnCommit,
+    TurnFailure,
+)
+from keel.backends.redis import broker as redis_broker
+from keel.backends.redis.backend import RedisBackend
+from keel.backends.redis.store import STORE_SCHEMA_VERSION
+from keel.backends.redis.wake import WAIT_BLOCK_S, block_seconds
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+pytestmark = pytest.mark.redis
+
+APP = "loans"
+STORE_LOGGER = "keel.backends.redis.store"
+CLAIMER = Path(__file__).with_name("_claimer.py")
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[Redis]:
+    """A plain client on the test DB, to look at what the engine stored."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def backend(redis_url: str) -> AsyncIterator[RedisBackend]:
+    opened = await open_backend(redis_url, StoreOptions())
+    assert isinstance(opened, RedisBackend)
+    yield opened
+    await opened.aclose()
+
+
+@pytest.fixture
+async def other(redis_url: str) -> AsyncIterator[Backend]:
+    """A second backend on the same server: its own pools, as another process would have."""
+    opened = await open_backend(redis_url, StoreOptions())
+    yield opened
+    await opened.aclose()
+
+
+def ref(workflow_id: str = "42", workflow: str = "loan", app: str = APP) -> InstanceRef:
+    return InstanceRef(app, workflow, workflow_id)
+
+
+async def send(backend: Backend, instance: InstanceRef, payload: object = None, key: str | None = None) -> str:
+    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload), key))
+
+
+async def claim_one(backend: Backend, *, worker: str = "w1", lease_s: float = 5.0) -> Claim:
+    [claim] = await backend.claim(APP, ["loan"], worker=worker, lease_s=lease_s, limit=1)
+    return claim
+
+
+def commit_of(claim: Claim, state: object = None, worker: str = "w1") -> TurnCommit:
+    return TurnCommit(claim, json.dumps(state), worker, datetime.now(UTC), 0.01)
+
+
+async def _snapshot(raw: Redis) -> dict[str, Any]:
+    """Everything in the test DB: each key's type, TTL and content."""
+    readers: dict[str, Callable[[str], Awaitable[Any]]] = {
+        "hash": raw.hgetall,
+        "list": lambda name: raw.lrange(name, 0, -1),
+        "zset": lambda name: raw.zrange(name, 0, -1, withscores=True),
+        "stream": raw.xrange,
+        "string": raw.get,
+    }
+    state: dict[str, Any] = {}
+    for name in sorted(str(n) for n in await raw.keys("*")):
+        kind = str(await raw.type(name))
+        state[name] = (kind, await raw.ttl(name), await readers[kind](name))
+    return state
+
+
+async def _server_now(raw: Redis) -> datetime:
+    seconds, micros = await raw.time()
+    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=micros)
+
+
+# -- layout ---------------------------------------------------------------------------------------------------------
+
+
+async def test_runtime_keys_land_in_the_documented_layout(backend: Backend, raw: Redis) -> None:
+    instance = ref("a{b}/c")
+    message_id = await send(backend, instance, {"n": 1}, key="req-1")
+    claim = await claim_one(backend)
+    await backend.commit_turn(commit_of(claim, {"step": 1}))
+    member = "loans/loan/a%7Bb%7D%2Fc"
+    expected = {
+        f"keel:inst:{{{member}}}": "hash",
+        f"keel:msg:{{{member}}}:{message_id}": "hash",
+        f"keel:idem:{{{member}}}": "hash",
+        f"keel:states:{{{member}}}": "list",
+        f"keel:turns:{{{member}}}": "list",
+        "keel:seq:{loans}": "string",
+        "keel:msgindex:{loans}": "hash",
+        "keel:wake:{loans}": "stream",
+        "keel:schema": "hash",
+    }  # the inbox, ready and leased keys are empty now, so Redis has dropped them
+    assert {name: await raw.type(name) for name in await raw.keys("*")} == expected
+    instance_slots = {key_slot(name.encode()) for name in expected if member in name}
+    app_slots = {key_slot(name.encode()) for name in expected if "{loans}" in name}
+    assert instance_slots == {key_slot(member.encode())}
+    assert app_slots == {key_slot(b"loans")}
+    fields = await raw.hgetall(f"keel:inst:{{{member}}}")
+    assert {k: v for k, v in fields.items() if k != "t"} == {"tok": "1", "v": "1", "d": '{"step": 1}', "w": "w1"}
+    message = await raw.hgetall(f"keel:msg:{{{member}}}:{message_id}")
+    assert message == {"p": '{"n": 1}', "s": "done", "n": "1", "q": "1", "i": member, "v": "1"}
+    assert await raw.hgetall(f"keel:idem:{{{member}}}") == {"req-1": message_id}
+    assert await raw.hgetall("keel:msgindex:{loans}") == {message_id: member}
+
+
+async def test_pending_and_leased_instances_sit_in_their_sorted_sets(backend: Backend, raw: Redis) -> None:
+    ids = [await send(backend, ref(workflow_id)) for workflow_id in ("a", "b", "a")]
+    assert await raw.zrange("keel:ready:{loans}:loan", 0, -1, withscores=True) == [
+        ("loans/loan/a", 1.0),
+        ("loans/loan/b", 2.0),
+    ]
+    assert await raw.lrange("keel:inbox:{loans/loan/a}", 0, -1) == [ids[0], ids[2]]
+    claim = await claim_one(backend, lease_s=30)
+    assert claim.instance == ref("a")
+    expiry = claim.lease_expires_at
+    micros = (expiry - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    assert await raw.zrange("keel:leased:{loans}:loan", 0, -1, withscores=True) == [("loans/loan/a", float(micros))]
+    assert await raw.zrange("keel:ready:{loans}:loan", 0, -1) == ["loans/loan/b"]
+    await backend.commit_turn(commit_of(claim))
+    # a's second message (seq 3) puts it back behind b.
+    assert await raw.zrange("keel:ready:{loans}:loan", 0, -1, withscores=True) == [
+        ("loans/loan/b", 2.0),
+        ("loans/loan/a", 3.0),
+    ]
+    assert await raw.zcard("keel:leased:{loans}:loan") == 0
+
+
+async def test_state_history_and_turns_are_trimmed_by_the_commit(
+    backend: Backend, raw: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_broker, "TURNS_LIMIT", 3)
+    for n in range(STATE_HISTORY_LIMIT + 2):
+        await send(backend, ref(), {"n": n})
+        await backend.commit_turn(commit_of(await claim_one(backend), {"n": n}))
+    states = [json.loads(e) for e in await raw.lrange("keel:states:{loans/loan/42}", 0, -1)]
+    assert [int(s["v"]) for s in states] == list(range(STATE_HISTORY_LIMIT + 2, 2, -1))
+    assert [json.loads(s["d"]) for s in states[:2]] == [{"n": 11}, {"n": 10}]
+    turns = await backend.turns(ref(), limit=100)
+    assert [t.version_written for t in turns] == [12, 11, 10]
+
+
+# -- time -----------------------------------------------------------------------------------------------------------
+
+
+async def test_lease_expiry_and_written_at_come_from_the_server_clock(backend: Backend, raw: Redis) -> None:
+    await send(backend, ref())
+    before = await _server_now(raw)
+    claim = await claim_one(backend, lease_s=60)
+    after = await _server_now(raw)
+    assert before + timedelta(seconds=60) <= claim.lease_expires_at <= after + timedelta(seconds=60)
+    await backend.commit_turn(commit_of(claim))
+    state = await backend.state(ref())
+    assert state is not None
+    assert state.written_at.tzinfo is UTC
+    assert after <= state.written_at <= await _server_now(raw)
+
+
+# -- claims ---------------------------------------------------------------------------------------------------------
+
+
+async def test_claims_from_two_backends_never_overlap(backend: Backend, other: Backend) -> None:
+    for n in range(40):
+        await send(backend, ref(str(n)), {"n": n})
+    batches = await asyncio.gather(
+        *((backend if i % 2 else other).claim(APP, ["loan"], worker=f"w{i}", lease_s=30, limit=3) for i in range(20))
+    )
+    claimed = [c.instance for batch in batches for c in batch]
+    assert len(claimed) == len(set(claimed)) == 40
+    assert await other.claim(APP, ["loan"], worker="late", lease_s=30, limit=5) == []
+
+
+@pytest.mark.processes
+@pytest.mark.slow
+async def test_claims_from_three_processes_run_every_turn_exactly_once(backend: Backend) -> None:
+    sent = {str(n): [await send(backend, ref(str(n)), {"k": k}) for k in range(5)] for n in range(20)}
+    url = backend.store.url
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, str(CLAIMER), url, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    outputs = [await asyncio.wait_for(proc.communicate(), 120) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err.decode()
+    turns = [tuple(turn) for out, _ in outputs for turn in json.loads(out.decode().strip().splitlines()[-1])]
+    assert sorted(t[1] for t in turns) == sorted(m for ids in sent.values() for m in ids)  # each exactly once
+    for workflow_id, message_ids in sent.items():
+        mine = sorted((t for t in turns if t[0] == workflow_id), key=lambda t: t[3])
+        assert [t[1] for t in mine] == message_ids  # in send order
+        assert [t[3] for t in mine] == [1, 2, 3, 4, 5]
+        state = await backend.state(ref(workflow_id))
+        assert state is not None and json.loads(state.value_json or "null") == {"n": 5}
+
+
+async def test_an_expired_lease_competes_by_message_age(backend: Backend) -> None:
+    await send(backend, ref("old"))
+    await send(backend, ref("new"))
+    zombie = await claim_one(backend, lease_s=0.1)
+    assert zombie.instance == ref("old")
+    await asyncio.sleep(0.2)
+    claims = await backend.claim(APP, ["loan"], worker="w2", lease_s=5, limit=2)
+    assert [(c.instance.workflow_id, c.attempt) for c in claims] == [("old", 2), ("new", 1)]
+    assert claims[0].fencing_token == zombie.fencing_token + 1
+
+
+async def test_resending_a_message_id_appends_nothing(backend: Backend) -> None:
+    message = NewMessage(ref(), "m-1", "{}")
+    assert await backend.send(message) == "m-1"
+    assert await backend.send(message) == "m-1"
+    claim = await claim_one(backend)
+    await backend.commit_turn(commit_of(claim))
+    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=5) == []
+
+
+# -- fencing --------------------------------------------------------------------------------------------------------
+
+
+async def test_fenced_out_scripts_change_no_key(backend: Backend, raw: Redis) -> None:
+    await send(backend, ref(), {"n": 1})
+    await send(backend, ref(), {"n": 2})
+    zombie = await claim_one(backend, worker="zombie", lease_s=0.1)
+    await asyncio.sleep(0.2)
+    owner = await claim_one(backend, worker="owner")
+    before = await _snapshot(raw)
+    with pytest.raises(keel.LeaseLostError, match="fencing token"):
+        await backend.commit_turn(commit_of(zombie, {"by": "zombie"}, worker="zombie"))
+    with pytest.raises(keel.LeaseLostError, match="fencing token"):
+        await backend.fail_turn(TurnFailure(zombie, "boom", "zombie", datetime.now(UTC), 0.1))
+    await backend.release(zombie)
+    assert await backend.renew([zombie], lease_s=5) == [False]
+    assert await _snapshot(raw) == before
+    assert await backend.commit_turn(commit_of(owner, {"by": "owner"}, worker="owner")) == 1
+
+
+async def test_a_commit_after_expiry_changes_no_key(backend: Backend, raw: Redis) -> None:
+    await send(backend, ref())
+    claim = await claim_one(backend, lease_s=0.1)
+    await asyncio.sleep(0.2)
+    before = await _snapshot(raw)
+    with pytest.raises(keel.LeaseLostError, match="expired") as caught:
+        await backend.commit_turn(commit_of(claim))
+    assert caught.value.fencing_token == claim.fencing_token
+    assert await _snapshot(raw) == before
+    info = await backend.message(APP, claim.message_id)
+    assert info is not None and info.status is MessageStatus.pending
+
+
+# -- waking ---------------------------------------------------------------------------------------------------------
+
+
+async def test_a_send_from_another_backend_wakes_a_waiter_within_100_ms(backend: Backend, other: Backend) -> None:
+    await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)
+    woke_at: list[float] = []
+
+    async def waiter() -> None:
+        await backend.wait_for_work(APP, timeout_s=10)
+        woke_at.append(time.monotonic())
+
+    task = asyncio.create_task(waiter())
+    await asyncio.sleep(0.3)
+    assert not woke_at
+    await send(other, ref())
+    sent_at = time.monotonic()
+    await asyncio.wait_for(task, 5)
+    assert woke_at[0] - sent_at < 0.1
+
+
+async def test_a_send_between_a_claim_and_the_first_wait_is_not_missed(backend: Backend, other: Backend) -> None:
+    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1) == []
+    await send(other, ref())  # before the worker starts waiting
+    started = time.monotonic()
+    await backend.wait_for_work(APP, timeout_s=5)
+    assert time.monotonic() - started < 0.5
+    assert len(await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)) == 1
+
+
+async def test_each_wait_starts_after_the_last_send_it_saw(backend: Backend, other: Backend) -> None:
+    await send(other, ref("1"))
+    started = time.monotonic()
+    await backend.wait_for_work(APP, timeout_s=0.3)  # no claim yet: only sends from now on wake it
+    assert time.monotonic() - started >= 0.25
+    await send(other, ref("2"))
+    await backend.wait_for_work(APP, timeout_s=5)
+    started = time.monotonic()
+    await backend.wait_for_work(APP, timeout_s=0.3)  # the send it woke for does not wake it again
+    assert time.monotonic() - started >= 0.25
+
+
+async def test_waits_hold_no_connection_of_the_main_pool(redis_url: str) -> None:
+    opened = await open_backend(f"{redis_url}?max_connections=1", StoreOptions())
+    try:
+        waiting = asyncio.create_task(opened.wait_for_work("idle-app", timeout_s=3))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await send(opened, ref())
+        assert len(await opened.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)) == 1
+        assert time.monotonic() - started < 1.0
+        waiting.cancel()
+    finally:
+        await opened.aclose()
+
+
+def test_blocking_reads_end_before_the_socket_timeout() -> None:
+    assert block_seconds(None) == WAIT_BLOCK_S
+    assert block_seconds(WAIT_BLOCK_S + 5) == WAIT_BLOCK_S
+    assert block_seconds(2.0) == 1.0
+    assert block_seconds(0.5) == 0.25
+
+
+# -- round trips, schema, errors ------------------------------------------------------------------------------------
+
+
+async def test_each_runtime_write_is_one_script_call(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = backend._client
+    sent: list[str] = []
+    original: Callable[..., Awaitable[Any]] = client.execute_command
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return await original(*args, **options)
+
+    monkeypatch.setattr(client, "execute_command", counting)
+    await send(backend, ref("a"), key="k")
+    await send(backend, ref("b"))
+    [a, b] = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=2)
+    await backend.renew([a, b], lease_s=5)
+    await backend.commit_turn(commit_of(a))
+    await backend.fail_turn(TurnFailure(b, "boom", "w1", datetime.now(UTC), 0.1))
+    await send(backend, ref("c"))
+    await backend.release(await claim_one(backend))
+    assert sent == ["EVALSHA"] * 9
+
+
+async def test_the_schema_step_upgrades_a_store_only_database(
+    redis_url: str, raw: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What the store-only keel (schema 1) left: its schema field and one key with one version.
+    await raw.hset("keel:schema", "store", "1")
+    await raw.hset("keel:kv:{k}", mapping={"v": "1", "d": '{"n": 1}', "t": "1700000000000000", "w": "old:1"})
+    entry = {"v": "1", "d": '{"n": 1}', "t": "1700000000000000", "w": "old:1"}
+    await raw.lpush("keel:kvh:{k}", json.dumps(entry))
+    with caplog.at_level(logging.INFO, logger=STORE_LOGGER):
+        opened = await open_backend(redis_url, StoreOptions())
+    try:
+        assert STORE_SCHEMA_VERSION == 2
+        assert await raw.hgetall("keel:schema") == {"store": "2"}
+        assert any("schema 1 -> 2" in r.getMessage() for r in caplog.records if r.name == STORE_LOGGER)
+        record = await opened.store.get("k")
+        assert record is not None and (record.version, record.value_json) == (1, '{"n": 1}')
+        await send(opened, ref())
+        assert await opened.commit_turn(commit_of(await claim_one(opened))) == 1
+    finally:
+        await opened.aclose()
+    reopened = await open_backend(redis_url, StoreOptions())  # a second open changes nothing
+    await reopened.aclose()
+    assert await raw.hgetall("keel:schema") == {"store": "2"}
+
+
+async def test_a_closed_backend_refuses_calls_and_closes_twice(redis_url: str) -> None:
+    opened = await open_backend(redis_url, StoreOptions())
+    await opened.aclose()
+    await opened.aclose()
+    with pytest.raises(keel.BackendUnavailable, match="closed"):
+        await send(opened, ref())
+    with pytest.raises(keel.BackendUnavailable, match="closed"):
+        await opened.wait_for_work(APP, timeout_s=1)
+
+
+async def test_the_url_prefix_namespaces_every_runtime_key(redis_url: str, raw: Redis) -> None:
+    opened = await open_backend(f"{redis_url}?prefix=tenant", StoreOptions())
+    try:
+        await send(opened, ref("a"))
+        await send(opened, ref("a"))
+        await send(opened, ref("b"))
+        claims = await opened.claim(APP, ["loan"], worker="w1", lease_s=0.1, limit=1)
+        await asyncio.sleep(0.2)  # the next claim sweeps the expired lease with keys it names itself
+        [again, other] = await opened.claim(APP, ["loan"], worker="w1", lease_s=5, limit=2)
+        assert (again.message_id, other.instance) == (claims[0].message_id, ref("b"))
+        await opened.commit_turn(commit_of(again))
+        await opened.release(other)
+        assert len(await opened.claim(APP, ["loan"], worker="w1", lease_s=5, limit=5)) == 2
+    finally:
+        await opened.aclose()
+    names = [str(name) for name in await raw.keys("*")]
+    assert names and all(name.startswith("tenant:") for name in names)

@@ -1,0 +1,93 @@
+"""`keel worker`, `keel send` and `keel state` as a user runs them: real subprocesses on SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.processes._workers import APP_PATH, ROOT, WorkerProcess
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.processes
+
+
+def keel(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "keel.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'cli.db'}"
+
+
+def test_send_then_state_through_a_worker(url: str, tmp_path: Path) -> None:
+    worker = WorkerProcess(url, tmp_path / "worker.log", lease_s=2.0)
+    try:
+        worker.wait_for_log("started for app process-tests")
+        sent = keel("send", APP_PATH, "counter", "c1", '{"seq": 7}', "--url", url, "--wait", "30")
+        assert sent.returncode == 0, sent.stderr
+        message_id, state_text = sent.stdout.split("\n", 1)
+        assert len(message_id) == 32
+        shown = keel("state", APP_PATH, "counter", "c1", "--url", url)
+        assert shown.returncode == 0, shown.stderr
+        document = json.loads(shown.stdout)
+        assert json.loads(state_text) == document
+        assert (document["version"], document["state"]["applied"]) == (1, [7])
+        again = keel("send", APP_PATH, "counter", "c1", '{"seq": 8}', "--url", url, "--idempotency-key", "k1")
+        repeat = keel("send", APP_PATH, "counter", "c1", '{"seq": 9}', "--url", url, "--idempotency-key", "k1")
+        assert again.stdout == repeat.stdout
+    finally:
+        assert worker.stop() == 0
+    assert "turn committed" in worker.log()
+    assert "workflow=counter workflow_id=c1" in worker.log()
+
+
+def test_state_of_an_instance_without_a_turn(url: str) -> None:
+    result = keel("state", APP_PATH, "counter", "nobody", "--url", url)
+    assert result.returncode == 2
+    assert "no committed state" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["send", APP_PATH, "counterr", "c1", '{"seq": 1}'], "registered workflows: counter"),
+        (["state", APP_PATH, "counterr", "c1"], "registered workflows: counter"),
+        (["send", APP_PATH, "counter", "c1", "{not json"], "not JSON"),
+        (["send", APP_PATH, "counter", "c1", '{"seq": "one"}'], "seq"),
+        (["send", "no.such.module:app", "counter", "c1", "{}"], "cannot import module 'no.such.module'"),
+        (["send", "tests.processes.workflows:nothing", "counter", "c1", "{}"], "names nothing, not a keel.App"),
+        (["send", "no-colon", "counter", "c1", "{}"], "is not MODULE:APP"),
+        (["worker", APP_PATH, "--url", "memory://"], "memory:// lives inside one process"),
+        (["worker", APP_PATH, "--url", "mongodb://x"], "supported schemes"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_no_traceback(url: str, args: list[str], message: str) -> None:
+    if "--url" not in args:
+        args = [*args, "--url", url]
+    result = keel(*args)
+    assert result.returncode == 2, result
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_send_to_an_unreachable_backend_fails_clearly() -> None:
+    result = keel("send", APP_PATH, "counter", "c1", '{"seq": 1}', "--url", "redis://:pw@127.0.0.1:1/0")
+    assert result.returncode == 4
+    assert "unavailable" in result.stderr and "pw" not in result.stderr

@@ -1,0 +1,263 @@
+"""The broker's contract (inboxes, leases, fencing tokens, the atomic turn commit), on every engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import pytest
+
+import keel
+from keel.backends import open_backend
+from keel.backends.base import (
+    Backend,
+    Claim,
+    InstanceRef,
+    MessageStatus,
+    NewMessage,
+    StoreOptions,
+    TurnCommit,
+    TurnFailure,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+APP = "loans"
+LEASE_S = 5.0
+
+
+@pytest.fixture
+async def backend(backend_url: str) -> AsyncIterator[Backend]:
+    opened = await open_backend(backend_url, StoreOptions())
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+def ref(workflow_id: str = "42", workflow: str = "loan", app: str = APP) -> InstanceRef:
+    return InstanceRef(app, workflow, workflow_id)
+
+
+async def send(backend: Backend, instance: InstanceRef, payload: object, key: str | None = None) -> str:
+    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload), key))
+
+
+async def claim_one(
+    backend: Backend, *, worker: str = "w1", lease_s: float = LEASE_S, workflows: tuple[str, ...] = ("loan",)
+) -> Claim:
+    claims = await backend.claim(APP, workflows, worker=worker, lease_s=lease_s, limit=1)
+    assert len(claims) == 1, claims
+    return claims[0]
+
+
+def commit_of(claim: Claim, state: object, worker: str = "w1") -> TurnCommit:
+    return TurnCommit(claim, json.dumps(state), worker, datetime.now(UTC), 0.01)
+
+
+async def test_first_claim_starts_from_no_state_at_version_zero(backend: Backend) -> None:
+    message_id = await send(backend, ref(), {"amount": 1000})
+    claim = await claim_one(backend)
+    assert (claim.instance, claim.message_id, json.loads(claim.payload_json)) == (ref(), message_id, {"amount": 1000})
+    assert (claim.state_json, claim.state_version, claim.attempt) == (None, 0, 1)
+    assert claim.fencing_token >= 1
+    assert await backend.state(ref()) is None
+
+
+async def test_lease_expiry_comes_from_the_backend_clock_and_lease_length(backend: Backend) -> None:
+    await send(backend, ref(), {})
+    before = datetime.now(UTC)
+    claim = await claim_one(backend, lease_s=30)
+    assert before + timedelta(seconds=25) < claim.lease_expires_at < before + timedelta(seconds=40)
+
+
+async def test_commit_writes_state_completes_the_message_and_records_the_turn(backend: Backend) -> None:
+    message_id = await send(backend, ref(), {"amount": 1})
+    claim = await claim_one(backend)
+    version = await backend.commit_turn(commit_of(claim, {"step": 1}))
+    assert version == 1
+    state = await backend.state(ref())
+    assert state is not None
+    assert (json.loads(state.value_json or "null"), state.version, state.writer) == ({"step": 1}, 1, "w1")
+    info = await backend.message(APP, message_id)
+    assert info is not None
+    assert (info.status, info.state_version, info.instance) == (MessageStatus.done, 1, ref())
+    [turn] = await backend.turns(ref(), limit=10)
+    assert (turn.message_id, turn.worker, turn.attempt, turn.fencing_token) == (
+        message_id,
+        "w1",
+        1,
+        claim.fencing_token,
+    )
+    assert (turn.version_read, turn.version_written, turn.outcome) == (0, 1, "committed")
+    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=LEASE_S, limit=5) == []
+
+
+async def test_turns_run_in_send_order_and_see_the_last_committed_state(backend: Backend) -> None:
+    ids = [await send(backend, ref(), {"n": n}) for n in range(4)]
+    tokens = []
+    for n, message_id in enumerate(ids):
+        claim = await claim_one(backend)
+        assert claim.message_id == message_id
+        assert claim.state_version == n
+        assert json.loads(claim.state_json or "null") == (None if n == 0 else {"seen": n})
+        tokens.append(claim.fencing_token)
+        await backend.commit_turn(commit_of(claim, {"seen": n + 1}))
+    assert tokens == sorted(set(tokens))  # a fresh, larger token for every claim
+
+
+async def test_an_instance_under_lease_is_not_claimed_again(backend: Backend) -> None:
+    await send(backend, ref(), {"n": 1})
+    await send(backend, ref(), {"n": 2})
+    await claim_one(backend, worker="w1")
+    assert await backend.claim(APP, ["loan"], worker="w2", lease_s=LEASE_S, limit=5) == []
+
+
+async def test_concurrent_claims_never_hand_out_one_instance_twice(backend: Backend) -> None:
+    for n in range(10):
+        await send(backend, ref(str(n)), {"n": n})
+    batches = await asyncio.gather(
+        *(backend.claim(APP, ["loan"], worker=f"w{i}", lease_s=LEASE_S, limit=3) for i in range(6))
+    )
+    claimed = [c.instance for batch in batches for c in batch]
+    assert len(claimed) == len(set(claimed)) == 10
+
+
+async def test_claims_take_the_oldest_message_first_and_honour_the_limit(backend: Backend) -> None:
+    for n in (3, 1, 2):
+        await send(backend, ref(str(n)), {"n": n})
+    first = await backend.claim(APP, ["loan"], worker="w1", lease_s=LEASE_S, limit=2)
+    assert [c.instance.workflow_id for c in first] == ["3", "1"]
+    rest = await backend.claim(APP, ["loan"], worker="w1", lease_s=LEASE_S, limit=2)
+    assert [c.instance.workflow_id for c in rest] == ["2"]
+
+
+async def test_claims_only_take_the_asked_workflows_of_the_asked_app(backend: Backend) -> None:
+    await send(backend, ref("1", workflow="chat"), {})
+    await send(backend, ref("1", app="other-app"), {})
+    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=LEASE_S, limit=5) == []
+    [chat] = await backend.claim(APP, ["loan", "chat"], worker="w1", lease_s=LEASE_S, limit=5)
+    assert chat.instance == ref("1", workflow="chat")
+
+
+async def test_repeated_idempotency_key_returns_the_first_id_and_enqueues_nothing(backend: Backend) -> None:
+    first = await send(backend, ref(), {"n": 1}, key="req-1")
+    again = await send(backend, ref(), {"n": 2}, key="req-1")
+    other_instance = await send(backend, ref("43"), {"n": 3}, key="req-1")
+    assert again == first != other_instance
+    claim = await claim_one(backend)
+    await backend.commit_turn(commit_of(claim, {}))
+    assert [c.instance for c in await backend.claim(APP, ["loan"], worker="w1", lease_s=LEASE_S, limit=5)] == [
+        ref("43")
+    ]
+
+
+async def test_sending_the_same_message_twice_appends_it_once(backend: Backend) -> None:
+    message = NewMessage(ref(), uuid.uuid4().hex, json.dumps({"n": 1}))
+    assert await backend.send(message) == await backend.send(message) == message.message_id
+    claim = await claim_one(backend)
+    await backend.commit_turn(commit_of(claim, {}))
+    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=LEASE_S, limit=5) == []
+
+
+async def test_a_commit_under_a_superseded_token_is_rejected_and_changes_nothing(backend: Backend) -> None:
+    message_id = await send(backend, ref(), {"n": 1})
+    zombie = await claim_one(backend, worker="zombie", lease_s=0.2)
+    await asyncio.sleep(0.4)
+    owner = await claim_one(backend, worker="owner")
+    assert owner.fencing_token > zombie.fencing_token
+    assert owner.message_id == message_id and owner.attempt == 2
+    with pytest.raises(keel.LeaseLostError) as caught:
+        await backend.commit_turn(commit_of(zombie, {"by": "zombie"}, worker="zombie"))
+    assert caught.value.fencing_token == zombie.fencing_token
+    assert await backend.state(ref()) is None
+    info = await backend.message(APP, message_id)
+    assert info is not None and info.status is MessageStatus.pending
+    assert await backend.commit_turn(commit_of(owner, {"by": "owner"}, worker="owner")) == 1
+    state = await backend.state(ref())
+    assert state is not None and json.loads(state.value_json or "null") == {"by": "owner"}
+
+
+async def test_a_commit_after_the_lease_expired_is_rejected_even_if_nobody_took_over(backend: Backend) -> None:
+    await send(backend, ref(), {})
+    claim = await claim_one(backend, lease_s=0.2)
+    await asyncio.sleep(0.4)
+    with pytest.raises(keel.LeaseLostError, match="expired"):
+        await backend.commit_turn(commit_of(claim, {"late": True}))
+    assert await backend.state(ref()) is None
+
+
+async def test_renew_extends_live_leases_and_reports_lost_ones(backend: Backend) -> None:
+    await send(backend, ref("a"), {})
+    await send(backend, ref("b"), {})
+    kept = await claim_one(backend, lease_s=0.5)
+    lost = await claim_one(backend, lease_s=0.2)
+    await asyncio.sleep(0.3)
+    assert await backend.renew([kept, lost], lease_s=1.0) == [True, False]
+    await asyncio.sleep(0.4)  # past kept's first expiry, within the renewed lease
+    assert await backend.commit_turn(commit_of(kept, {})) == 1
+
+
+async def test_release_makes_the_instance_claimable_at_once(backend: Backend) -> None:
+    await send(backend, ref(), {})
+    first = await claim_one(backend, lease_s=60)
+    await backend.release(first)
+    second = await claim_one(backend, worker="w2")
+    assert (second.message_id, second.attempt) == (first.message_id, 2)
+    assert second.fencing_token > first.fencing_token
+    await backend.release(first)  # a stale release changes nothing
+    with pytest.raises(keel.LeaseLostError):
+        await backend.commit_turn(commit_of(first, {}))
+    assert await backend.commit_turn(commit_of(second, {}, worker="w2")) == 1
+
+
+async def test_a_failed_turn_pauses_the_instance_and_keeps_later_messages(backend: Backend) -> None:
+    failing = await send(backend, ref(), {"n": 1})
+    later = await send(backend, ref(), {"n": 2})
+    await send(backend, ref("other"), {"n": 3})
+    claim = await claim_one(backend)
+    await backend.fail_turn(TurnFailure(claim, "Traceback...\nValueError: boom", "w1", datetime.now(UTC), 0.1))
+    info = await backend.message(APP, failing)
+    assert info is not None and info.status is MessageStatus.failed and "boom" in (info.error or "")
+    pending = await backend.message(APP, later)
+    assert pending is not None and pending.status is MessageStatus.pending
+    claims = await backend.claim(APP, ["loan"], worker="w1", lease_s=LEASE_S, limit=5)
+    assert [c.instance for c in claims] == [ref("other")]  # the paused instance is skipped, others go on
+    [turn] = await backend.turns(ref(), limit=5)
+    assert (turn.outcome, turn.version_written) == ("failed", None)
+    assert "boom" in (turn.error or "")
+
+
+async def test_unknown_message_is_none(backend: Backend) -> None:
+    assert await backend.message(APP, "no-such-message") is None
+
+
+async def test_state_keeps_its_version_sequence_across_many_turns(backend: Backend) -> None:
+    for n in range(12):
+        await send(backend, ref(), {"n": n})
+        claim = await claim_one(backend)
+        assert await backend.commit_turn(commit_of(claim, {"n": n})) == n + 1
+    state = await backend.state(ref())
+    assert state is not None and state.version == 12
+    assert len(await backend.turns(ref(), limit=5)) == 5
+
+
+async def test_wait_for_work_wakes_on_a_send_and_times_out_otherwise(backend: Backend) -> None:
+    started = time.monotonic()
+    await backend.wait_for_work(APP, timeout_s=0.3)
+    assert 0.2 <= time.monotonic() - started < 2.0
+
+    async def send_soon() -> None:
+        await asyncio.sleep(0.2)
+        await send(backend, ref(), {})
+
+    sender = asyncio.create_task(send_soon())
+    started = time.monotonic()
+    await backend.wait_for_work(APP, timeout_s=10)
+    assert time.monotonic() - started < 2.0
+    await sender

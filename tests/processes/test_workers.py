@@ -1,0 +1,108 @@
+"""Real `keel worker` processes: killed with SIGKILL mid-run (G4), paused with SIGSTOP past their lease (G2)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from keel.backends import open_backend
+from keel.backends.base import InstanceRef, StoreOptions
+from tests.processes._workers import WorkerProcess
+from tests.processes.workflows import Step, app
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
+
+INSTANCES = 100
+TURNS = 5
+
+
+async def _send_all(client: object, sleep_s: float) -> dict[tuple[str, int], str]:
+    async def one_instance(n: int) -> list[tuple[tuple[str, int], str]]:
+        sent = []
+        for seq in range(TURNS):
+            message_id = await client.send("counter", f"i{n}", Step(seq=seq, sleep_s=sleep_s))  # type: ignore[attr-defined]
+            sent.append(((f"i{n}", seq), message_id))
+        return sent
+
+    batches = await asyncio.gather(*(one_instance(n) for n in range(INSTANCES)))
+    return dict(pair for batch in batches for pair in batch)
+
+
+async def test_a_killed_worker_loses_nothing_and_its_turns_are_finished_by_others(
+    shared_backend_url: str, tmp_path: Path
+) -> None:
+    workers = [WorkerProcess(shared_backend_url, tmp_path / f"w{i}.log", lease_s=2.0) for i in range(3)]
+    try:
+        for worker in workers:
+            worker.wait_for_log("started for app process-tests")
+        async with app.client(url=shared_backend_url) as client:
+            sent = await _send_all(client, sleep_s=0.3)
+            workers[0].wait_for_log("turn committed")
+            victim = workers[0]
+            victim.signal(signal.SIGKILL)
+            victim.proc.wait()
+            workers.append(WorkerProcess(shared_backend_url, tmp_path / "w3.log", lease_s=2.0))
+            for (workflow_id, _), message_id in sent.items():
+                await client.wait("counter", workflow_id, message_id, timeout_s=90)
+            finals = {f"i{n}": await client.state("counter", f"i{n}") for n in range(INSTANCES)}
+        for workflow_id, final in finals.items():
+            assert final is not None, workflow_id
+            assert final.value.applied == list(range(TURNS)), (workflow_id, final.value.applied)
+            assert final.version == TURNS
+        backend = await open_backend(shared_backend_url, StoreOptions())
+        try:
+            records = [
+                turn
+                for n in range(INSTANCES)
+                for turn in await backend.turns(InstanceRef(app.name, "counter", f"i{n}"), limit=50)
+            ]
+        finally:
+            await backend.aclose()
+        committed = [t for t in records if t.outcome == "committed"]
+        assert len(committed) == INSTANCES * TURNS  # every message committed exactly once
+        retried = [t for t in committed if t.attempt > 1]
+        assert retried, "the killed worker had turns in flight; another worker must have finished them"
+        assert all(t.worker != victim.identity for t in retried)
+    finally:
+        codes = [w.stop() for w in workers]
+    assert codes == [-signal.SIGKILL, 0, 0, 0]  # the survivors exit cleanly on SIGTERM
+
+
+async def test_a_paused_zombie_cannot_commit_after_another_worker_took_over(
+    shared_backend_url: str, tmp_path: Path
+) -> None:
+    zombie = WorkerProcess(shared_backend_url, tmp_path / "zombie.log", lease_s=1.5)
+    successor: WorkerProcess | None = None
+    try:
+        zombie.wait_for_log("started for app process-tests")
+        async with app.client(url=shared_backend_url) as client:
+            slow = await client.send("counter", "z", Step(seq=0, slow_first_attempt_s=4.0))
+            zombie.wait_for_log("turn started")
+            zombie.signal(signal.SIGSTOP)
+            paused_at = time.monotonic()
+            successor = WorkerProcess(shared_backend_url, tmp_path / "successor.log", lease_s=1.5)
+            other = await client.send("counter", "y", Step(seq=0))
+            assert await client.wait("counter", "y", other, timeout_s=30) == 1  # nothing else is blocked
+            assert await client.wait("counter", "z", slow, timeout_s=30) == 1  # taken over after the lease
+            assert time.monotonic() - paused_at < 30
+            taken = await client.state("counter", "z")
+            assert taken is not None
+            assert taken.value.workers == [successor.identity]
+            zombie.signal(signal.SIGCONT)
+            await asyncio.sleep(5.0)  # the zombie's 4 s turn ends, and its commit (or heartbeat) finds the lease lost
+            final = await client.state("counter", "z")
+        assert final is not None
+        assert (final.version, final.value.applied, final.value.workers) == (1, [0], [successor.identity])
+        zombie_log = zombie.log()
+        assert "lease is lost" in zombie_log or "lease lost" in zombie_log, zombie_log
+        assert "turn committed" not in zombie_log.split("turn started", 1)[1]
+    finally:
+        codes = [zombie.stop()] + ([successor.stop()] if successor is not None else [])
+    assert codes == [0] * len(codes)
