@@ -53,8 +53,10 @@ if TYPE_CHECKING:
 #: The broker's statements, by name (``runtime.sql``).
 QUERIES = load_queries(__package__ or "keel.backends.sqlite", "runtime.sql")
 
-#: How often an idle worker looks in the file for messages sent by other processes.
-POLL_INTERVAL_S = 0.05
+#: How often an idle worker looks in the file for messages sent by other processes. Each look is one indexed
+#: read on the database thread (about 0.1 ms), so 20 ms costs an idle worker well under 1% of a core while
+#: keeping the send-to-start delay short (SQLite has no way to notify another process).
+POLL_INTERVAL_S = 0.02
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
