@@ -22,6 +22,8 @@ from keel.config import resolve_url
 from keel.context import TurnContext
 from keel.errors import ConfigurationError, RegistrationError, UnknownWorkflowError
 from keel.payload import validate_key
+from keel.retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from keel.steps import DEFAULT_STEP_TIMEOUT_S
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -32,14 +34,23 @@ StateT = TypeVar("StateT", bound=BaseModel)
 MessageT = TypeVar("MessageT", bound=BaseModel)
 
 
+#: How long one turn may run, unless the app or workflow says otherwise.
+DEFAULT_TURN_TIMEOUT_S = 300.0
+
+
 @dataclass(frozen=True)
 class WorkflowSpec:
-    """A registered workflow: its name, function and models."""
+    """A registered workflow: its name, function, models and failure handling."""
 
     name: str
     fn: Callable[[TurnContext[Any], Any], Awaitable[None]]
     state: type[BaseModel]
     message: type[BaseModel]
+    retry: RetryPolicy = DEFAULT_RETRY_POLICY
+    timeout_s: float = DEFAULT_TURN_TIMEOUT_S
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+    #: Upgrades a stored state document that no longer fits ``state`` (a deployment changed the model).
+    migrate: Callable[[Any], Any] | None = None
 
 
 class App:
@@ -49,14 +60,29 @@ class App:
         name: Namespaces everything the app stores, so several apps can share one backend.
         backend: The backend URL; when None, the ``KEEL_URL`` environment variable, else ``sqlite:///keel.db``
             (read when a worker or client starts).
+        retry: How failing turns are retried, for workflows that do not say; ``keel.RetryPolicy()`` by default.
+        turn_timeout_s: How long a turn may run before it is cancelled (a failed attempt), by default.
+        step_timeout_s: How long a step may run before it is cancelled (a failed attempt), by default.
 
     Raises:
         InvalidKeyError: ``name`` is empty, over 255 characters or not printable.
+        ConfigurationError: A timeout is not positive.
     """
 
-    def __init__(self, name: str, backend: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        backend: str | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        turn_timeout_s: float = DEFAULT_TURN_TIMEOUT_S,
+        step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
+    ) -> None:
         self.name = validate_key(name, what="app name")
         self._backend = backend
+        self.retry = retry or DEFAULT_RETRY_POLICY
+        self.turn_timeout_s = _positive(turn_timeout_s, "turn_timeout_s")
+        self.step_timeout_s = _positive(step_timeout_s, "step_timeout_s")
         self._workflows: dict[str, WorkflowSpec] = {}
         self._frozen = False
 
@@ -80,7 +106,15 @@ class App:
         self._frozen = True
 
     def workflow(
-        self, *, state: type[StateT], message: type[MessageT], name: str | None = None
+        self,
+        *,
+        state: type[StateT],
+        message: type[MessageT],
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout_s: float | None = None,
+        step_timeout_s: float | None = None,
+        migrate: Callable[[Any], Any] | None = None,
     ) -> Callable[
         [Callable[[TurnContext[StateT], MessageT], Awaitable[None]]],
         Callable[[TurnContext[StateT], MessageT], Awaitable[None]],
@@ -91,6 +125,11 @@ class App:
             state: The pydantic model of the instance's state; its defaults are the first turn's state.
             message: The pydantic model of the messages the workflow receives.
             name: The workflow's name; the function's name when None.
+            retry: How its failing turns are retried; the app's policy when None.
+            timeout_s: How long one of its turns may run; the app's ``turn_timeout_s`` when None.
+            step_timeout_s: How long one of its steps may run; the app's ``step_timeout_s`` when None.
+            migrate: Called with a stored state document (a dict) that no longer fits ``state``; returns one
+                that does (or a ``state`` instance). Without it such an instance is paused with the error.
 
         Raises:
             RegistrationError: The app has started, the name is taken, the models are not pydantic models, or
@@ -108,7 +147,18 @@ class App:
             if workflow_name in self._workflows:
                 raise RegistrationError(f"app {self.name!r} already has a workflow named {workflow_name!r}")
             _check_signature(fn, workflow_name, state, message)
-            self._workflows[workflow_name] = WorkflowSpec(workflow_name, fn, state, message)
+            if migrate is not None and not callable(migrate):
+                raise RegistrationError(f"migrate= of workflow {workflow_name!r} must be a function, not {migrate!r}")
+            self._workflows[workflow_name] = WorkflowSpec(
+                workflow_name,
+                fn,
+                state,
+                message,
+                retry=retry or self.retry,
+                timeout_s=_positive(timeout_s or self.turn_timeout_s, "timeout_s"),
+                step_timeout_s=_positive(step_timeout_s or self.step_timeout_s, "step_timeout_s"),
+                migrate=migrate,
+            )
             return fn
 
         return register
@@ -167,6 +217,12 @@ def load_app(path: str) -> App:
         kind = "nothing" if found is None else type(found).__name__
         raise ConfigurationError(f"{path!r} names {kind}, not a keel.App")
     return found
+
+
+def _positive(value: float, name: str) -> float:
+    if not (isinstance(value, int | float) and value > 0):
+        raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)
 
 
 def _require_model(model: object, role: str) -> None:

@@ -14,12 +14,13 @@ import click
 from rich.console import Console
 
 from keel.app import load_app
-from keel.commands import InstanceNotFoundError, read_state, send_message
+from keel.commands import InstanceNotFoundError, list_dead_letters, read_state, resolve_dead_letter, send_message
 from keel.demo import DemoError, DemoSettings, Verdict, run_demo
 from keel.errors import (
     BackendUnavailable,
     ConfigurationError,
     InvalidKeyError,
+    NotPausedError,
     PayloadError,
     TurnFailedError,
     UnknownWorkflowError,
@@ -214,10 +215,46 @@ def state(app_path: str, workflow: str, workflow_id: str, url: str | None) -> No
     click.echo(_run(read_state(app, url, workflow, workflow_id)))
 
 
+@main.command()
+@click.argument("app_path", metavar="MODULE:APP")
+@_url_option
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+def dead(app_path: str, url: str | None, limit: int) -> None:
+    """List MODULE:APP's dead letters, newest first, with their errors."""
+    click.echo(_run(list_dead_letters(_load(app_path), url, limit)))
+
+
+@main.command()
+@click.argument("app_path", metavar="MODULE:APP")
+@click.argument("workflow")
+@click.argument("workflow_id")
+@_url_option
+def retry(app_path: str, workflow: str, workflow_id: str, url: str | None) -> None:
+    """Run the dead message of a paused instance again, before the messages that wait behind it."""
+    click.echo(_run(resolve_dead_letter(_load(app_path), url, workflow, workflow_id, skip=False)))
+
+
+@main.command()
+@click.argument("app_path", metavar="MODULE:APP")
+@click.argument("workflow")
+@click.argument("workflow_id")
+@_url_option
+def skip(app_path: str, workflow: str, workflow_id: str, url: str | None) -> None:
+    """Drop the dead message of a paused instance (recorded as skipped) and let the instance go on."""
+    click.echo(_run(resolve_dead_letter(_load(app_path), url, workflow, workflow_id, skip=True)))
+
+
 def _run(coroutine: Coroutine[Any, Any, str]) -> str:
     try:
         return asyncio.run(coroutine)
-    except (UnknownWorkflowError, InstanceNotFoundError, PayloadError, InvalidKeyError, ConfigurationError) as exc:
+    except (
+        UnknownWorkflowError,
+        InstanceNotFoundError,
+        NotPausedError,
+        PayloadError,
+        InvalidKeyError,
+        ConfigurationError,
+    ) as exc:
         raise click.UsageError(str(exc)) from None
     except (BackendUnavailable, TurnFailedError, WaitTimeoutError) as exc:
         raise CommandFailed(str(exc)) from None

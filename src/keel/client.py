@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from keel.backends import open_backend
 from keel.backends.base import InstanceRef, MessageStatus, NewMessage, StoreOptions
-from keel.errors import ConfigurationError, MessageNotFoundError, TurnFailedError, WaitTimeoutError
+from keel.errors import ConfigurationError, MessageNotFoundError, NotPausedError, TurnFailedError, WaitTimeoutError
 from keel.payload import DEFAULT_MAX_VALUE_BYTES, coerce, decode, encode, validate_key
 from keel.types import Versioned
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from keel.app import App
-    from keel.backends.base import Backend
+    from keel.backends.base import Backend, DeadLetter
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,56 @@ class Client:
                 raise WaitTimeoutError(f"{workflow}/{workflow_id}", message_id, timeout_s)
             await asyncio.sleep(min(pause_s, remaining))
             pause_s = min(pause_s * 2, WAIT_POLL_MAX_S)
+
+    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
+        """Return the app's dead-lettered messages, newest first, each with its error, attempts and time.
+
+        Raises:
+            BackendUnavailable: The backend cannot be reached.
+        """
+        return await self._open().dead_letters(self.app.name, limit=limit)
+
+    async def retry(self, workflow: str, workflow_id: str) -> str:
+        """Run the dead message of a paused instance again (attempts start afresh) and un-pause the instance.
+
+        Returns:
+            The message id, for ``wait()``.
+
+        Raises:
+            UnknownWorkflowError: No such workflow.
+            NotPausedError: No dead letter pauses the instance.
+            BackendUnavailable: The backend cannot be reached.
+        """
+        return await self._resolve(workflow, workflow_id, skip=False)
+
+    async def skip(self, workflow: str, workflow_id: str) -> str:
+        """Drop the dead message of a paused instance (recorded as skipped) and let the instance go on.
+
+        Returns:
+            The skipped message's id.
+
+        Raises:
+            UnknownWorkflowError: No such workflow.
+            NotPausedError: No dead letter pauses the instance.
+            BackendUnavailable: The backend cannot be reached.
+        """
+        return await self._resolve(workflow, workflow_id, skip=True)
+
+    async def _resolve(self, workflow: str, workflow_id: str, *, skip: bool) -> str:
+        self.app.spec(workflow)
+        ref = InstanceRef(self.app.name, workflow, validate_key(workflow_id, what="workflow_id"))
+        message_id = await self._open().resolve_dead_letter(ref, skip=skip)
+        if message_id is None:
+            raise NotPausedError(f"{workflow}/{workflow_id}")
+        logger.info(
+            "dead letter %s of %s/%s %s",
+            message_id,
+            workflow,
+            workflow_id,
+            "skipped" if skip else "sent to run again",
+            extra={"workflow": workflow, "workflow_id": workflow_id, "message_id": message_id},
+        )
+        return message_id
 
     def _open(self) -> Backend:
         if self._backend is None:

@@ -64,3 +64,31 @@ async def _state_text(client: Any, workflow: str, workflow_id: str) -> str:
         "state": current.value.model_dump(mode="json"),
     }
     return json.dumps(document, indent=2, ensure_ascii=False)
+
+
+async def list_dead_letters(app: App, url: str | None, limit: int) -> str:
+    """Return the app's dead letters, newest first, one block each, with the last line of their error."""
+    async with app.client(url=url) as client:
+        letters = await client.dead_letters(limit=limit)
+    if not letters:
+        return "no dead letters"
+    blocks = []
+    for letter in letters:
+        lines = letter.error.strip().splitlines() or ["(no error text)"]
+        blocks.append(
+            f"{letter.instance.workflow} {letter.instance.workflow_id}  message {letter.message_id}\n"
+            f"  failed at {letter.failed_at.isoformat(timespec='seconds')} after {letter.attempts} attempt(s)\n"
+            f"  {lines[-1]}\n"
+            "  keel retry MODULE:APP WORKFLOW WORKFLOW_ID runs it again; keel skip drops it"
+        )
+    return "\n\n".join(blocks)
+
+
+async def resolve_dead_letter(app: App, url: str | None, workflow: str, workflow_id: str, *, skip: bool) -> str:
+    """Retry or skip the dead letter pausing an instance; return what was done."""
+    async with app.client(url=url) as client:
+        if skip:
+            message_id = await client.skip(workflow, workflow_id)
+            return f"skipped message {message_id}; {workflow} {workflow_id} goes on with its next message"
+        message_id = await client.retry(workflow, workflow_id)
+        return f"message {message_id} of {workflow} {workflow_id} will run again, before the messages after it"

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from pydantic import BaseModel
 
+from keel.errors import StepError
+
 if TYPE_CHECKING:
-    from collections.abc import MutableMapping
+    from collections.abc import Awaitable, Callable, MutableMapping
+
+    from keel.steps import StepRunner
 
 StateT = TypeVar("StateT", bound=BaseModel)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class TurnContext(Generic[StateT]):
@@ -51,6 +57,38 @@ class TurnContext(Generic[StateT]):
         self.state_version = state_version
         self.worker = worker
         self.logger = TurnLogger(logging.getLogger("keel.turn"), self.log_fields())
+        self._steps: StepRunner | None = None
+
+    @overload
+    async def step(self, name: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+    @overload
+    async def step(self, name: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    async def step(self, name: str, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Run a side effect once per message: ``fn(*args, **kwargs)``, recorded before the turn goes on.
+
+        When the turn runs again (after a crash, a lost lease or a retry) the recorded result is returned and
+        ``fn`` is not called. Either way the result has been through JSON and comes back typed by ``fn``'s
+        return annotation. A sync ``fn`` runs in a thread, so it cannot stall the lease's heartbeat.
+
+        Args:
+            name: Unique within the turn (1-255 printable characters); it names the record.
+            fn: The side effect, sync or async.
+            *args: Positional arguments for ``fn``.
+            **kwargs: Keyword arguments for ``fn``.
+
+        Returns:
+            ``fn``'s result, or the one recorded for this message.
+
+        Raises:
+            StepError: ``name`` was already used in this turn.
+            StepTimeoutError: ``fn`` ran past the step timeout (a failed attempt of the turn).
+            NotSerializableError, PayloadTooLargeError: The result is not JSON, or too large.
+            LeaseLostError: The lease was lost: nothing is recorded, and the turn cannot commit.
+        """
+        if self._steps is None:
+            raise StepError("this TurnContext runs no steps: steps run inside a worker's turn (or keel.testing)")
+        return await self._steps.run(name, fn, args, kwargs)
 
     def log_fields(self) -> dict[str, Any]:
         """The fields every log record about this turn carries (G9)."""

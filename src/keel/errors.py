@@ -21,7 +21,13 @@ KeelError
 ├── UnknownWorkflowError          a workflow name the app does not have
 ├── MessageNotFoundError          wait() for a message that was never sent
 ├── TurnFailedError               the turn that ran a message raised
-└── WaitTimeoutError              wait() ran out of time before the turn committed
+├── WaitTimeoutError              wait() ran out of time before the turn committed
+├── NotPausedError                keel retry / skip of an instance no dead letter pauses
+├── TurnTimeoutError              a turn ran past its timeout (a failed attempt)
+├── StepTimeoutError              a step ran past its timeout (a failed attempt)
+├── NonRetryable                  raised by user code: dead-letter at once, do not retry
+│   └── StepError                 a step used wrongly: a name twice in one turn
+└── RetryAfter                    raised by user code: retry after a given delay (a 429's Retry-After)
 ```
 
 The class docstring is the default message. Domain data travels in attributes, so callers never parse
@@ -301,3 +307,50 @@ class WaitTimeoutError(KeelError, TimeoutError):
             f"message {message_id} to {instance} was not committed within {timeout_s:g} s; it stays queued "
             "(is a `keel worker` running for this app and backend?)"
         )
+
+
+class NonRetryable(KeelError):
+    """Raise it (or a subclass) in a workflow to dead-letter the message at once: retrying cannot help."""
+
+
+class StepError(NonRetryable):
+    """Raised when a step is used wrongly, such as one name twice in one turn; retrying would do the same."""
+
+
+class TurnTimeoutError(KeelError, TimeoutError):
+    """Raised when a turn runs past its timeout; it counts as a failed attempt."""
+
+    def __init__(self, instance: str, timeout_s: float) -> None:
+        self.instance = instance
+        self.timeout_s = timeout_s
+        super().__init__(f"the turn of {instance} ran past its timeout of {timeout_s:g} s and was cancelled")
+
+
+class StepTimeoutError(KeelError, TimeoutError):
+    """Raised when a step runs past its timeout; the turn fails and counts as a failed attempt."""
+
+    def __init__(self, step: str, timeout_s: float) -> None:
+        self.step = step
+        self.timeout_s = timeout_s
+        super().__init__(f"step {step!r} ran past its timeout of {timeout_s:g} s and was cancelled")
+
+
+class RetryAfter(KeelError):
+    """Raise it in a workflow to retry the turn after ``delay_s`` seconds, e.g. a rate limit's Retry-After."""
+
+    def __init__(self, delay_s: float, reason: str = "") -> None:
+        if not delay_s >= 0:
+            raise ValueError(f"RetryAfter needs a delay of 0 seconds or more, not {delay_s!r}")
+        self.delay_s = float(delay_s)
+        self.reason = reason
+        super().__init__(f"retry after {delay_s:g} s" + (f": {reason}" if reason else ""))
+
+
+class NotPausedError(KeelError, LookupError):
+    """Raised by retry and skip when no dead letter pauses the instance."""
+
+    code = ErrorCode.not_found
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        super().__init__(f"{instance} is not paused by a dead letter: there is nothing to retry or skip")

@@ -10,9 +10,9 @@ Map of the design:
 - Heartbeat: a task on the worker's own event loop renews every held lease each third of ``lease_s``. A wedged
   loop stops renewing, so its leases expire and another worker takes over (G4). A renewal that finds a lease
   lost cancels that turn: its result could never be committed.
-- Commit: the new state, the message's completion and the turn record go in one ``commit_turn`` (G3), which
-  the backend refuses under a stale token or an expired lease. A turn that raises is recorded with its
-  traceback by ``fail_turn``, which pauses the instance (retries and dead letters build on this later).
+- Turns: ``keel.turn.TurnRunner`` runs each claimed turn and commits it (G3), retries it after a backoff, or
+  dead-letters it (which pauses its instance); the backend refuses any of these under a stale token or an
+  expired lease.
 - Shutdown: stop claiming, let running turns finish within ``grace_s``, cancel the rest and release their
   leases so another worker can take them at once.
 
@@ -25,24 +25,19 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
-import traceback
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-
-from pydantic import BaseModel
 
 from keel.backends import open_backend
 from keel.backends._url import scheme_of
-from keel.backends.base import Claim, StoreOptions, TurnCommit, TurnFailure
-from keel.context import TurnContext
-from keel.errors import BackendUnavailable, ConfigurationError, LeaseLostError
+from keel.backends.base import Claim, StoreOptions
+from keel.errors import BackendUnavailable, ConfigurationError
 from keel.identity import process_identity
-from keel.payload import DEFAULT_MAX_VALUE_BYTES, coerce, decode, encode
+from keel.payload import DEFAULT_MAX_VALUE_BYTES
+from keel.turn import TurnRunner, log_fields
 
 if TYPE_CHECKING:
-    from keel.app import App, WorkflowSpec
+    from keel.app import App
     from keel.backends.base import Backend
 
 logger = logging.getLogger(__name__)
@@ -90,6 +85,7 @@ class Worker:
         self.identity = process_identity()
         self._running: dict[str, _Running] = {}
         self._slot_freed = asyncio.Event()
+        self._turns = TurnRunner(app, backend, worker=self.identity, max_state_bytes=self.settings.max_state_bytes)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run turns until ``stop`` is set, then shut down gracefully."""
@@ -182,69 +178,7 @@ class Worker:
             self._slot_freed.clear()
 
     async def _run_turn(self, claim: Claim) -> None:
-        spec = self.app.spec(claim.instance.workflow)
-        extra = self._extra(claim)
-        started_at, started = datetime.now(UTC), time.monotonic()
-        logger.debug("turn started", extra=extra)
-        try:
-            state_json = await self._execute(spec, claim)
-        except asyncio.CancelledError:
-            logger.warning("turn cancelled before it could commit", extra=extra)
-            raise
-        except Exception:  # noqa: BLE001 - every failure of user code is recorded, never swallowed
-            error = traceback.format_exc()
-            await self._record_failure(claim, error, started_at, time.monotonic() - started)
-            return
-        commit = TurnCommit(claim, state_json, self.identity, started_at, time.monotonic() - started)
-        try:
-            version = await self.backend.commit_turn(commit)
-        except LeaseLostError as exc:
-            logger.warning("turn not committed, its lease is lost: %s", exc.reason, extra=extra)
-            return
-        except BackendUnavailable as exc:
-            logger.error("turn not committed, the backend is unavailable: %s", exc, extra=extra)
-            return
-        logger.info(
-            "turn committed: state version %d in %.3fs",
-            version,
-            commit.duration_s,
-            extra={**extra, "state_version": version},
-        )
-
-    async def _execute(self, spec: WorkflowSpec, claim: Claim) -> str:
-        """Run the workflow function on a private copy of the state; return the new state as JSON."""
-        where = f"{claim.instance.workflow}/{claim.instance.workflow_id}"
-        if claim.state_json is None:
-            state: BaseModel = spec.state()
-        else:
-            state = decode(claim.state_json, spec.state, what=f"stored state of {where}")
-        message = decode(claim.payload_json, spec.message, what=f"message {claim.message_id} to {where}")
-        ctx: TurnContext[Any] = TurnContext(
-            state=state,
-            workflow=claim.instance.workflow,
-            workflow_id=claim.instance.workflow_id,
-            message_id=claim.message_id,
-            fencing_token=claim.fencing_token,
-            attempt=claim.attempt,
-            state_version=claim.state_version,
-            worker=self.identity,
-        )
-        await spec.fn(ctx, message)
-        # Pydantic does not check assignments by default: validate the state as it will be stored. No warnings:
-        # a wrongly typed field is reported below, as the validation error that names it.
-        raw = ctx.state.model_dump(warnings=False) if isinstance(ctx.state, BaseModel) else ctx.state
-        new_state = coerce(raw, spec.state, what=f"the state the turn of {where} left")
-        return encode(new_state, what=f"the state of {where}", max_bytes=self.settings.max_state_bytes)
-
-    async def _record_failure(self, claim: Claim, error: str, started_at: datetime, duration_s: float) -> None:
-        extra = self._extra(claim)
-        logger.error("turn failed; the instance is paused:\n%s", error.rstrip(), extra=extra)
-        try:
-            await self.backend.fail_turn(TurnFailure(claim, error, self.identity, started_at, duration_s))
-        except LeaseLostError as exc:
-            logger.warning("turn failure not recorded, its lease is lost: %s", exc.reason, extra=extra)
-        except BackendUnavailable as exc:
-            logger.error("turn failure not recorded, the backend is unavailable: %s", exc, extra=extra)
+        await self._turns.run(claim)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -287,15 +221,7 @@ class Worker:
                 logger.warning("turn cancelled at shutdown; its lease was released", extra=self._extra(entry.claim))
 
     def _extra(self, claim: Claim) -> dict[str, Any]:
-        return {
-            "workflow": claim.instance.workflow,
-            "workflow_id": claim.instance.workflow_id,
-            "worker": self.identity,
-            "state_version": claim.state_version,
-            "fencing_token": claim.fencing_token,
-            "attempt": claim.attempt,
-            "message_id": claim.message_id,
-        }
+        return log_fields(claim, self.identity)
 
 
 def _instance_key(claim: Claim) -> str:

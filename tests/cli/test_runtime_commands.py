@@ -91,3 +91,27 @@ def test_send_to_an_unreachable_backend_fails_clearly() -> None:
     result = keel("send", APP_PATH, "counter", "c1", '{"seq": 1}', "--url", "redis://:pw@127.0.0.1:1/0")
     assert result.returncode == 4
     assert "unavailable" in result.stderr and "pw" not in result.stderr
+
+
+def test_dead_letters_are_listed_skipped_and_retried_from_the_command_line(url: str, tmp_path: Path) -> None:
+    worker = WorkerProcess(url, tmp_path / "worker.log", lease_s=2.0)
+    try:
+        worker.wait_for_log("started for app process-tests")
+        failed = keel("send", APP_PATH, "counter", "d1", '{"seq": 1, "fail": true}', "--url", url, "--wait", "30")
+        assert failed.returncode == 4
+        assert "told to fail" in failed.stderr and "Traceback" not in failed.stderr
+        later = keel("send", APP_PATH, "counter", "d1", '{"seq": 2}', "--url", url)
+        listed = keel("dead", APP_PATH, "--url", url)
+        assert listed.returncode == 0
+        assert "counter d1" in listed.stdout and "told to fail" in listed.stdout
+        skipped = keel("skip", APP_PATH, "counter", "d1", "--url", url)
+        assert skipped.returncode == 0 and "skipped message" in skipped.stdout
+        shown = keel("send", APP_PATH, "counter", "d1", '{"seq": 3}', "--url", url, "--wait", "30")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout.split("\n", 1)[1])["state"]["applied"] == [2, 3]
+        assert later.stdout.strip()
+        nothing = keel("retry", APP_PATH, "counter", "d1", "--url", url)
+        assert nothing.returncode == 2 and "not paused" in nothing.stderr
+        assert keel("dead", APP_PATH, "--url", url).stdout.strip() == "no dead letters"
+    finally:
+        assert worker.stop() == 0

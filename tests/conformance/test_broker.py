@@ -19,6 +19,7 @@ from keel.backends.base import (
     InstanceRef,
     MessageStatus,
     NewMessage,
+    StepRecord,
     StoreOptions,
     TurnCommit,
     TurnFailure,
@@ -261,3 +262,114 @@ async def test_wait_for_work_wakes_on_a_send_and_times_out_otherwise(backend: Ba
     await backend.wait_for_work(APP, timeout_s=10)
     assert time.monotonic() - started < 2.0
     await sender
+
+
+def step_of(claim: Claim, name: str, result: object) -> StepRecord:
+    return StepRecord(claim, name, json.dumps(result), claim.instance.workflow, 0.01)
+
+
+def failure_of(claim: Claim, error: str = "Traceback...\nRuntimeError: flaky") -> TurnFailure:
+    return TurnFailure(claim, error, "w1", datetime.now(UTC), 0.01)
+
+
+async def test_step_results_are_replayed_to_the_next_claim_of_the_message(backend: Backend) -> None:
+    await send(backend, ref(), {})
+    first = await claim_one(backend, lease_s=0.3)
+    assert first.steps == {}
+    await backend.record_step(step_of(first, "check-eligibility", {"ok": True}))
+    await backend.record_step(step_of(first, "check-eligibility", {"ok": False}))  # the first result stands
+    await backend.record_step(step_of(first, "score", 0.75))
+    await asyncio.sleep(0.5)
+    second = await claim_one(backend)
+    assert second.attempt == 2
+    assert {k: json.loads(v) for k, v in second.steps.items()} == {"check-eligibility": {"ok": True}, "score": 0.75}
+    await backend.commit_turn(commit_of(second, {}))
+    await send(backend, ref(), {})
+    assert (await claim_one(backend)).steps == {}  # steps belong to their message
+
+
+async def test_a_step_record_under_a_lost_lease_is_rejected(backend: Backend) -> None:
+    await send(backend, ref(), {})
+    zombie = await claim_one(backend, lease_s=0.2)
+    await asyncio.sleep(0.4)
+    with pytest.raises(keel.LeaseLostError, match="expired"):
+        await backend.record_step(step_of(zombie, "pay", {"paid": 1}))
+    owner = await claim_one(backend, worker="owner")
+    with pytest.raises(keel.LeaseLostError, match="fencing token"):
+        await backend.record_step(step_of(zombie, "pay", {"paid": 2}))
+    assert owner.steps == {}
+    await backend.release(owner)
+    assert (await claim_one(backend)).steps == {}
+
+
+async def test_a_retry_holds_the_instance_and_keeps_its_message_first(backend: Backend) -> None:
+    first_id = await send(backend, ref(), {"n": 1})
+    await send(backend, ref(), {"n": 2})
+    await send(backend, ref("other"), {"n": 3})
+    claim = await claim_one(backend)
+    await backend.retry_turn(failure_of(claim), delay_s=0.6)
+    others = await backend.claim(APP, ["loan"], worker="w1", lease_s=LEASE_S, limit=5)
+    assert [c.instance for c in others] == [ref("other")]  # held back, while other instances go on
+    with pytest.raises(keel.LeaseLostError):
+        await backend.commit_turn(commit_of(claim, {}))  # a retried attempt cannot commit afterwards
+    await backend.release(claim)  # nor cut its hold short
+    assert [c.instance for c in await backend.claim(APP, ["loan"], worker="w1", lease_s=LEASE_S, limit=5)] == []
+    await asyncio.sleep(0.8)
+    again = await claim_one(backend)
+    assert (again.message_id, again.attempt) == (first_id, 2)
+    info = await backend.message(APP, first_id)
+    assert info is not None and info.status is MessageStatus.pending
+    [turn] = await backend.turns(ref(), limit=5)
+    assert (turn.outcome, turn.attempt, turn.version_written) == ("retry", 1, None)
+    assert "flaky" in (turn.error or "")
+
+
+async def test_a_retry_under_a_lost_lease_is_rejected(backend: Backend) -> None:
+    await send(backend, ref(), {})
+    claim = await claim_one(backend, lease_s=0.2)
+    await asyncio.sleep(0.4)
+    with pytest.raises(keel.LeaseLostError):
+        await backend.retry_turn(failure_of(claim), delay_s=10)
+    assert (await claim_one(backend)).attempt == 2  # not held for 10 s
+
+
+async def test_dead_letters_are_listed_and_a_retry_runs_the_message_again_first(backend: Backend) -> None:
+    dead_id = await send(backend, ref(), {"n": 1})
+    later_id = await send(backend, ref(), {"n": 2})
+    claim = await claim_one(backend)
+    await backend.fail_turn(failure_of(claim, "Traceback...\nValueError: for good"))
+    [dead] = await backend.dead_letters(APP, limit=10)
+    assert (dead.instance, dead.message_id, dead.attempts) == (ref(), dead_id, 1)
+    assert "for good" in dead.error and dead.failed_at.tzinfo is not None
+    assert await backend.dead_letters("another-app", limit=10) == []
+    assert await backend.resolve_dead_letter(ref(), skip=False) == dead_id
+    again = await claim_one(backend)
+    assert (again.message_id, again.attempt) == (dead_id, 1)
+    assert await backend.dead_letters(APP, limit=10) == []
+    await backend.commit_turn(commit_of(again, {"n": 1}))
+    assert (await claim_one(backend)).message_id == later_id
+
+
+async def test_a_skipped_dead_letter_is_recorded_and_the_instance_goes_on(backend: Backend) -> None:
+    dead_id = await send(backend, ref(), {"n": 1})
+    later_id = await send(backend, ref(), {"n": 2})
+    await backend.fail_turn(failure_of(await claim_one(backend)))
+    assert await backend.resolve_dead_letter(ref(), skip=True) == dead_id
+    info = await backend.message(APP, dead_id)
+    assert info is not None and info.status is MessageStatus.skipped
+    assert (await claim_one(backend)).message_id == later_id
+    assert await backend.dead_letters(APP, limit=10) == []
+
+
+async def test_resolving_an_instance_that_is_not_paused_does_nothing(backend: Backend) -> None:
+    assert await backend.resolve_dead_letter(ref("never-seen"), skip=False) is None
+    await send(backend, ref(), {})
+    assert await backend.resolve_dead_letter(ref(), skip=True) is None
+    assert (await claim_one(backend)).attempt == 1
+
+
+async def test_a_committed_claim_cannot_be_renewed(backend: Backend) -> None:
+    await send(backend, ref(), {})
+    claim = await claim_one(backend)
+    await backend.commit_turn(commit_of(claim, {}))
+    assert await backend.renew([claim], lease_s=LEASE_S) == [False]

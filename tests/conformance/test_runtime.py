@@ -33,7 +33,9 @@ class LoanState(BaseModel):
 
 
 def make_app(url: str) -> keel.App:
-    app = keel.App(f"test-{uuid.uuid4().hex[:8]}", backend=url)
+    # Quick retries, so that attempts run out within a test's patience.
+    policy = keel.RetryPolicy(max_attempts=3, initial_delay_s=0.05, max_delay_s=0.2)
+    app = keel.App(f"test-{uuid.uuid4().hex[:8]}", backend=url, retry=policy)
     gates: dict[str, asyncio.Event] = {}
     app.gates = gates  # type: ignore[attr-defined]
 

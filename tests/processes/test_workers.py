@@ -12,7 +12,7 @@ import pytest
 from keel.backends import open_backend
 from keel.backends.base import InstanceRef, StoreOptions
 from tests.processes._workers import WorkerProcess
-from tests.processes.workflows import Step, app
+from tests.processes.workflows import Charge, Step, app
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -106,3 +106,56 @@ async def test_a_paused_zombie_cannot_commit_after_another_worker_took_over(
     finally:
         codes = [zombie.stop()] + ([successor.stop()] if successor is not None else [])
     assert codes == [0] * len(codes)
+
+
+async def test_a_step_done_before_a_crash_is_not_done_again(shared_backend_url: str, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.txt"
+    first = WorkerProcess(shared_backend_url, tmp_path / "first.log", lease_s=1.5)
+    workers = [first]
+    try:
+        first.wait_for_log("started for app process-tests")
+        async with app.client(url=shared_backend_url) as client:
+            message_id = await client.send("payment", "p", Charge(ledger=str(ledger), pause_after_step_s=30))
+            first.wait_for_log("step charge done and recorded")
+            first.signal(signal.SIGKILL)  # after the step, before the turn commits
+            first.proc.wait()
+            workers.append(WorkerProcess(shared_backend_url, tmp_path / "second.log", lease_s=1.5))
+            assert await client.wait("payment", "p", message_id, timeout_s=30) == 1
+            state = await client.state("payment", "p")
+        assert ledger.read_text().splitlines() == [str(state.value.charged_by_token if state else -1)]
+        assert state is not None and state.value.attempts_seen == [2]  # only the finished attempt committed
+        assert "step charge replayed" in workers[1].log()
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+async def test_a_zombies_step_record_is_rejected(shared_backend_url: str, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.txt"
+    zombie = WorkerProcess(shared_backend_url, tmp_path / "zombie.log", lease_s=1.5)
+    successor: WorkerProcess | None = None
+    try:
+        zombie.wait_for_log("started for app process-tests")
+        async with app.client(url=shared_backend_url) as client:
+            message_id = await client.send("payment", "zp", Charge(ledger=str(ledger), pause_before_step_s=4))
+            zombie.wait_for_log("turn started")
+            zombie.signal(signal.SIGSTOP)
+            successor = WorkerProcess(shared_backend_url, tmp_path / "successor.log", lease_s=1.5)
+            assert await client.wait("payment", "zp", message_id, timeout_s=30) == 1
+            zombie.signal(signal.SIGCONT)
+            await asyncio.sleep(5.0)  # the zombie wakes, its pause ends, and it tries its step
+            state = await client.state("payment", "zp")
+        assert state is not None
+        owner_token = state.value.charged_by_token
+        assert state.value.attempts_seen == [2] and state.version == 1
+        calls = ledger.read_text().splitlines()
+        assert calls[0] == str(owner_token)
+        assert len(calls) <= 2  # a zombie may still call the outside world (hence ctx.fencing_token) ...
+        assert all(int(token) < owner_token for token in calls[1:])  # ... but only with its older token
+        log = zombie.log()
+        assert "lease" in log.split("turn started", 1)[1]
+        assert "step charge done and recorded" not in log  # its record was refused (or never attempted)
+    finally:
+        zombie.stop()
+        if successor is not None:
+            successor.stop()

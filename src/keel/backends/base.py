@@ -6,12 +6,12 @@ retry loop live above them (``keel.store``), written once for all engines.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Sequence
+    from collections.abc import Collection, Mapping, Sequence
     from datetime import datetime
 
 
@@ -113,7 +113,10 @@ class MessageStatus(StrEnum):
 
     pending = "pending"
     done = "done"
+    #: Dead-lettered: attempts ran out or the failure was not worth retrying; its instance is paused.
     failed = "failed"
+    #: Dead-lettered, then dropped on purpose (``keel skip``); its instance went on.
+    skipped = "skipped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,30 @@ class Claim:
     attempt: int
     state_json: str | None
     state_version: int
+    #: Step name -> result JSON recorded for this message by earlier attempts: replayed, not run again.
+    steps: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """A step's result, recorded durably for the claim's message before the turn goes on."""
+
+    claim: Claim
+    name: str
+    result_json: str
+    worker: str
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message whose turn failed for good, pausing its instance until it is retried or skipped."""
+
+    instance: InstanceRef
+    message_id: str
+    error: str
+    attempts: int
+    failed_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +277,43 @@ class Broker(Protocol):
 
     async def release(self, claim: Claim, /) -> None:
         """Give the lease back without running the turn, if the claim's token is still current."""
+        ...
+
+    async def record_step(self, step: StepRecord, /) -> None:
+        """Durably record a step's result for the claim's message; later claims of it carry it in ``steps``.
+
+        A name already recorded for the message keeps its first result.
+
+        Raises:
+            LeaseLostError: The claim's token is no longer current, or its lease has expired; nothing was written.
+        """
+        ...
+
+    async def retry_turn(self, failure: TurnFailure, /, *, delay_s: float) -> None:
+        """Record a failed attempt and let the message run again after ``delay_s``, atomically.
+
+        The turn record's outcome is ``"retry"``; the lease is released, but no one may claim the instance
+        until ``delay_s`` from now by the backend's clock; the message stays pending and first in line, so
+        the instance's later messages keep waiting behind it.
+
+        Raises:
+            LeaseLostError: The claim's token is no longer current, or its lease has expired; nothing was written.
+        """
+        ...
+
+    async def dead_letters(self, app: str, /, *, limit: int) -> list[DeadLetter]:
+        """Return the app's dead-lettered messages (status failed), newest first."""
+        ...
+
+    async def resolve_dead_letter(self, instance: InstanceRef, /, *, skip: bool) -> str | None:
+        """Un-pause an instance paused by a dead letter, atomically.
+
+        With ``skip=False`` the dead message becomes pending again with its attempts reset, to run first;
+        with ``skip=True`` it is marked skipped and the instance goes on with its next message.
+
+        Returns:
+            The dead message's id, or None if the instance is not paused by a dead letter.
+        """
         ...
 
     async def message(self, app: str, message_id: str, /) -> MessageInfo | None:

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING
 from keel.backends.base import (
     STATE_HISTORY_LIMIT,
     Claim,
+    DeadLetter,
     InstanceRef,
     MessageInfo,
     MessageStatus,
     NewMessage,
+    StepRecord,
     StoredRecord,
     StoreOptions,
     TurnCommit,
@@ -100,6 +102,8 @@ class _Message:
     payload_json: str
     seq: int
     attempts: int = 0
+    steps: dict[str, str] = field(default_factory=dict)
+    failed_at: datetime | None = None
 
 
 @dataclass
@@ -200,6 +204,7 @@ class MemoryBackend(MemoryStore):
         claim = failure.claim
         inst, message = self._fenced(claim)
         message.info = replace(message.info, status=MessageStatus.failed, error=failure.error)
+        message.failed_at = _now()
         inst.paused = True
         self._record(failure, claim, version_written=None, outcome="failed", error=failure.error)
         self._release(inst)
@@ -207,8 +212,45 @@ class MemoryBackend(MemoryStore):
     async def release(self, claim: Claim, /) -> None:
         """Give back the lease if the claim's token is still current."""
         inst = self._rt.instances.get(claim.instance)
-        if inst is not None and inst.token == claim.fencing_token:
-            self._release(inst)
+        if inst is not None and inst.token == claim.fencing_token and inst.lease_owner is not None:
+            self._release(inst)  # not after a retry: that would cut its hold short
+
+    async def record_step(self, step: StepRecord, /) -> None:
+        """Record a step's result for the claim's message (the first result of a name stands)."""
+        _, message = self._fenced(step.claim)
+        message.steps.setdefault(step.name, step.result_json)
+
+    async def retry_turn(self, failure: TurnFailure, /, *, delay_s: float) -> None:
+        """Record the failed attempt; hold the instance for ``delay_s``, its message first in line."""
+        claim = failure.claim
+        inst, _ = self._fenced(claim)
+        self._record(failure, claim, version_written=None, outcome="retry", error=failure.error)
+        inst.lease_owner = None
+        inst.lease_expires_at = _now() + timedelta(seconds=delay_s)
+
+    async def dead_letters(self, app: str, /, *, limit: int) -> list[DeadLetter]:
+        """Return the app's dead-lettered messages, newest first."""
+        dead = [m for (a, _), m in self._rt.messages.items() if a == app and m.info.status is MessageStatus.failed]
+        dead.sort(key=lambda m: (m.failed_at or _now(), m.seq), reverse=True)
+        return [
+            DeadLetter(m.info.instance, m.info.message_id, m.info.error or "", m.attempts, m.failed_at or _now())
+            for m in dead[:limit]
+        ]
+
+    async def resolve_dead_letter(self, instance: InstanceRef, /, *, skip: bool) -> str | None:
+        """Retry or skip the dead message of a paused instance, and un-pause it."""
+        inst = self._rt.instances.get(instance)
+        if inst is None or not inst.paused or not inst.pending:
+            return None
+        message = self._rt.messages[(instance.app, inst.pending[0])]
+        if skip:
+            message.info = replace(message.info, status=MessageStatus.skipped)
+            inst.pending.popleft()
+        else:
+            message.info = replace(message.info, status=MessageStatus.pending, error=None)
+            message.attempts = 0
+        inst.paused = False
+        return message.info.message_id
 
     async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
         """Return a message's status, or None."""
@@ -253,6 +295,7 @@ class MemoryBackend(MemoryStore):
             message.attempts,
             None if state is None else state.value_json,
             0 if state is None else state.version,
+            dict(message.steps),
         )
 
     def _fenced(self, claim: Claim) -> tuple[_Instance, _Message]:
@@ -266,6 +309,8 @@ class MemoryBackend(MemoryStore):
     def _lease_problem(inst: _Instance, claim: Claim, now: datetime) -> str | None:
         if inst.token != claim.fencing_token:
             return f"the instance moved on to fencing token {inst.token}"
+        if inst.lease_owner is None:
+            return "the lease was released"
         if inst.lease_expires_at is None or inst.lease_expires_at <= now:
             return "the lease expired"
         return None

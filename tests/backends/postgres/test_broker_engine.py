@@ -324,7 +324,7 @@ async def test_a_store_only_database_at_schema_version_1_is_migrated(postgres_ur
         conn.execute("INSERT INTO keel_kv_history VALUES ('loan:1', 4, '{\"step\": 4}', now(), 'old')")
     opened = await asyncio.gather(*(open_backend(postgres_url, StoreOptions()) for _ in range(3)))
     try:
-        assert _rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", 2)]
+        assert _rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", pg_store.SCHEMA_VERSION)]
         kept = await opened[0].store.get("loan:1")
         assert kept is not None and (kept.version, kept.value_json) == (4, '{"step": 4}')
         await send(opened[1], ref(), {})
@@ -338,8 +338,9 @@ async def test_a_store_only_database_at_schema_version_1_is_migrated(postgres_ur
 def test_the_broker_sql_holds_every_statement_it_runs() -> None:
     expected = {"lock_inbox", "append", "lock_ready", "lease", "renew", "lock_instance", "commit_turn"}
     expected |= {"fail_turn", "release", "message", "state", "turns", "has_work", "listen"}
+    expected |= {"record_step", "retry_turn", "dead_letters", "resolve_dead_letter"}
     assert expected <= set(BROKER_QUERIES)
-    assert pg_store.SCHEMA_VERSION == 2
+    assert pg_store.SCHEMA_VERSION == 3
 
 
 async def test_state_history_keeps_the_last_versions(backend: PostgresBackend, postgres_url: str) -> None:

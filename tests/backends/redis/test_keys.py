@@ -88,6 +88,7 @@ def test_default_runtime_layout() -> None:
     assert keys.instance(member) == "keel:inst:{loans/loan/42}"
     assert keys.inbox(member) == "keel:inbox:{loans/loan/42}"
     assert keys.message(member, "m1") == "keel:msg:{loans/loan/42}:m1"
+    assert keys.steps(member, "m1") == "keel:steps:{loans/loan/42}:m1"
     assert keys.idempotency(member) == "keel:idem:{loans/loan/42}"
     assert keys.states(member) == "keel:states:{loans/loan/42}"
     assert keys.turns(member) == "keel:turns:{loans/loan/42}"
@@ -95,6 +96,7 @@ def test_default_runtime_layout() -> None:
     assert keys.message_index("loans") == "keel:msgindex:{loans}"
     assert keys.ready("loans", "loan") == "keel:ready:{loans}:loan"
     assert keys.leased("loans", "loan") == "keel:leased:{loans}:loan"
+    assert keys.dead("loans") == "keel:dead:{loans}"
     assert keys.wake("loans") == "keel:wake:{loans}"
 
 
@@ -120,6 +122,7 @@ def test_every_key_of_an_instance_shares_its_slot(part: str) -> None:
         keys.instance(member),
         keys.inbox(member),
         keys.message(member, "m{1}"),
+        keys.steps(member, "m{1}"),
         keys.idempotency(member),
         keys.states(member),
         keys.turns(member),
@@ -130,5 +133,12 @@ def test_every_key_of_an_instance_shares_its_slot(part: str) -> None:
 @pytest.mark.parametrize("app", TRICKY_KEYS)
 def test_every_key_of_an_app_shares_its_slot(app: str) -> None:
     keys = RedisKeys()
-    names = [keys.sequence(app), keys.message_index(app), keys.ready(app, "a"), keys.leased(app, "b{"), keys.wake(app)]
+    names = [
+        keys.sequence(app),
+        keys.message_index(app),
+        keys.ready(app, "a"),
+        keys.leased(app, "b{"),
+        keys.dead(app),
+        keys.wake(app),
+    ]
     assert {key_slot(name.encode()) for name in names} == {key_slot(hash_tag(app)[1:-1].encode())}

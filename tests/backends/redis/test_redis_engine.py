@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 import keel
 from keel.backends.base import StoreOptions
 from keel.backends.redis.store import (
+    STORE_SCHEMA_VERSION,
     Persistence,
     RedisStore,
     open_engine,
@@ -229,16 +230,17 @@ async def test_more_concurrent_writers_than_pooled_connections(redis_url: str) -
 async def test_schema_version_is_written_at_connect(redis_url: str, raw: Redis) -> None:
     async with keel.open_store(redis_url):
         pass
-    assert await raw.hgetall("keel:schema") == {"store": "2"}
+    assert await raw.hgetall("keel:schema") == {"store": str(STORE_SCHEMA_VERSION)}
 
 
 @pytest.mark.redis
 async def test_data_from_a_newer_keel_is_refused(redis_url: str, raw: Redis) -> None:
-    await raw.hset("keel:schema", "store", "3")
+    newer = str(STORE_SCHEMA_VERSION + 1)
+    await raw.hset("keel:schema", "store", newer)
     with pytest.raises(keel.ConfigurationError, match="newer"):
         async with keel.open_store(redis_url):
             pass
-    assert await raw.hgetall("keel:schema") == {"store": "3"}
+    assert await raw.hgetall("keel:schema") == {"store": newer}
 
 
 @pytest.mark.redis

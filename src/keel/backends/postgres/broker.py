@@ -1,9 +1,15 @@
 """The PostgreSQL broker: inboxes, leases with fencing tokens, and the atomic turn commit (G2, G3).
 
-Tables (``schema.sql``, step ``runtime_v1``): ``keel_instances`` holds one row per workflow instance with its
-lease, fencing token, committed state and ``next_seq``, the seq of its oldest pending message (NULL when its inbox
-is empty); ``keel_messages`` the inboxes, in ``seq`` order; ``keel_state_history`` the last states;
-``keel_turns`` one record per turn. Statements are in ``broker.sql``.
+Tables (``schema.sql``, steps ``runtime_v1`` and ``runtime_v2``): ``keel_instances`` holds one row per workflow
+instance with its lease, fencing token, committed state and ``next_seq``, the seq of its oldest pending message
+(NULL when its inbox is empty; a failed message keeps it while it pauses the instance); ``keel_messages`` the
+inboxes, in ``seq`` order; ``keel_state_history`` the last states; ``keel_turns`` one record per turn;
+``keel_steps`` the step results recorded per message. Statements are in ``broker.sql``.
+
+A lease is live while the instance's ``fencing_token`` is the claim's, ``lease_owner`` is set and
+``lease_expires_at`` is after ``clock_timestamp()``. Commit, fail and release clear both; a retry clears the owner
+only, leaving ``lease_expires_at`` at the end of the retry delay, which keeps claims (they look at that column
+alone) off the instance until then.
 
 How each operation stays atomic and fenced:
 
@@ -13,11 +19,15 @@ How each operation stays atomic and fenced:
 - ``claim``: one transaction. ``FOR UPDATE SKIP LOCKED`` locks claimable instance rows (pending message, not
   paused, lease absent or expired by ``clock_timestamp()``) oldest ``next_seq`` first, so concurrent claimers in any
   process take disjoint rows; a second statement raises their tokens, sets the leases and counts the attempts.
-- ``commit_turn`` and ``fail_turn``: one transaction. It locks the instance row, then one statement writes
-  everything under the condition that the token is the claim's and the lease is unexpired (by the server's clock,
-  read after the lock is held); when that condition fails nothing is written and ``LeaseLostError`` says why.
-  ``_commit_in``/``_fail_in`` take an open transaction, so that several commits, and later a turn's step records
-  and events, can share one.
+- ``commit_turn``, ``fail_turn``, ``record_step`` and ``retry_turn``: one transaction. It locks the instance row,
+  then one statement writes everything under the condition that the lease is live (by the server's clock, read
+  after the lock is held); when that condition fails nothing is written and ``LeaseLostError`` says why, from the
+  locked row. ``_commit_in``/``_fail_in`` take an open transaction, so that several commits, and later a turn's
+  events, can share one. A step keeps its first result: the insert does nothing on a name already recorded.
+- ``resolve_dead_letter``: one transaction. It locks the instance row (so sends, claims and other resolves of it
+  wait), then one statement finds the failed message at ``next_seq`` of the paused instance, makes it pending
+  again (attempts 0) or skipped, moves ``next_seq`` past it when skipped, un-pauses the instance and notifies
+  the app's channel; it finds nothing, and changes nothing, when the instance is not paused by a failed message.
 - ``renew``, ``release``: one fenced statement each.
 """
 
@@ -32,10 +42,12 @@ from keel.backends._sql import load_queries
 from keel.backends.base import (
     STATE_HISTORY_LIMIT,
     Claim,
+    DeadLetter,
     InstanceRef,
     MessageInfo,
     MessageStatus,
     NewMessage,
+    StepRecord,
     StoredRecord,
     TurnCommit,
     TurnFailure,
@@ -46,6 +58,7 @@ from keel.errors import LeaseLostError
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
+    from typing import LiteralString
 
     import psycopg
     from psycopg.rows import TupleRow
@@ -166,6 +179,68 @@ class PostgresBroker:
         async with self._store._connection() as conn:
             await conn.execute(BROKER_QUERIES["release"], params)
 
+    async def record_step(self, step: StepRecord, /) -> None:
+        """Durably record a step's result for the claim's message; a name already recorded keeps its first result.
+
+        Raises:
+            LeaseLostError: The lease is no longer live (moved on, expired or released); nothing was written.
+            BackendUnavailable: The server cannot be reached; the step may or may not have been recorded.
+        """
+        claim = step.claim
+        params = {
+            **_instance_params(claim.instance),
+            "message_id": claim.message_id,
+            "fencing_token": claim.fencing_token,
+            "name": step.name,
+            "result": step.result_json,
+            "worker": step.worker,
+            "duration_s": step.duration_s,
+        }
+        async with self._store._connection() as conn, conn.transaction():
+            await _fenced(conn, claim, BROKER_QUERIES["record_step"], params)
+
+    async def retry_turn(self, failure: TurnFailure, /, *, delay_s: float) -> None:
+        """Record a failed attempt and release the lease, holding the instance for ``delay_s``, atomically.
+
+        Raises:
+            LeaseLostError: The lease is no longer live (moved on, expired or released); nothing was written.
+            BackendUnavailable: The server cannot be reached; the retry may or may not have been recorded.
+        """
+        claim = failure.claim
+        params = {
+            **_turn_params(claim, failure.worker, failure.started_at, failure.duration_s),
+            "error": failure.error,
+            "delay_s": float(delay_s),
+        }
+        async with self._store._connection() as conn, conn.transaction():
+            await _fenced(conn, claim, BROKER_QUERIES["retry_turn"], params)
+
+    async def dead_letters(self, app: str, /, *, limit: int) -> list[DeadLetter]:
+        """Return the app's dead-lettered messages (status failed), newest failure first."""
+        async with self._store._connection() as conn:
+            cursor = await conn.execute(BROKER_QUERIES["dead_letters"], {"app": app, "limit": max(limit, 0)})
+            rows = await cursor.fetchall()
+        return [
+            DeadLetter(InstanceRef(app, workflow, workflow_id), message_id, error, int(attempts), _utc(failed_at))
+            for workflow, workflow_id, message_id, error, attempts, failed_at in rows
+        ]
+
+    async def resolve_dead_letter(self, instance: InstanceRef, /, *, skip: bool) -> str | None:
+        """Retry (``skip=False``) or skip the failed message pausing ``instance``, and un-pause it, atomically.
+
+        Returns:
+            The dead message's id, or None (nothing changed) if the instance is unknown or not paused by one.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached; the instance may or may not have been resolved.
+        """
+        params = {**_instance_params(instance), "skip": skip, "channel": channel_for(self._schema, instance.app)}
+        async with self._store._connection() as conn, conn.transaction():
+            if await _fetch_one(conn, BROKER_QUERIES["lock_instance"], params) is None:
+                return None
+            row = await _fetch_one(conn, BROKER_QUERIES["resolve_dead_letter"], params)
+        return None if row is None else str(row[0])
+
     async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
         """Return a message's status, or None if no such message was sent to ``app``."""
         async with self._store._connection() as conn:
@@ -203,15 +278,12 @@ async def _commit_in(conn: psycopg.AsyncConnection[TupleRow], commit: TurnCommit
         LeaseLostError: The claim is stale; the caller's transaction must roll back (nothing of this was written).
     """
     claim = commit.claim
-    held = await _lock_instance(conn, claim)
     params = {
         **_turn_params(claim, commit.worker, commit.started_at, commit.duration_s),
         "state": commit.state_json,
         "history_limit": STATE_HISTORY_LIMIT,
     }
-    row = await _fetch_one(conn, BROKER_QUERIES["commit_turn"], params)
-    if row is None:
-        raise LeaseLostError(_describe(claim.instance), claim.fencing_token, _lease_problem(claim, held))
+    row = await _fenced(conn, claim, BROKER_QUERIES["commit_turn"], params)
     return int(row[0])
 
 
@@ -222,26 +294,40 @@ async def _fail_in(conn: psycopg.AsyncConnection[TupleRow], failure: TurnFailure
         LeaseLostError: The claim is stale; the caller's transaction must roll back (nothing of this was written).
     """
     claim = failure.claim
-    held = await _lock_instance(conn, claim)
     params = {**_turn_params(claim, failure.worker, failure.started_at, failure.duration_s), "error": failure.error}
-    if await _fetch_one(conn, BROKER_QUERIES["fail_turn"], params) is None:
+    await _fenced(conn, claim, BROKER_QUERIES["fail_turn"], params)
+
+
+async def _fenced(
+    conn: psycopg.AsyncConnection[TupleRow], claim: Claim, query: LiteralString, params: dict[str, Any]
+) -> tuple[Any, ...]:
+    """Lock the claim's instance row, then run ``query``, a statement that writes only under a live lease.
+
+    Runs inside the caller's open transaction. Locking first makes sends to this inbox wait, so the statement's
+    snapshot (taken after the lock) shows every message sent before it, and its ``clock_timestamp()`` is read
+    with the row held.
+
+    Returns:
+        The statement's row.
+
+    Raises:
+        LeaseLostError: The statement returned no row: the lease was not live, and nothing was written.
+    """
+    held = await _fetch_one(conn, BROKER_QUERIES["lock_instance"], _instance_params(claim.instance))
+    row = await _fetch_one(conn, query, params)
+    if row is None:
         raise LeaseLostError(_describe(claim.instance), claim.fencing_token, _lease_problem(claim, held))
-
-
-async def _lock_instance(conn: psycopg.AsyncConnection[TupleRow], claim: Claim) -> tuple[Any, ...] | None:
-    # Sends to this inbox wait from here on, and the next statement's snapshot shows every message sent before:
-    # the next message it queues is the right one.
-    return await _fetch_one(conn, BROKER_QUERIES["lock_instance"], _instance_params(claim.instance))
+    return row
 
 
 def _lease_problem(claim: Claim, held: tuple[Any, ...] | None) -> str:
     """Say why a fenced write found nothing to write, from the instance row it locked."""
     if held is None:
         return "the instance does not exist"
-    token, expires_at, state_version = held
+    token, owner, state_version = held
     if token != claim.fencing_token:
         return f"the instance moved on to fencing token {token}"
-    if expires_at is None:
+    if owner is None:
         return "the lease was released"
     if state_version != claim.state_version:
         return f"the state moved on to version {state_version}"
@@ -266,9 +352,12 @@ def _turn_params(claim: Claim, worker: str, started_at: datetime, duration_s: fl
 
 
 def _claim(app: str, row: tuple[Any, ...]) -> Claim:
-    workflow, workflow_id, token, expires_at, message_id, payload, attempts, state, state_version = row
+    workflow, workflow_id, token, expires_at, message_id, payload, attempts, state, state_version, names, results = row
     ref = InstanceRef(app, workflow, workflow_id)
-    return Claim(ref, int(token), _utc(expires_at), message_id, payload, int(attempts), state, int(state_version))
+    steps = dict(zip(names or (), results or (), strict=True))
+    return Claim(
+        ref, int(token), _utc(expires_at), message_id, payload, int(attempts), state, int(state_version), steps
+    )
 
 
 def _turn(instance: InstanceRef, row: tuple[Any, ...]) -> TurnRecordRow:

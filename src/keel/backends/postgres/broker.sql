@@ -4,6 +4,10 @@
 -- locks the instance rows, the second (a fresh snapshot under read committed, taken once the locks are held) reads
 -- and writes. One statement alone would read the inbox through a snapshot older than the row it locked. Lease
 -- times come from clock_timestamp(), the server's clock. Parameters use psycopg's %(name)s style.
+--
+-- A lease is live while its token is the instance's, lease_owner is set and lease_expires_at is in the future.
+-- Commit, release and retry clear lease_owner; a retry leaves lease_expires_at set, to hold the instance back from
+-- claims until then (claims look at lease_expires_at only).
 
 -- lock_inbox --
 -- Create the instance if new and lock its row (the no-op update takes the lock), so that one inbox's sends are serial.
@@ -45,7 +49,7 @@ SELECT workflow, workflow_id
    FOR UPDATE SKIP LOCKED
 
 -- lease --
--- Lease the locked instances under fresh fencing tokens and count an attempt of each one's next message.
+-- Lease the locked instances under fresh fencing tokens, count an attempt of each one's next message, read its steps.
 WITH leased AS (
     UPDATE keel_instances AS i
        SET fencing_token = i.fencing_token + 1,
@@ -62,23 +66,30 @@ WITH leased AS (
     RETURNING m.seq, m.message_id, m.payload, m.attempts
 )
 SELECT leased.workflow, leased.workflow_id, leased.fencing_token, leased.lease_expires_at,
-       tried.message_id, tried.payload, tried.attempts, leased.state, leased.state_version
+       tried.message_id, tried.payload, tried.attempts, leased.state, leased.state_version,
+       steps.names, steps.results
   FROM leased JOIN tried ON tried.seq = leased.next_seq
+       CROSS JOIN LATERAL (
+           -- Both arrays in one order, so that names[i] goes with results[i]; NULL when no step was recorded.
+           SELECT array_agg(s.name ORDER BY s.name) AS names, array_agg(s.result ORDER BY s.name) AS results
+             FROM keel_steps AS s
+            WHERE s.app = %(app)s AND s.message_id = tried.message_id
+       ) AS steps
  ORDER BY leased.next_seq
 
 -- renew --
--- Extend the live leases still held under the given tokens; the instances whose lease was extended.
+-- Extend the live leases still held under the given tokens (not released); the instances whose lease was extended.
 UPDATE keel_instances AS i
    SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_s)s)
   FROM unnest(%(apps)s::text[], %(workflows)s::text[], %(workflow_ids)s::text[], %(tokens)s::bigint[])
        AS held (app, workflow, workflow_id, fencing_token)
  WHERE i.app = held.app AND i.workflow = held.workflow AND i.workflow_id = held.workflow_id
-   AND i.fencing_token = held.fencing_token AND i.lease_expires_at > clock_timestamp()
+   AND i.fencing_token = held.fencing_token AND i.lease_owner IS NOT NULL AND i.lease_expires_at > clock_timestamp()
 RETURNING i.app, i.workflow, i.workflow_id
 
 -- lock_instance --
 -- Lock one instance row for a fenced write; what it holds now, to say why the write was refused if it is.
-SELECT fencing_token, lease_expires_at, state_version
+SELECT fencing_token, lease_owner, state_version
   FROM keel_instances
  WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
    FOR UPDATE
@@ -93,7 +104,7 @@ WITH up AS (
                         WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
                           AND status = 'pending' AND message_id <> %(message_id)s)
      WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
-       AND fencing_token = %(fencing_token)s AND lease_expires_at > clock_timestamp()
+       AND fencing_token = %(fencing_token)s AND lease_owner IS NOT NULL AND lease_expires_at > clock_timestamp()
        AND state_version = %(version_read)s
     RETURNING state_version, state, state_written_at, state_writer
 ), kept AS (
@@ -124,7 +135,7 @@ WITH up AS (
     UPDATE keel_instances
        SET paused = true, lease_owner = NULL, lease_expires_at = NULL
      WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
-       AND fencing_token = %(fencing_token)s AND lease_expires_at > clock_timestamp()
+       AND fencing_token = %(fencing_token)s AND lease_owner IS NOT NULL AND lease_expires_at > clock_timestamp()
     RETURNING state_version
 ), failed AS (
     UPDATE keel_messages AS m
@@ -141,11 +152,84 @@ WITH up AS (
 SELECT state_version FROM up
 
 -- release --
--- Clear the lease if it is still held under the given token; nothing otherwise.
+-- Clear the lease if it is still held under the given token; nothing otherwise (a retry's hold stays).
 UPDATE keel_instances
    SET lease_owner = NULL, lease_expires_at = NULL
  WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
-   AND fencing_token = %(fencing_token)s
+   AND fencing_token = %(fencing_token)s AND lease_owner IS NOT NULL
+
+-- record_step --
+-- Fenced: record a step's result for the message unless its name was recorded before; no row if stale.
+WITH held AS (
+    SELECT 1
+      FROM keel_instances
+     WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+       AND fencing_token = %(fencing_token)s AND lease_owner IS NOT NULL AND lease_expires_at > clock_timestamp()
+), recorded AS (
+    INSERT INTO keel_steps (app, message_id, name, result, worker, fencing_token, duration_s)
+    SELECT %(app)s, %(message_id)s, %(name)s, %(result)s, %(worker)s, %(fencing_token)s, %(duration_s)s
+      FROM held
+    ON CONFLICT (app, message_id, name) DO NOTHING
+)
+SELECT 1 FROM held
+
+-- retry_turn --
+-- Fenced: turn recorded as a retry, lease released but the instance held until delay_s from now; no row if stale.
+-- The message stays pending (and next_seq on it), its attempts as they are: the next claim counts one more.
+WITH up AS (
+    UPDATE keel_instances
+       SET lease_owner = NULL,
+           lease_expires_at = clock_timestamp() + make_interval(secs => greatest(%(delay_s)s, 0))
+     WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+       AND fencing_token = %(fencing_token)s AND lease_owner IS NOT NULL AND lease_expires_at > clock_timestamp()
+    RETURNING state_version
+), recorded AS (
+    INSERT INTO keel_turns (app, workflow, workflow_id, message_id, worker, attempt, fencing_token, version_read,
+                            version_written, started_at, duration_s, outcome, error)
+    SELECT %(app)s, %(workflow)s, %(workflow_id)s, %(message_id)s, %(worker)s, %(attempt)s, %(fencing_token)s,
+           %(version_read)s, NULL, %(started_at)s, %(duration_s)s, 'retry', %(error)s
+      FROM up
+)
+SELECT state_version FROM up
+
+-- dead_letters --
+-- An app's failed messages, newest failure first (finished_at is when a failed message failed).
+SELECT workflow, workflow_id, message_id, coalesce(error, ''), attempts, finished_at
+  FROM keel_messages
+ WHERE app = %(app)s AND status = 'failed'
+ ORDER BY finished_at DESC, seq DESC
+ LIMIT %(limit)s
+
+-- resolve_dead_letter --
+-- After lock_instance: retry (skip false) or skip the failed message pausing the instance, and un-pause it.
+-- No row if the instance is not paused by a failed message. The sub-select runs on the statement's snapshot, where
+-- the dead message is still failed: with skip it finds the next pending message, which may be none.
+WITH dead AS (
+    SELECT m.seq, m.message_id
+      FROM keel_instances AS i JOIN keel_messages AS m ON m.seq = i.next_seq
+     WHERE i.app = %(app)s AND i.workflow = %(workflow)s AND i.workflow_id = %(workflow_id)s
+       AND i.paused AND m.status = 'failed'
+), resolved AS (
+    UPDATE keel_messages AS m
+       SET status = CASE WHEN %(skip)s THEN 'skipped' ELSE 'pending' END,
+           attempts = CASE WHEN %(skip)s THEN m.attempts ELSE 0 END,
+           error = CASE WHEN %(skip)s THEN m.error END,
+           finished_at = CASE WHEN %(skip)s THEN m.finished_at END
+      FROM dead
+     WHERE m.seq = dead.seq
+), resumed AS (
+    UPDATE keel_instances AS i
+       SET paused = false,
+           next_seq = CASE WHEN %(skip)s
+                           THEN (SELECT min(seq) FROM keel_messages
+                                  WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+                                    AND status = 'pending')
+                           ELSE dead.seq END
+      FROM dead
+     WHERE i.app = %(app)s AND i.workflow = %(workflow)s AND i.workflow_id = %(workflow_id)s
+)
+-- Delivered at commit: the instance may be claimable again, so idle workers should look.
+SELECT message_id, pg_notify(%(channel)s, '') FROM dead
 
 -- message --
 -- A message's instance and status.

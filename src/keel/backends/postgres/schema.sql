@@ -122,3 +122,31 @@ CREATE TABLE keel_turns (
 
 -- An instance's turns, newest first.
 CREATE INDEX keel_turns_instance ON keel_turns (app, workflow, workflow_id, id);
+
+-- runtime_v2 --
+-- Steps done once, retries after a delay, dead letters that can be retried or skipped.
+-- A step's result, recorded once per (message, name) by the attempt that ran it; later attempts replay it.
+CREATE TABLE keel_steps (
+    app           text NOT NULL,
+    message_id    text NOT NULL,
+    name          text NOT NULL,
+    -- The result's JSON text exactly as keel encoded it; the first one recorded stands.
+    result        text NOT NULL,
+    worker        text NOT NULL,
+    fencing_token bigint NOT NULL,
+    duration_s    double precision NOT NULL,
+    recorded_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- Also what a claim reads: the steps of one message.
+    PRIMARY KEY (app, message_id, name),
+    -- Steps belong to their message: whatever deletes messages one day takes their steps along.
+    FOREIGN KEY (app, message_id) REFERENCES keel_messages ON DELETE CASCADE
+);
+
+-- A dead letter can now be skipped. A failed message's finished_at is when it failed (fail_turn has always set it),
+-- so messages that failed before this step are dead letters with a failure time too.
+ALTER TABLE keel_messages
+    DROP CONSTRAINT keel_messages_status_check,
+    ADD CONSTRAINT keel_messages_status_check CHECK (status IN ('pending', 'done', 'failed', 'skipped'));
+
+-- The dead letters of an app, newest failure first.
+CREATE INDEX keel_messages_dead ON keel_messages (app, finished_at DESC) WHERE status = 'failed';

@@ -4,53 +4,66 @@ Map of the design:
 
 - Keys: ``keys.py`` names them (the instance's keys share its hash tag ``{app/workflow/workflow_id}``; ready,
   leased and wake keys are per app); ``scripts/runtime_lib.lua`` draws the whole layout.
-- Writes: every operation that changes more than one key is one Lua script (``send``, ``claim``, ``renew``,
-  ``commit``, ``fail``, ``release``), so it is atomic and one round trip. The shared helpers of
-  ``runtime_lib.lua`` are prepended to each script's text when it is registered.
+- Writes: every operation that changes more than one key, or checks a lease before writing, is one Lua
+  script (``send``, ``claim``, ``renew``, ``commit``, ``fail``, ``release``, ``step``, ``retry``, ``resolve``),
+  so it is atomic and one round trip; ``dead_letters`` is a read-only script, for one consistent snapshot.
+  The shared helpers of ``runtime_lib.lua`` are prepended to each script's text when it is registered.
 - Claiming: a per-(app, workflow) sorted set holds the instances that can be claimed, scored by the app-wide
   sequence number of their oldest pending message; a second one holds leased instances by lease expiry.
   ``claim.lua`` first moves expired leases back to the ready set, then takes the lowest scores across the
   asked workflows, raises each instance's fencing token and leases it. Redis runs one script at a time, so
   two claimers, in any processes, never take the same instance.
-- Fencing: ``commit.lua``, ``fail.lua`` and ``renew.lua`` check, inside the script, that the claim's token is
-  still the instance's and its lease unexpired by the server's clock; otherwise they write nothing and say
-  why, which becomes ``LeaseLostError`` here.
+- Retries: ``retry.lua`` releases the lease but keeps the instance in the leased set, scored by the end of
+  its hold, with no owner; it is in no ready set until a claim after the hold's end sweeps it back, under
+  its inbox head's sequence number, exactly like an expired lease.
+- Fencing: ``commit``, ``fail``, ``renew``, ``step`` and ``retry`` check, inside the script, that the claim's
+  token is still the instance's, its lease not released (owner set) and unexpired by the server's clock;
+  otherwise they write nothing and say why, which becomes ``LeaseLostError`` here.
+- Steps: a hash per message (``steps:``), written with ``HSETNX`` (the first result stands) and read by the
+  claim that leases the message, into ``Claim.steps``.
+- Dead letters: ``fail.lua`` adds the message to its app's ``dead:`` set, scored by the failure time;
+  ``resolve.lua`` takes it out again, retrying or skipping it, and un-pauses the instance.
 - Time: lease expiries and ``written_at`` come from the server's ``TIME``, in microseconds since the epoch.
-- Waking: ``send.lua`` appends to the app's wake stream; ``wait_for_work`` blocks on it (``wake.py``).
+- Waking: ``send.lua`` and ``resolve.lua`` append to the app's wake stream; ``wait_for_work`` blocks on it
+  (``wake.py``). The end of a hold wakes no one: idle workers see it at their next poll.
 - Errors: every call runs inside the store's error boundary, so driver errors become ``BackendUnavailable``.
 
-A turn record is kept as a JSON object with the keys ``message_id``, ``worker``, ``attempt``,
-``fencing_token``, ``version_read``, ``version_written`` (null for a failed turn), ``started_at_us``,
-``duration_s``, ``outcome`` and ``error``; the newest ``TURNS_LIMIT`` are kept per instance.
+Turn records are JSON (``rows.py``); the newest ``TURNS_LIMIT`` are kept per instance.
 """
 
 from __future__ import annotations
 
-import json
-from datetime import timedelta
 from functools import cache
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from keel.backends.base import (
     STATE_HISTORY_LIMIT,
     Claim,
+    DeadLetter,
     InstanceRef,
     MessageInfo,
     MessageStatus,
     NewMessage,
+    StepRecord,
     StoredRecord,
     TurnCommit,
     TurnFailure,
     TurnRecordRow,
 )
 from keel.backends.redis.keys import RedisKeys, instance_member, parse_instance_member
-from keel.backends.redis.store import _EPOCH, _from_micros, _record_from_fields, _script_text
-from keel.errors import LeaseLostError
+from keel.backends.redis.rows import (
+    claim_from_row,
+    dead_letter_from_row,
+    lease_lost,
+    micros,
+    turn_from_json,
+    turn_json,
+)
+from keel.backends.redis.store import _record_from_fields, _script_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Sequence
     from contextlib import AbstractAsyncContextManager
-    from datetime import datetime
 
     from redis.asyncio import Redis
 
@@ -66,7 +79,18 @@ WAKE_STREAM_MAXLEN = 100
 SWEEP_LIMIT = 100
 
 #: The scripts of the runtime, each run with ``runtime_lib.lua`` prepended.
-RUNTIME_SCRIPTS = ("send.lua", "claim.lua", "renew.lua", "commit.lua", "fail.lua", "release.lua")
+RUNTIME_SCRIPTS = (
+    "send.lua",
+    "claim.lua",
+    "renew.lua",
+    "commit.lua",
+    "fail.lua",
+    "release.lua",
+    "step.lua",
+    "retry.lua",
+    "dead_letters.lua",
+    "resolve.lua",
+)
 
 _STATE_FIELDS = ("v", "d", "t", "w")
 
@@ -95,6 +119,8 @@ class RedisBroker:
         self._scripts = scripts
         self._send, self._claim, self._renew = scripts["send.lua"], scripts["claim.lua"], scripts["renew.lua"]
         self._commit, self._fail, self._release = scripts["commit.lua"], scripts["fail.lua"], scripts["release.lua"]
+        self._step, self._retry = scripts["step.lua"], scripts["retry.lua"]
+        self._dead_letters, self._resolve = scripts["dead_letters.lua"], scripts["resolve.lua"]
 
     async def load_scripts(self) -> None:
         """Load every runtime script now, so that each first call is a single EVALSHA."""
@@ -133,7 +159,9 @@ class RedisBroker:
     async def claim(
         self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
     ) -> list[Claim]:
-        """Lease up to ``limit`` instances with a pending message and no live lease, oldest message first.
+        """Lease up to ``limit`` instances with a pending message, no live lease or hold, not paused, oldest first.
+
+        Each claim carries the step results recorded for its message by earlier attempts.
 
         Returns:
             One claim per leased instance, each under a fencing token one higher than the instance's last.
@@ -145,14 +173,14 @@ class RedisBroker:
         if not names or limit <= 0:
             return []
         keys = [key for name in names for key in (self._keys.ready(app, name), self._keys.leased(app, name))]
-        args: list[str | int] = [self._keys.prefix, worker, _micros(lease_s), limit, max(limit, SWEEP_LIMIT)]
+        args: list[str | int] = [self._keys.prefix, worker, micros(lease_s), limit, max(limit, SWEEP_LIMIT)]
         async with self._boundary("claim"):
             reply = await self._claim(keys=[*keys, self._keys.wake(app)], args=args)
         self._waker.note_claimed(app, str(reply[0]))
-        return [_claim_from_row(row) for row in reply[1:]]
+        return [claim_from_row(row) for row in reply[1:]]
 
     async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
-        """Extend the leases still held under these claims' tokens; an expired lease is not revived.
+        """Extend the leases still held under these claims' tokens; an expired or released lease is not revived.
 
         Returns:
             For each claim, True if its lease now runs ``lease_s`` from the server's now, False if it was lost.
@@ -163,7 +191,7 @@ class RedisBroker:
         if not claims:
             return []
         keys: list[str] = []
-        args: list[str | int] = [_micros(lease_s)]
+        args: list[str | int] = [micros(lease_s)]
         for claim in claims:
             ref, member = claim.instance, instance_member(claim.instance)
             keys += [self._keys.instance(member), self._keys.leased(ref.app, ref.workflow)]
@@ -179,21 +207,25 @@ class RedisBroker:
             The new state version, one above the version the claim read.
 
         Raises:
-            LeaseLostError: The claim's token is no longer the instance's, or its lease expired; nothing written.
+            LeaseLostError: The claim's token is no longer the instance's, or its lease was released or expired, or
+                the state or inbox moved on; nothing written.
             BackendUnavailable: The server cannot be reached; the commit may or may not have been applied.
         """
         keys, args = self._commit_call(commit)
         async with self._boundary("commit"):
             reply = await self._commit(keys=keys, args=args)
         if int(reply[0]) != 1:
-            raise _lease_lost(commit.claim, str(reply[1]), str(reply[2]))
+            raise lease_lost(commit.claim, str(reply[1]), str(reply[2]))
         return int(reply[1])
 
     async def fail_turn(self, failure: TurnFailure, /) -> None:
-        """Mark the message failed, pause the instance, record the turn and release the lease, in one script.
+        """Dead-letter the message, pause the instance, record the turn and release the lease, in one script.
+
+        The message's failure time comes from the server's clock; it is listed by ``dead_letters``.
 
         Raises:
-            LeaseLostError: The claim's token is no longer the instance's, or its lease expired; nothing written.
+            LeaseLostError: The claim's token is no longer the instance's, or its lease was released or expired;
+                nothing written.
             BackendUnavailable: The server cannot be reached.
         """
         claim = failure.claim
@@ -203,13 +235,14 @@ class RedisBroker:
             self._keys.message(member, claim.message_id),
             self._keys.turns(member),
             self._keys.leased(ref.app, ref.workflow),
+            self._keys.dead(ref.app),
         ]
-        turn = _turn_json(failure, version_written=None, outcome="failed", error=failure.error)
-        args: list[str | int] = [self._keys.prefix, member, claim.fencing_token, failure.error, turn, TURNS_LIMIT]
+        turn = turn_json(failure, version_written=None, outcome="failed", error=failure.error)
+        args: list[str | int] = [self._keys.prefix, member, claim.fencing_token, claim.message_id, failure.error]
         async with self._boundary("fail"):
-            reply = await self._fail(keys=keys, args=args)
+            reply = await self._fail(keys=keys, args=[*args, turn, TURNS_LIMIT])
         if int(reply[0]) != 1:
-            raise _lease_lost(claim, str(reply[1]), str(reply[2]))
+            raise lease_lost(claim, str(reply[1]), str(reply[2]))
 
     async def release(self, claim: Claim, /) -> None:
         """Give the lease back without running the turn, if the claim's token is still current; else do nothing.
@@ -225,6 +258,80 @@ class RedisBroker:
         ]
         async with self._boundary("release"):
             await self._release(keys=keys, args=[self._keys.prefix, member, claim.fencing_token])
+
+    async def record_step(self, step: StepRecord, /) -> None:
+        """Record a step's result for the claim's message, in one script that checks the lease first.
+
+        A name already recorded for the message keeps its first result; recording it again is no error.
+
+        Raises:
+            LeaseLostError: The claim's token is no longer the instance's, or its lease was released or expired;
+                nothing written.
+            BackendUnavailable: The server cannot be reached; the result may or may not have been recorded.
+        """
+        claim = step.claim
+        member = instance_member(claim.instance)
+        keys = [self._keys.instance(member), self._keys.steps(member, claim.message_id)]
+        async with self._boundary("step"):
+            reply = await self._step(keys=keys, args=[claim.fencing_token, step.name, step.result_json])
+        if int(reply[0]) != 1:
+            raise lease_lost(claim, str(reply[1]), str(reply[2]))
+
+    async def retry_turn(self, failure: TurnFailure, /, *, delay_s: float) -> None:
+        """Record the failed attempt, release the lease and hold the instance ``delay_s``, in one script.
+
+        The message stays pending at the head of its inbox, its attempts counted; the first claim after the
+        hold ends (by the server's clock) takes it again, before the instance's later messages.
+
+        Raises:
+            LeaseLostError: The claim's token is no longer the instance's, or its lease was released or expired;
+                nothing written.
+            BackendUnavailable: The server cannot be reached; the retry may or may not have been recorded.
+        """
+        claim = failure.claim
+        ref, member = claim.instance, instance_member(claim.instance)
+        keys = [self._keys.instance(member), self._keys.turns(member), self._keys.leased(ref.app, ref.workflow)]
+        turn = turn_json(failure, version_written=None, outcome="retry", error=failure.error)
+        args: list[str | int] = [member, claim.fencing_token, micros(delay_s), turn, TURNS_LIMIT]
+        async with self._boundary("retry"):
+            reply = await self._retry(keys=keys, args=args)
+        if int(reply[0]) != 1:
+            raise lease_lost(claim, str(reply[1]), str(reply[2]))
+
+    async def dead_letters(self, app: str, /, *, limit: int) -> list[DeadLetter]:
+        """Return up to ``limit`` of the app's dead-lettered messages, newest failure first.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached.
+        """
+        if limit <= 0:
+            return []
+        keys = [self._keys.dead(app), self._keys.message_index(app)]
+        async with self._boundary("dead_letters"):
+            rows = await self._dead_letters(keys=keys, args=[self._keys.prefix, limit])
+        return [dead_letter_from_row(row) for row in rows]
+
+    async def resolve_dead_letter(self, instance: InstanceRef, /, *, skip: bool) -> str | None:
+        """Retry (``skip=False``) or skip the dead message of a paused instance and un-pause it, in one script.
+
+        Returns:
+            The dead message's id, or None if the instance is not paused by a dead letter (nothing changed).
+
+        Raises:
+            BackendUnavailable: The server cannot be reached; the instance may or may not have been resolved.
+        """
+        member = instance_member(instance)
+        keys = [
+            self._keys.instance(member),
+            self._keys.inbox(member),
+            self._keys.dead(instance.app),
+            self._keys.ready(instance.app, instance.workflow),
+            self._keys.wake(instance.app),
+        ]
+        args: list[str | int] = [self._keys.prefix, member, "1" if skip else "0", WAKE_STREAM_MAXLEN]
+        async with self._boundary("resolve"):
+            resolved = await self._resolve(keys=keys, args=args)
+        return None if resolved is None else str(resolved)
 
     async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
         """Return the status of a message, or None if no such message was sent to ``app``.
@@ -268,7 +375,7 @@ class RedisBroker:
             return []
         async with self._boundary("turns"):
             entries = await self._client.lrange(self._keys.turns(instance_member(instance)), 0, limit - 1)
-        return [_turn_from_json(instance, entry) for entry in cast("list[str]", entries)]
+        return [turn_from_json(instance, entry) for entry in cast("list[str]", entries)]
 
     async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
         """Return when a message may have been sent to ``app``, or after ``timeout_s`` at the latest.
@@ -291,77 +398,7 @@ class RedisBroker:
             self._keys.ready(ref.app, ref.workflow),
             self._keys.leased(ref.app, ref.workflow),
         ]
-        turn = _turn_json(commit, version_written=claim.state_version + 1, outcome="committed", error=None)
+        turn = turn_json(commit, version_written=claim.state_version + 1, outcome="committed", error=None)
         args: list[str | int] = [self._keys.prefix, member, claim.fencing_token, claim.message_id]
         args += [claim.state_version, commit.state_json, commit.worker, turn, STATE_HISTORY_LIMIT, TURNS_LIMIT]
         return keys, args
-
-
-def _micros(seconds: float) -> int:
-    return round(seconds * 1_000_000)
-
-
-def _micros_since_epoch(moment: datetime) -> int:
-    return (moment - _EPOCH) // timedelta(microseconds=1)
-
-
-def _claim_from_row(row: list[Any]) -> Claim:
-    member, token, expires_us, message_id, payload_json, attempt, state_version, state_json = row
-    return Claim(
-        InstanceRef(*parse_instance_member(member)),
-        int(token),
-        _from_micros(expires_us),
-        message_id,
-        payload_json,
-        int(attempt),
-        state_json,
-        int(state_version),
-    )
-
-
-def _turn_json(done: TurnCommit | TurnFailure, *, version_written: int | None, outcome: str, error: str | None) -> str:
-    claim = done.claim
-    record = {
-        "message_id": claim.message_id,
-        "worker": done.worker,
-        "attempt": claim.attempt,
-        "fencing_token": claim.fencing_token,
-        "version_read": claim.state_version,
-        "version_written": version_written,
-        "started_at_us": _micros_since_epoch(done.started_at),
-        "duration_s": done.duration_s,
-        "outcome": outcome,
-        "error": error,
-    }
-    return json.dumps(record, separators=(",", ":"))
-
-
-def _turn_from_json(instance: InstanceRef, entry: str) -> TurnRecordRow:
-    record: dict[str, Any] = json.loads(entry)
-    return TurnRecordRow(
-        instance,
-        record["message_id"],
-        record["worker"],
-        record["attempt"],
-        record["fencing_token"],
-        record["version_read"],
-        record["version_written"],
-        _from_micros(record["started_at_us"]),
-        record["duration_s"],
-        record["outcome"],
-        record["error"],
-    )
-
-
-def _lease_lost(claim: Claim, reason: str, detail: str) -> LeaseLostError:
-    ref = claim.instance
-    reasons = {
-        "token": f"the instance moved on to fencing token {detail}",
-        "released": "the lease expired, or was released",
-        "expired": "the lease expired",
-        "version": f"the instance's state moved on to version {detail}",
-        "message": f"message {claim.message_id} is no longer the instance's next one",
-    }
-    return LeaseLostError(
-        f"{ref.app}:{ref.workflow}/{ref.workflow_id}", claim.fencing_token, reasons.get(reason, reason)
-    )

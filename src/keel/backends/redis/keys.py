@@ -2,7 +2,7 @@
 
 Layout, with the default prefix ``keel:`` (``?prefix=NAME`` in the URL picks another)::
 
-    keel:schema        hash  component -> schema version ("store" -> "2"), written at connect
+    keel:schema        hash  component -> schema version ("store" -> "3"), written at connect
     keel:kv:{TAG}      hash  the current record of one store key: v version, d value JSON (absent in a
                              tombstone), t written_at in microseconds since the epoch, w writer
     keel:kvh:{TAG}     list  the kept versions of that key, newest first, as JSON entries
@@ -12,15 +12,17 @@ between the first ``{`` and the next ``}``, so with no brace left inside, the ta
 start late: both keys of one store key always share a slot, and a Lua script may touch them together.
 The encoding is reversible, so two store keys never share a tag.
 
-The runtime (schema version 2) adds, per workflow instance, under the tag ``{INST}`` where ``INST`` is
-``app/workflow/workflow_id`` with each part percent-encoded (``%``, ``/``, ``{``, ``}``) so that it splits back
-into the same three parts::
+The runtime (schema version 2; version 3 adds ``steps:``, ``dead:``, holds, ``lapsed`` and ``f``) adds, per
+workflow instance, under the tag ``{INST}`` where ``INST`` is ``app/workflow/workflow_id`` with each part
+percent-encoded (``%``, ``/``, ``{``, ``}``) so that it splits back into the same three parts::
 
     keel:inst:{INST}           hash  tok fencing token; own, exp lease owner and expiry (microseconds, absent
-                                     when not leased); paused "1"; v, d, t, w the committed state as in kv:
+                                     when not leased; exp without own: a hold after a retry); lapsed the
+                                     expiry of a swept lease; paused "1"; v, d, t, w the committed state
     keel:inbox:{INST}          list  ids of the instance's pending messages, oldest first
     keel:msg:{INST}:ID         hash  one message: p payload JSON, s status, n attempts, q sequence number,
-                                     v state version its turn committed, e error of its failed turn
+                                     v state version its turn committed, e error and f time of its failure
+    keel:steps:{INST}:ID       hash  step name -> result JSON recorded for message ID, first result kept
     keel:idem:{INST}           hash  idempotency key -> the id of the first message sent under it
     keel:states:{INST}         list  the last STATE_HISTORY_LIMIT states, newest first, as in kvh:
     keel:turns:{INST}          list  the last TURNS_LIMIT turn records, newest first, as JSON
@@ -30,12 +32,15 @@ and per app, under the tag ``{APP}`` (the app name encoded like a store key)::
     keel:seq:{APP}             string  the app's message sequence counter: the send order
     keel:msgindex:{APP}        hash    message id -> INST, so a message is found from its app and id alone
     keel:ready:{APP}:WORKFLOW  zset    INST -> sequence number of its oldest pending message, for every
-                                       instance with a pending message that is neither leased nor paused
-    keel:leased:{APP}:WORKFLOW zset    INST -> lease expiry in microseconds, for every leased instance
-    keel:wake:{APP}            stream  one entry per send (capped), read with XREAD BLOCK by idle workers
+                                       instance with a pending message that is neither leased, held nor paused
+    keel:leased:{APP}:WORKFLOW zset    INST -> lease expiry in microseconds, for every leased or held instance
+    keel:dead:{APP}            zset    message id -> failure time in microseconds, for every failed message
+    keel:wake:{APP}            stream  one entry per send or resolved dead letter (capped), read with XREAD
+                                       BLOCK by idle workers
 
-The claim, commit, fail and release scripts build the ``inst:``, ``inbox:`` and ``msg:`` names of instances they
-find in a ready or leased set themselves, from the prefix they are given, exactly as ``RedisKeys`` does here.
+The claim, commit, release, dead-letter, resolve and upgrade scripts build the ``inst:``, ``inbox:``, ``msg:`` and
+``steps:`` names of instances and messages they find themselves, from the prefix they are given, exactly as
+``RedisKeys`` does here.
 
 Every key of one instance shares that instance's slot, and every per-app key the app's slot. Each runtime
 script touches one instance's keys plus its app's keys, except claim, which leases instances of many slots
@@ -123,6 +128,10 @@ class RedisKeys:
         """The hash of one message, under its instance's tag."""
         return f"{self.prefix}msg:{{{member}}}:{message_id}"
 
+    def steps(self, member: str, message_id: str) -> str:
+        """The hash of step name -> result JSON recorded for one message, under its instance's tag."""
+        return f"{self.prefix}steps:{{{member}}}:{message_id}"
+
     def idempotency(self, member: str) -> str:
         """The hash of an instance's idempotency keys -> first message ids."""
         return f"{self.prefix}idem:{{{member}}}"
@@ -150,6 +159,10 @@ class RedisKeys:
     def leased(self, app: str, workflow: str) -> str:
         """The sorted set of leased instances of one workflow, by lease expiry."""
         return f"{self.prefix}leased:{hash_tag(app)}:{workflow}"
+
+    def dead(self, app: str) -> str:
+        """The sorted set of ``app``'s failed messages (dead letters), by failure time."""
+        return f"{self.prefix}dead:{hash_tag(app)}"
 
     def wake(self, app: str) -> str:
         """The stream that every send to ``app`` appends to, so that idle workers wake."""

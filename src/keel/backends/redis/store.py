@@ -19,7 +19,8 @@ Map of the design:
   stale write for our own write, which ``update()`` would then apply a second time. Reads are not retried
   either, so every call fails within the socket timeouts rather than after several of them.
 - Schema: ``keel:schema`` records the layout version (``scripts/schema.lua`` raises it, never lowers it); data
-  at a newer version than this code is refused.
+  at a newer version than this code is refused. Data at an older version is upgraded in place first
+  (``migrate.py``), and only then is the new version recorded.
 - Runtime: ``broker.py`` adds inboxes, leases and the turn commit on the same client and error boundary;
   ``open_backend`` here opens both, so that the factory finds every Redis entry point in this module.
 - Durability: at connect the engine reads the server's persistence settings and logs one warning when a
@@ -55,6 +56,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from keel.backends._url import mask_password
 from keel.backends.base import StoredRecord, StoreOptions
 from keel.backends.redis.keys import RedisKeys, split_prefix
+from keel.backends.redis.migrate import upgrade_layout
 from keel.errors import BackendUnavailable, ConfigurationError, StaleWriteError
 
 if TYPE_CHECKING:
@@ -71,8 +73,9 @@ SOCKET_TIMEOUT_S = 5.0
 POOL_WAIT_S = 5.0
 
 #: The layout version this code reads and writes, kept in the schema hash under ``SCHEMA_COMPONENT``:
-#: 1 the versioned store, 2 adds the runtime's keys (created on first use, so 1 -> 2 only records the number).
-STORE_SCHEMA_VERSION = 2
+#: 1 the versioned store, 2 adds the runtime's keys (created on first use, so 1 -> 2 only records the number),
+#: 3 adds step results, retry holds and dead letters (2 -> 3 indexes the failed messages: ``migrate.py``).
+STORE_SCHEMA_VERSION = 3
 
 #: The field of the schema hash that holds the store's layout version.
 SCHEMA_COMPONENT = "store"
@@ -97,6 +100,9 @@ _WRITES = {
     "commit": "read the message's status before running its turn again",
     "fail": "read the message's status",
     "release": "the lease expires by itself",
+    "step": "a step recorded twice keeps its first result",
+    "retry": "read the instance's turns before retrying again",
+    "resolve": "list the dead letters before resolving again",
 }
 
 # Most specific first: the first two are ConnectionErrors too.
@@ -197,7 +203,10 @@ class RedisStore:
             )
 
     async def _record_schema(self) -> str:
-        """Raise the recorded schema version to ours unless it is newer; return the one now recorded."""
+        """Upgrade older data, then raise the recorded schema version to ours unless it is newer; return it."""
+        found = await self._client.hget(self._keys.schema, SCHEMA_COMPONENT)
+        if isinstance(found, str) and found.isdigit() and int(found) < STORE_SCHEMA_VERSION:
+            await upgrade_layout(self._client, self._keys, int(found), url=self.url)
         before, now = await self._schema_script(
             keys=[self._keys.schema], args=[SCHEMA_COMPONENT, str(STORE_SCHEMA_VERSION)]
         )

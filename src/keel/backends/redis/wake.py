@@ -1,5 +1,7 @@
 """Waking idle workers: every send appends to its app's wake stream, and waiters ``XREAD BLOCK`` on it.
 
+A resolved dead letter appends too; the end of a retry's hold appends nothing: a waiter sees it at its next claim.
+
 A stream, unlike pub/sub, remembers: a waiter reads from the last entry id it knows, so a send made while
 it was busy, or disconnected, wakes it the moment it waits again. The id it starts from is the one the
 process's first claim on the app read, atomically with that claim (``claim.lua``); so a send after that

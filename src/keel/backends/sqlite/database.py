@@ -32,7 +32,7 @@ QUERIES = load_queries(__package__ or "keel.backends.sqlite", "queries.sql")
 
 #: The schema steps (``schema.sql``); ``bootstrap`` runs every time, the rest once each, in this order.
 _SCHEMA = load_queries(__package__ or "keel.backends.sqlite", "schema.sql")
-MIGRATIONS = (_SCHEMA["store_v1"], _SCHEMA["runtime_v2"])
+MIGRATIONS = (_SCHEMA["store_v1"], _SCHEMA["runtime_v2"], _SCHEMA["runtime_v3"])
 
 #: The schema version this code writes and reads, recorded in ``keel_schema`` under ``SCHEMA_COMPONENT``.
 SCHEMA_VERSION = len(MIGRATIONS)

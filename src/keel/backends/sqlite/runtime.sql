@@ -47,22 +47,45 @@ RETURNING fencing_token, next_seq, state, state_version
 UPDATE keel_messages SET attempts = attempts + 1 WHERE seq = :seq
 RETURNING message_id, payload, attempts
 
+-- message_steps --
+-- The step results recorded for a message by its earlier attempts, replayed to the claim.
+SELECT name, result FROM keel_steps WHERE app = :app AND message_id = :message_id
+
 -- lease_of --
--- An instance's current fencing token and lease expiry, for the fence check of a commit or failure.
-SELECT fencing_token, lease_expires_us FROM keel_instances
+-- An instance's fencing token, lease owner (NULL once released) and lease expiry, for the fence check.
+SELECT fencing_token, lease_owner, lease_expires_us FROM keel_instances
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id
 
 -- renew_lease --
--- Extend a lease still held under a token; no row comes back if the token moved on or the lease expired.
+-- Extend a lease still held under a token; no row comes back if the token moved on, or the lease was released
+-- (a commit, failure, release or retry clears the owner) or expired.
 UPDATE keel_instances SET lease_expires_us = :expires_us
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id
-    AND fencing_token = :token AND lease_expires_us > :now_us
+    AND fencing_token = :token AND lease_owner IS NOT NULL AND lease_expires_us > :now_us
 RETURNING fencing_token
 
 -- release_lease --
--- Give a lease back if it is still under the token; the message stays pending.
+-- Give a lease back if it is still held under the token; the message stays pending. A released lease (owner
+-- NULL) is left alone, so that releasing after a retry cannot cut the retry's hold short.
 UPDATE keel_instances SET lease_owner = NULL, lease_expires_us = NULL
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND fencing_token = :token
+    AND lease_owner IS NOT NULL
+
+-- hold_instance --
+-- Release a lease after a failed attempt that will be retried, but keep the instance from every claim until
+-- :hold_until_us (no owner, expiry in the future); its message stays pending and next in line.
+UPDATE keel_instances SET lease_owner = NULL, lease_expires_us = :hold_until_us
+WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND fencing_token = :token
+
+-- message_is_pending --
+-- A row if the message is still pending.
+SELECT 1 FROM keel_messages WHERE app = :app AND message_id = :message_id AND status = 'pending'
+
+-- record_step --
+-- Record a step's result for a message; a name already recorded keeps its first result.
+INSERT INTO keel_steps (app, message_id, name, result, worker, duration_s, recorded_at)
+VALUES (:app, :message_id, :name, :result, :worker, :duration_s, :recorded_at)
+ON CONFLICT (app, message_id, name) DO NOTHING
 
 -- complete_message --
 -- Mark a pending message done at the state version its turn wrote.
@@ -71,8 +94,8 @@ WHERE app = :app AND message_id = :message_id AND status = 'pending'
 RETURNING seq
 
 -- fail_message --
--- Mark a pending message failed with the turn's error.
-UPDATE keel_messages SET status = 'failed', error = :error, completed_at = :completed_at
+-- Mark a pending message failed (dead-lettered) with the turn's error and the time it failed.
+UPDATE keel_messages SET status = 'failed', error = :error, completed_at = :completed_at, failed_us = :now_us
 WHERE app = :app AND message_id = :message_id AND status = 'pending'
 RETURNING seq
 
@@ -139,3 +162,40 @@ FROM keel_turns
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id
 ORDER BY id DESC
 LIMIT :limit
+
+-- dead_letters --
+-- An app's dead-lettered messages, newest failure first.
+SELECT workflow, workflow_id, message_id, error, attempts, failed_us FROM keel_messages
+WHERE app = :app AND status = 'failed'
+ORDER BY failed_us DESC, seq DESC
+LIMIT :limit
+
+-- dead_letter_of --
+-- The failed message that pauses an instance; no row if the instance is unknown or not paused.
+SELECT m.message_id FROM keel_instances AS i
+JOIN keel_messages AS m ON m.app = i.app AND m.workflow = i.workflow AND m.workflow_id = i.workflow_id
+WHERE i.app = :app AND i.workflow = :workflow AND i.workflow_id = :workflow_id AND i.paused = 1
+    AND m.status = 'failed'
+ORDER BY m.seq
+LIMIT 1
+
+-- requeue_dead_letter --
+-- Make a dead letter pending again, its error cleared and its attempts reset, to run before the messages after it.
+UPDATE keel_messages
+SET status = 'pending', error = NULL, attempts = 0, failed_us = NULL, completed_at = NULL
+WHERE app = :app AND message_id = :message_id AND status = 'failed'
+
+-- skip_dead_letter --
+-- Drop a dead letter on purpose: it is marked skipped and never runs.
+UPDATE keel_messages SET status = 'skipped', completed_at = :completed_at
+WHERE app = :app AND message_id = :message_id AND status = 'failed'
+
+-- resume_instance --
+-- Un-pause an instance and point its inbox at its oldest pending message (run after the dead letter was settled).
+UPDATE keel_instances
+SET paused = 0,
+    next_seq = (
+        SELECT min(seq) FROM keel_messages
+        WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND status = 'pending'
+    )
+WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND paused = 1

@@ -119,3 +119,85 @@ CREATE TABLE keel_turns (
 );
 
 CREATE INDEX keel_turns_instance ON keel_turns (app, workflow, workflow_id, id);
+
+-- runtime_v3 --
+-- Steps done once, retries and dead letters: the 'skipped' status, when a message failed, and step results.
+
+-- SQLite cannot change a CHECK constraint in place, so keel_messages is rebuilt (SQLite's documented way):
+-- a new table allowing 'skipped' and holding failed_us, every row copied with its seq, the AUTOINCREMENT
+-- counter carried over, the old table dropped, the new one renamed and its indexes made again.
+CREATE TABLE keel_messages_v3 (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    app             TEXT NOT NULL,
+    message_id      TEXT NOT NULL,
+    workflow        TEXT NOT NULL,
+    workflow_id     TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    idempotency_key TEXT,
+    status          TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'done', 'failed', 'skipped')),
+    -- Deliveries of the message so far; kept across retries, reset to 0 when a dead letter is retried.
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    state_version   INTEGER,
+    error           TEXT,
+    sent_at         TEXT NOT NULL,
+    completed_at    TEXT,
+    -- When the message's turn failed for good (dead-lettered), in microseconds since the Unix epoch.
+    failed_us       INTEGER,
+    UNIQUE (app, message_id),
+    UNIQUE (app, workflow, workflow_id, idempotency_key)
+);
+
+-- Failed messages of version 2 failed when they completed: completed_at, a UTC ISO time written by keel,
+-- turned into exact microseconds (whole seconds, plus the six digits after the point when there are any).
+INSERT INTO keel_messages_v3 (
+    seq, app, message_id, workflow, workflow_id, payload, idempotency_key, status, attempts, state_version,
+    error, sent_at, completed_at, failed_us
+)
+SELECT seq, app, message_id, workflow, workflow_id, payload, idempotency_key, status, attempts, state_version,
+    error, sent_at, completed_at,
+    CASE WHEN status = 'failed' THEN
+        CAST(strftime('%s', coalesce(completed_at, sent_at)) AS INTEGER) * 1000000
+        + CASE WHEN substr(coalesce(completed_at, sent_at), 20, 1) = '.'
+            THEN CAST(substr(coalesce(completed_at, sent_at), 21, 6) AS INTEGER) ELSE 0 END
+    END
+FROM keel_messages
+ORDER BY seq;
+
+-- Carry the seq counter over, so that no seq is ever handed out twice.
+DELETE FROM sqlite_sequence WHERE name = 'keel_messages_v3';
+
+INSERT INTO sqlite_sequence (name, seq)
+SELECT 'keel_messages_v3', top FROM (
+    SELECT max(seq) AS top FROM (
+        SELECT seq FROM sqlite_sequence WHERE name = 'keel_messages'
+        UNION ALL SELECT max(seq) FROM keel_messages_v3
+    )
+)
+WHERE top IS NOT NULL;
+
+DROP TABLE keel_messages;
+
+ALTER TABLE keel_messages_v3 RENAME TO keel_messages;
+
+-- An instance's pending messages in order: the next one to run.
+CREATE INDEX keel_messages_pending ON keel_messages (app, workflow, workflow_id, seq) WHERE status = 'pending';
+
+-- The newest message of an app, which idle workers poll.
+CREATE INDEX keel_messages_app ON keel_messages (app, seq);
+
+-- An app's dead letters, newest failure first.
+CREATE INDEX keel_messages_failed ON keel_messages (app, failed_us) WHERE status = 'failed';
+
+-- Step results recorded under a lease, replayed to every later claim of their message instead of running again.
+-- The first result recorded under a name stands. Kept for now: nothing deletes them yet.
+CREATE TABLE keel_steps (
+    app         TEXT NOT NULL,
+    message_id  TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    -- The step's result, JSON text.
+    result      TEXT NOT NULL,
+    worker      TEXT NOT NULL,
+    duration_s  REAL NOT NULL,
+    recorded_at TEXT NOT NULL,
+    PRIMARY KEY (app, message_id, name)
+) WITHOUT ROWID;

@@ -6,23 +6,27 @@
 -- )
 --
 -- KEYS[2i-1]  ready_i      keel:ready:{$app}:$workflow_i: claimable instances by oldest pending message
--- KEYS[2i]    leased_i     keel:leased:{$app}:$workflow_i: leased instances by lease expiry
+-- KEYS[2i]    leased_i     keel:leased:{$app}:$workflow_i: leased and held instances by lease expiry
 -- KEYS[2n+1]  wake         keel:wake:{$app}: read only, for its last entry id
--- ARGV[1]     prefix       the key prefix, to name the keel:inst:, keel:inbox: and keel:msg: keys of the
---                          instances found in the sets (a single primary is assumed: those keys live in
---                          other slots than the sets')
+-- ARGV[1]     prefix       the key prefix, to name the keel:inst:, keel:inbox:, keel:msg: and keel:steps:
+--                          keys of the instances found in the sets (a single primary is assumed: those
+--                          keys live in other slots than the sets')
 -- ARGV[2]     worker       who claims, "host:pid"
 -- ARGV[3]     lease_us     lease length in microseconds, from this server's clock
 -- ARGV[4]     limit        at most this many instances are leased
--- ARGV[5]     sweep_limit  at most this many expired leases per workflow are put back in play first
+-- ARGV[5]     sweep_limit  at most this many expired leases or holds per workflow are put back in play first
 --
 -- returns  {wake_last_id, claim, ...}  wake_last_id is the id of the wake stream's last entry ("0-0" if
 --          none), read atomically with the claims, so that a waiter starting from it misses no later send;
 --          each claim is {member, token, lease_expires_us, message_id, payload_json, attempt,
---          state_version, state_json or nil}, oldest pending message first
+--          state_version, {step_name, result_json, ...}, state_json or nil}, oldest pending message first;
+--          the steps are those recorded for the message by earlier attempts (keel:steps:{$inst}:$id)
 --
--- Each claim raises the instance's token by one, sets its lease (owner, expiry = now + lease_us), moves
--- it from ready to leased and counts an attempt on its inbox head.
+-- The sweep first moves every leased-set entry whose score has passed back to its ready set: expired
+-- leases, and holds set by retry.lua whose delay is over; a held instance is in no ready set before that,
+-- so no claim takes it early. Each claim then raises the instance's token by one, sets its lease (owner,
+-- expiry = now + lease_us, lapsed cleared), moves it from ready to leased and counts an attempt on its
+-- inbox head.
 --
 -- Key layout: runtime_lib.lua, prepended to this script.
 
@@ -31,11 +35,12 @@ local lease_us, limit, sweep_limit = tonumber(ARGV[3]), tonumber(ARGV[4]), tonum
 local wake = KEYS[#KEYS]
 local now = now_us()
 
--- Expired leases go back to the ready sets first, so their instances compete by message age like the rest.
+-- Expired leases and ended holds go back to the ready sets first, so their instances compete by message age
+-- like the rest.
 local function sweep(ready, leased)
     local expired = redis.call("ZRANGEBYSCORE", leased, "-inf", digits(now), "LIMIT", 0, sweep_limit)
     for _, member in ipairs(expired) do
-        drop_lease(prefix, member, leased)
+        lapse_lease(prefix, member, leased)
         make_ready(prefix, member, ready)
     end
 end
@@ -66,12 +71,17 @@ local function lease(candidate)
     local token = redis.call("HINCRBY", instance, "tok", 1)
     local expires = digits(now + lease_us)
     redis.call("HSET", instance, "own", worker, "exp", expires)
+    redis.call("HDEL", instance, "lapsed")
     redis.call("ZADD", candidate.leased, expires, member)
     local message = message_key(prefix, member, message_id)
     local attempt = redis.call("HINCRBY", message, "n", 1)
     local payload_json = redis.call("HGET", message, "p")
+    local steps = redis.call("HGETALL", steps_key(prefix, member, message_id))
     local state = redis.call("HMGET", instance, "v", "d")
-    return {member, digits(token), expires, message_id, payload_json, digits(attempt), state[1] or "0", state[2]}
+    -- state_json last: a nil ends a Lua array, so it may only be absent at the end.
+    return {
+        member, digits(token), expires, message_id, payload_json, digits(attempt), state[1] or "0", steps, state[2]
+    }
 end
 
 local last = redis.call("XREVRANGE", wake, "+", "-", "COUNT", 1)

@@ -14,7 +14,11 @@
 --                         higher or not a number (the caller refuses such data)
 --
 -- Versions of the layout (see keys.py): 1 the versioned store (keel:kv:, keel:kvh:); 2 adds the runtime's
--- keys, which are created on first use, so going from 1 to 2 rewrites nothing and only records the number.
+-- keys, which are created on first use, so going from 1 to 2 rewrites nothing and only records the number;
+-- 3 adds step results (keel:steps:), holds, the failure time of a message (f) and the apps' dead sets
+-- (keel:dead:). Going from 2 to 3, the engine first runs upgrade_3.lua over every instance (batch by
+-- batch: it is idempotent, so an upgrade cut short is finished by the next connect), and only then
+-- calls this script; so a recorded 3 means the data is whole.
 --
 -- One script, so that processes starting together never lower a version another one has just raised.
 

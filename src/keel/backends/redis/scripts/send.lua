@@ -6,14 +6,14 @@
 --   args=[member, message_id, payload_json, has_key, idempotency_key, wake_maxlen]
 -- )
 --
--- KEYS[1]  instance         keel:inst:{$inst}: read only, for the lease and paused flags
+-- KEYS[1]  instance         keel:inst:{$inst}: read only, for the lease (or hold: exp) and paused flags
 -- KEYS[2]  inbox            keel:inbox:{$inst}: the id is appended
 -- KEYS[3]  message          keel:msg:{$inst}:$id: created
 -- KEYS[4]  idempotency      keel:idem:{$inst}: idempotency key -> first message id
 -- KEYS[5]  sequence         keel:seq:{$app}: raised by one, giving the message its place in the send order
 -- KEYS[6]  message_index    keel:msgindex:{$app}: $id -> $inst
 -- KEYS[7]  ready            keel:ready:{$app}:$workflow: the instance joins it if this is its only pending
---                           message and it is neither leased nor paused
+--                           message and it is neither leased, held nor paused
 -- KEYS[8]  wake             keel:wake:{$app}: one entry appended, the stream trimmed near wake_maxlen
 -- ARGV[1]  member           $inst
 -- ARGV[2]  message_id       $id, unique per app

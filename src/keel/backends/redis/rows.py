@@ -1,0 +1,109 @@
+"""Between the runtime scripts' replies and keel's row types: claims, turn records, dead letters, lost leases.
+
+A turn record is kept as a JSON object with the keys ``message_id``, ``worker``, ``attempt``,
+``fencing_token``, ``version_read``, ``version_written`` (null unless committed), ``started_at_us``,
+``duration_s``, ``outcome`` ("committed", "failed" or "retry") and ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from keel.backends.base import Claim, DeadLetter, InstanceRef, TurnRecordRow
+from keel.backends.redis.keys import parse_instance_member
+from keel.backends.redis.store import _EPOCH, _from_micros
+from keel.errors import LeaseLostError
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from keel.backends.base import TurnCommit, TurnFailure
+
+
+def micros(seconds: float) -> int:
+    """Seconds as whole microseconds, the unit of every time the scripts keep."""
+    return round(seconds * 1_000_000)
+
+
+def micros_since_epoch(moment: datetime) -> int:
+    """A moment as microseconds since the epoch."""
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def claim_from_row(row: list[Any]) -> Claim:
+    """One claim of ``claim.lua``'s reply: the state JSON comes last, absent before the first commit."""
+    member, token, expires_us, message_id, payload_json, attempt, state_version, steps = row[:8]
+    state_json = row[8] if len(row) > 8 else None
+    names_and_results = iter(steps)
+    return Claim(
+        InstanceRef(*parse_instance_member(member)),
+        int(token),
+        _from_micros(expires_us),
+        message_id,
+        payload_json,
+        int(attempt),
+        state_json,
+        int(state_version),
+        dict(zip(names_and_results, names_and_results, strict=True)),
+    )
+
+
+def dead_letter_from_row(row: list[Any]) -> DeadLetter:
+    """One dead letter of ``dead_letters.lua``'s reply."""
+    member, message_id, error, attempts, failed_at_us = row
+    return DeadLetter(
+        InstanceRef(*parse_instance_member(member)), message_id, error, int(attempts), _from_micros(failed_at_us)
+    )
+
+
+def turn_json(done: TurnCommit | TurnFailure, *, version_written: int | None, outcome: str, error: str | None) -> str:
+    """The JSON of one turn record, as the scripts push it."""
+    claim = done.claim
+    record = {
+        "message_id": claim.message_id,
+        "worker": done.worker,
+        "attempt": claim.attempt,
+        "fencing_token": claim.fencing_token,
+        "version_read": claim.state_version,
+        "version_written": version_written,
+        "started_at_us": micros_since_epoch(done.started_at),
+        "duration_s": done.duration_s,
+        "outcome": outcome,
+        "error": error,
+    }
+    return json.dumps(record, separators=(",", ":"))
+
+
+def turn_from_json(instance: InstanceRef, entry: str) -> TurnRecordRow:
+    """One kept turn record."""
+    record: dict[str, Any] = json.loads(entry)
+    return TurnRecordRow(
+        instance,
+        record["message_id"],
+        record["worker"],
+        record["attempt"],
+        record["fencing_token"],
+        record["version_read"],
+        record["version_written"],
+        _from_micros(record["started_at_us"]),
+        record["duration_s"],
+        record["outcome"],
+        record["error"],
+    )
+
+
+def lease_lost(claim: Claim, reason: str, detail: str) -> LeaseLostError:
+    """The error for a script's refusal ``{0, reason, detail}``."""
+    ref = claim.instance
+    reasons = {
+        "token": f"the instance moved on to fencing token {detail}",
+        "released": "the lease was released",
+        "expired": "the lease expired",
+        "version": f"the instance's state moved on to version {detail}",
+        "message": f"message {claim.message_id} is no longer the instance's next one",
+    }
+    return LeaseLostError(
+        f"{ref.app}:{ref.workflow}/{ref.workflow_id}", claim.fencing_token, reasons.get(reason, reason)
+    )

@@ -1,0 +1,319 @@
+"""The SQLite broker's writes: each function runs inside one ``BEGIN IMMEDIATE`` transaction opened by its caller.
+
+``SqliteBroker`` hands each of them to ``SqliteDatabase.write``, which runs it on the database thread between
+``BEGIN IMMEDIATE`` and ``COMMIT`` (``ROLLBACK`` if it raises), so the file's write lock is held from the first
+read to the last write and nothing is awaited meanwhile. Lease times are read from this machine's clock inside
+the function, after the lock was taken.
+
+The fence (``_check_fence``) refuses a claim whose token is no longer the instance's, whose lease was released
+(owner cleared by a commit, failure, release or retry) or whose lease expired; every write made under a claim
+(commit, failure, step record, retry) checks it first and raises ``LeaseLostError``, and the caller's
+transaction rolls back whatever was written before the refusal.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from keel.backends._sql import load_queries
+from keel.backends.base import (
+    STATE_HISTORY_LIMIT,
+    Claim,
+    DeadLetter,
+    InstanceRef,
+    NewMessage,
+    StepRecord,
+    TurnCommit,
+    TurnFailure,
+    TurnRecordRow,
+)
+from keel.errors import LeaseLostError
+
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Sequence
+
+#: The broker's statements, by name (``runtime.sql``).
+QUERIES = load_queries(__package__ or "keel.backends.sqlite", "runtime.sql")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_Params = dict[str, Any]
+
+
+# --- Inboxes and leases -------------------------------------------------------------------------------------
+
+
+def send_in(conn: sqlite3.Connection, message: NewMessage) -> str:
+    """Append a message to its instance's inbox; return its id, or the first id sent under its key."""
+    params = {
+        **instance_params(message.instance),
+        "message_id": message.message_id,
+        "payload": message.payload_json,
+        "idempotency_key": message.idempotency_key,
+        "sent_at": _iso(to_datetime(now_us())),
+    }
+    row = conn.execute(QUERIES["insert_message"], params).fetchone()
+    if row is None:
+        return _first_id(conn, params)
+    conn.execute(QUERIES["enqueue"], {**params, "seq": row[0]})
+    return message.message_id
+
+
+def _first_id(conn: sqlite3.Connection, params: _Params) -> str:
+    """The id a repeated send returns: the first one sent under its idempotency key, else its own, sent before."""
+    if params["idempotency_key"] is not None:
+        row = conn.execute(QUERIES["message_by_idempotency_key"], params).fetchone()
+        if row is not None:
+            return str(row[0])
+    return str(params["message_id"])
+
+
+def claim_in(
+    conn: sqlite3.Connection, app: str, workflows_json: str, worker: str, lease_us: int, limit: int
+) -> tuple[list[Claim], int]:
+    """Lease the ready instances; also return the app's newest seq, which the next wait starts from.
+
+    An instance held back by a retry has no owner but a lease expiry in the future, so it is not ready yet.
+    """
+    now = now_us()
+    params = {"app": app, "workflows": workflows_json, "now_us": now, "limit": limit}
+    ready = conn.execute(QUERIES["ready_instances"], params).fetchall()
+    claims = [
+        _lease(conn, InstanceRef(app, workflow, workflow_id), worker, now + lease_us) for workflow, workflow_id in ready
+    ]
+    latest = int(conn.execute(QUERIES["latest_seq"], {"app": app}).fetchone()[0])
+    return claims, latest
+
+
+def _lease(conn: sqlite3.Connection, ref: InstanceRef, worker: str, expires_us: int) -> Claim:
+    params = {**instance_params(ref), "worker": worker, "expires_us": expires_us}
+    token, seq, state, version = conn.execute(QUERIES["lease_instance"], params).fetchone()
+    message_id, payload, attempt = conn.execute(QUERIES["start_attempt"], {"seq": seq}).fetchone()
+    # Always looked up, not only from attempt 2: a retried dead letter starts again at attempt 1, keeping its steps.
+    steps = conn.execute(QUERIES["message_steps"], {"app": ref.app, "message_id": message_id}).fetchall()
+    return Claim(
+        ref,
+        int(token),
+        to_datetime(expires_us),
+        message_id,
+        payload,
+        int(attempt),
+        state,
+        int(version),
+        {str(name): str(result) for name, result in steps},
+    )
+
+
+def renew_in(conn: sqlite3.Connection, claims: Sequence[Claim], lease_us: int) -> list[bool]:
+    """Extend each lease still held (not moved on, released or expired); False for each one lost."""
+    now = now_us()
+    times = {"now_us": now, "expires_us": now + lease_us}
+    return [conn.execute(QUERIES["renew_lease"], {**claim_params(c), **times}).fetchone() is not None for c in claims]
+
+
+def release_in(conn: sqlite3.Connection, claim: Claim) -> None:
+    """Give a lease back if it is still held under the claim's token."""
+    conn.execute(QUERIES["release_lease"], claim_params(claim))
+
+
+# --- Writes under a claim: each checks the fence first ------------------------------------------------------
+
+
+def commit_in(conn: sqlite3.Connection, commit: TurnCommit) -> int:
+    """Commit one turn inside the caller's transaction and return the new state version.
+
+    Raises:
+        LeaseLostError: The fence refused the claim; the caller must roll back what was written so far.
+    """
+    claim = commit.claim
+    now = _check_fence(conn, claim)
+    version = claim.state_version + 1
+    written_at = _iso(to_datetime(now))
+    params = {
+        **claim_params(claim),
+        "state": commit.state_json,
+        "version": version,
+        "version_read": claim.state_version,
+        "written_at": written_at,
+        "completed_at": written_at,
+        "writer": commit.worker,
+    }
+    _finish_message(conn, claim, QUERIES["complete_message"], params)
+    if conn.execute(QUERIES["write_state"], params).fetchone() is None:
+        raise lease_lost(claim, f"the state is no longer at version {claim.state_version}")
+    conn.execute(QUERIES["append_state_history"], params)
+    if version > STATE_HISTORY_LIMIT:
+        conn.execute(QUERIES["trim_state_history"], {**params, "oldest_dropped": version - STATE_HISTORY_LIMIT})
+    _record_turn(conn, commit, version_written=version, outcome="committed", error=None)
+    return version
+
+
+def fail_in(conn: sqlite3.Connection, failure: TurnFailure) -> None:
+    """Fail one turn for good: message failed (dead-lettered, with when), instance paused, turn recorded."""
+    claim = failure.claim
+    now = _check_fence(conn, claim)
+    params = {**claim_params(claim), "error": failure.error, "completed_at": _iso(to_datetime(now)), "now_us": now}
+    _finish_message(conn, claim, QUERIES["fail_message"], params)
+    conn.execute(QUERIES["pause_instance"], params)
+    _record_turn(conn, failure, version_written=None, outcome="failed", error=failure.error)
+
+
+def record_step_in(conn: sqlite3.Connection, step: StepRecord) -> None:
+    """Record a step's result for the claim's message, if the fence lets it; a name's first result stands."""
+    now = _check_fence(conn, step.claim)
+    params = {
+        "app": step.claim.instance.app,
+        "message_id": step.claim.message_id,
+        "name": step.name,
+        "result": step.result_json,
+        "worker": step.worker,
+        "duration_s": step.duration_s,
+        "recorded_at": _iso(to_datetime(now)),
+    }
+    conn.execute(QUERIES["record_step"], params)
+
+
+def retry_in(conn: sqlite3.Connection, failure: TurnFailure, delay_us: int) -> None:
+    """Record a failed attempt and release the lease, holding the instance until ``delay_us`` from now.
+
+    The message stays pending and the instance's ``next_seq`` keeps pointing at it, so it runs first again;
+    its attempt count is kept, and the next claim raises it.
+    """
+    claim = failure.claim
+    now = _check_fence(conn, claim)
+    if conn.execute(QUERIES["message_is_pending"], claim_params(claim)).fetchone() is None:
+        raise lease_lost(claim, f"message {claim.message_id} is no longer pending")
+    _record_turn(conn, failure, version_written=None, outcome="retry", error=failure.error)
+    conn.execute(QUERIES["hold_instance"], {**claim_params(claim), "hold_until_us": now + max(delay_us, 0)})
+
+
+def _check_fence(conn: sqlite3.Connection, claim: Claim) -> int:
+    """Refuse a claim that no longer holds its instance's lease; return the clock reading it was checked at."""
+    now = now_us()
+    row = conn.execute(QUERIES["lease_of"], instance_params(claim.instance)).fetchone()
+    if row is None:
+        raise lease_lost(claim, "the instance does not exist")
+    token, owner, expires_us = row
+    if token != claim.fencing_token:
+        raise lease_lost(claim, f"the instance moved on to fencing token {token}")
+    if owner is None or expires_us is None:
+        raise lease_lost(claim, "the lease was released")
+    if expires_us <= now:
+        raise lease_lost(claim, "the lease expired")
+    return now
+
+
+def _finish_message(conn: sqlite3.Connection, claim: Claim, query: str, params: _Params) -> None:
+    # Under a current lease the claimed message is pending; anything else means someone else settled it.
+    if conn.execute(query, params).fetchone() is None:
+        raise lease_lost(claim, f"message {claim.message_id} is no longer pending")
+
+
+def _record_turn(
+    conn: sqlite3.Connection,
+    done: TurnCommit | TurnFailure,
+    *,
+    version_written: int | None,
+    outcome: str,
+    error: str | None,
+) -> None:
+    claim = done.claim
+    params = {
+        **claim_params(claim),
+        "worker": done.worker,
+        "attempt": claim.attempt,
+        "version_read": claim.state_version,
+        "version_written": version_written,
+        "started_at": _iso(done.started_at),
+        "duration_s": done.duration_s,
+        "outcome": outcome,
+        "error": error,
+    }
+    conn.execute(QUERIES["record_turn"], params)
+
+
+# --- Dead letters -------------------------------------------------------------------------------------------
+
+
+def resolve_in(conn: sqlite3.Connection, instance: InstanceRef, *, skip: bool) -> str | None:
+    """Retry or skip the failed message that pauses ``instance`` and un-pause it; None (nothing changed) if none.
+
+    Retrying makes the message pending again, and it is the instance's oldest pending message (the ones sent
+    after it waited behind it), so ``next_seq`` points at it again; skipping leaves ``next_seq`` at the next one.
+    """
+    params = instance_params(instance)
+    row = conn.execute(QUERIES["dead_letter_of"], params).fetchone()
+    if row is None:
+        return None
+    message_id = str(row[0])
+    settle = {**params, "message_id": message_id, "completed_at": _iso(to_datetime(now_us()))}
+    conn.execute(QUERIES["skip_dead_letter" if skip else "requeue_dead_letter"], settle)
+    conn.execute(QUERIES["resume_instance"], params)
+    return message_id
+
+
+def dead_letter(app: str, row: tuple[Any, ...]) -> DeadLetter:
+    """A ``dead_letters`` row as a ``DeadLetter``."""
+    workflow, workflow_id, message_id, error, attempts, failed_us = row
+    return DeadLetter(
+        InstanceRef(app, workflow, workflow_id), message_id, error or "", int(attempts), to_datetime(int(failed_us))
+    )
+
+
+# --- Rows and times ---------------------------------------------------------------------------------------
+
+
+def instance_params(ref: InstanceRef) -> _Params:
+    """The named parameters that pick out an instance."""
+    return {"app": ref.app, "workflow": ref.workflow, "workflow_id": ref.workflow_id}
+
+
+def claim_params(claim: Claim) -> _Params:
+    """The named parameters of a claim: its instance, token and message."""
+    return {**instance_params(claim.instance), "token": claim.fencing_token, "message_id": claim.message_id}
+
+
+def turn_record(instance: InstanceRef, row: tuple[Any, ...]) -> TurnRecordRow:
+    """A ``turns`` row as a ``TurnRecordRow``."""
+    message_id, worker, attempt, token, version_read, version_written, started_at, duration_s, outcome, error = row
+    return TurnRecordRow(
+        instance,
+        message_id,
+        worker,
+        int(attempt),
+        int(token),
+        int(version_read),
+        None if version_written is None else int(version_written),
+        datetime.fromisoformat(started_at),
+        float(duration_s),
+        outcome,
+        error,
+    )
+
+
+def lease_lost(claim: Claim, reason: str) -> LeaseLostError:
+    """The error refusing a claim, with why."""
+    ref = claim.instance
+    return LeaseLostError(f"{ref.app}:{ref.workflow}/{ref.workflow_id}", claim.fencing_token, reason)
+
+
+def now_us() -> int:
+    """This machine's clock, in microseconds since the epoch: the one clock every process on it shares."""
+    return time.time_ns() // 1000
+
+
+def micros(seconds: float) -> int:
+    """Seconds as whole microseconds."""
+    return round(seconds * 1_000_000)
+
+
+def to_datetime(micros: int) -> datetime:
+    """Microseconds since the Unix epoch as an aware UTC datetime."""
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat()

@@ -1,0 +1,292 @@
+"""PostgreSQL-only behaviour of steps, retries and dead letters: the runtime_v2 migration of a database at schema
+version 2, what the rows hold, refused writes that write nothing, and concurrent resolves and step records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import pytest
+
+import keel
+from keel.backends.base import (
+    Backend,
+    Claim,
+    InstanceRef,
+    MessageStatus,
+    NewMessage,
+    StepRecord,
+    StoreOptions,
+    TurnCommit,
+    TurnFailure,
+)
+from keel.backends.postgres import store as pg_store
+from keel.backends.postgres.backend import PostgresBackend, open_backend
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+pytestmark = pytest.mark.postgres
+
+APP = "loans"
+TABLES = ["keel_instances", "keel_messages", "keel_state_history", "keel_turns", "keel_steps"]
+
+
+@pytest.fixture
+async def backend(postgres_url: str) -> AsyncIterator[PostgresBackend]:
+    opened = await open_backend(postgres_url, StoreOptions())
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+@pytest.fixture
+async def other(postgres_url: str) -> AsyncIterator[PostgresBackend]:
+    """A second backend on the same schema, as another process would have."""
+    opened = await open_backend(postgres_url, StoreOptions())
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+def _rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        cursor = conn.execute(query, params)
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+def _everything(url: str) -> list[list[tuple[Any, ...]]]:
+    return [_rows(url, f"SELECT * FROM {table} ORDER BY 1, 2, 3") for table in TABLES]
+
+
+def ref(workflow_id: str = "42") -> InstanceRef:
+    return InstanceRef(APP, "loan", workflow_id)
+
+
+async def send(backend: Backend, instance: InstanceRef, payload: object) -> str:
+    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload)))
+
+
+async def claim_one(backend: Backend, *, lease_s: float = 30) -> Claim:
+    [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=lease_s, limit=1)
+    return claim
+
+
+def step_of(claim: Claim, name: str, result: object) -> StepRecord:
+    return StepRecord(claim, name, json.dumps(result), "w1", 0.01)
+
+
+def failure_of(claim: Claim, error: str = "RuntimeError: flaky") -> TurnFailure:
+    return TurnFailure(claim, error, "w1", datetime.now(UTC), 0.01)
+
+
+def commit_of(claim: Claim, state: object) -> TurnCommit:
+    return TurnCommit(claim, json.dumps(state), "w1", datetime.now(UTC), 0.01)
+
+
+# --- Migration ---------------------------------------------------------------------------------------------
+
+
+async def test_a_database_at_schema_version_2_is_upgraded_in_place(postgres_url: str) -> None:
+    failed_at = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        # What the previous keel created: steps store_v1 and runtime_v1, recorded as version 2, with a paused
+        # instance whose first message failed (finished_at set by the old fail_turn) and a second one waiting.
+        conn.execute(pg_store._SCHEMA["bootstrap"])
+        conn.execute(pg_store._SCHEMA["store_v1"])
+        conn.execute(pg_store._SCHEMA["runtime_v1"])
+        conn.execute(pg_store.QUERIES["record_schema_version"], {"component": "store", "version": 2})
+        conn.execute(
+            "INSERT INTO keel_instances (app, workflow, workflow_id, fencing_token, paused, state, state_version)"
+            " VALUES ('loans', 'loan', '42', 3, true, '{\"n\": 2}', 2)"
+        )
+        conn.execute(
+            "INSERT INTO keel_messages (app, message_id, workflow, workflow_id, payload, status, attempts, error,"
+            " finished_at) VALUES ('loans', 'dead', 'loan', '42', '{}', 'failed', 3, 'ValueError: old', %s)",
+            (failed_at,),
+        )
+        conn.execute(
+            "INSERT INTO keel_messages (app, message_id, workflow, workflow_id, payload)"
+            " VALUES ('loans', 'later', 'loan', '42', '{}')"
+        )
+        conn.execute("UPDATE keel_instances SET next_seq = (SELECT seq FROM keel_messages WHERE message_id = 'dead')")
+    opened = await asyncio.gather(*(open_backend(postgres_url, StoreOptions()) for _ in range(3)))
+    try:
+        assert _rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", 3)]
+        [dead] = await opened[0].dead_letters(APP, limit=10)
+        assert (dead.instance, dead.message_id, dead.error, dead.attempts) == (ref(), "dead", "ValueError: old", 3)
+        assert dead.failed_at == failed_at
+        assert await opened[1].resolve_dead_letter(ref(), skip=True) == "dead"  # the new status is allowed
+        info = await opened[2].message(APP, "dead")
+        assert info is not None and info.status is MessageStatus.skipped
+        claim = await claim_one(opened[0])
+        assert (claim.message_id, claim.state_version, claim.steps) == ("later", 2, {})
+        await opened[1].record_step(step_of(claim, "score", 0.5))
+        await opened[2].release(claim)
+        assert (await claim_one(opened[0])).steps == {"score": "0.5"}
+    finally:
+        for engine in opened:
+            await engine.aclose()
+
+
+async def test_the_status_constraint_still_refuses_unknown_statuses(
+    backend: PostgresBackend, postgres_url: str
+) -> None:
+    message_id = await send(backend, ref(), {})
+    with pytest.raises(psycopg.errors.CheckViolation):
+        _rows(postgres_url, "UPDATE keel_messages SET status = 'lost' WHERE message_id = %s", message_id)
+
+
+# --- Steps -------------------------------------------------------------------------------------------------
+
+
+async def test_a_step_row_says_who_recorded_it_under_which_token(backend: PostgresBackend, postgres_url: str) -> None:
+    message_id = await send(backend, ref(), {})
+    claim = await claim_one(backend)
+    await backend.record_step(StepRecord(claim, "pay", '{"paid": 1}', "w1", 0.25))
+    await backend.record_step(StepRecord(claim, "pay", '{"paid": 2}', "w2", 0.5))
+    rows = _rows(
+        postgres_url, "SELECT app, message_id, name, result, worker, fencing_token, duration_s FROM keel_steps"
+    )
+    assert rows == [(APP, message_id, "pay", '{"paid": 1}', "w1", claim.fencing_token, 0.25)]
+
+
+async def test_concurrent_records_of_one_step_keep_one_result(backend: PostgresBackend, other: PostgresBackend) -> None:
+    await send(backend, ref(), {})
+    claim = await claim_one(backend)
+    await asyncio.gather(
+        *((backend if n % 2 else other).record_step(step_of(claim, "pay", {"n": n})) for n in range(10))
+    )
+    await backend.release(claim)
+    steps = (await claim_one(other)).steps
+    assert list(steps) == ["pay"] and json.loads(steps["pay"])["n"] in range(10)
+
+
+async def test_refused_steps_and_retries_write_nothing_anywhere(backend: PostgresBackend, postgres_url: str) -> None:
+    await send(backend, ref(), {})
+    released = await claim_one(backend)
+    await backend.release(released)
+    expired = await claim_one(backend, lease_s=0.2)
+    await asyncio.sleep(0.3)
+    before = _everything(postgres_url)
+    with pytest.raises(keel.LeaseLostError, match="fencing token"):
+        await backend.record_step(step_of(released, "pay", 1))
+    with pytest.raises(keel.LeaseLostError, match="expired"):
+        await backend.record_step(step_of(expired, "pay", 1))
+    with pytest.raises(keel.LeaseLostError, match="expired"):
+        await backend.retry_turn(failure_of(expired), delay_s=5)
+    assert _everything(postgres_url) == before
+
+
+# --- Retries -----------------------------------------------------------------------------------------------
+
+
+async def test_a_retry_holds_the_instance_by_the_servers_clock(
+    backend: PostgresBackend, other: PostgresBackend, postgres_url: str
+) -> None:
+    message_id = await send(backend, ref(), {})
+    claim = await claim_one(backend)
+    await backend.retry_turn(failure_of(claim), delay_s=30)
+    [(owner, held_for, attempts)] = _rows(
+        postgres_url,
+        "SELECT i.lease_owner, i.lease_expires_at - clock_timestamp(), m.attempts"
+        " FROM keel_instances AS i JOIN keel_messages AS m ON m.seq = i.next_seq",
+    )
+    assert owner is None and timedelta(seconds=29) < held_for <= timedelta(seconds=30)
+    assert attempts == 1
+    # Released: nothing under the old token works, and its release does not drop the hold.
+    for refused in (backend.record_step(step_of(claim, "x", 1)), backend.retry_turn(failure_of(claim), delay_s=0)):
+        with pytest.raises(keel.LeaseLostError, match="released"):
+            await refused
+    assert await backend.renew([claim], lease_s=30) == [False]
+    await backend.release(claim)
+    assert await other.claim(APP, ["loan"], worker="w2", lease_s=30, limit=5) == []
+    started = time.monotonic()
+    await other.wait_for_work(APP, timeout_s=0.3)  # a held instance is no work for a new listener either
+    assert time.monotonic() - started >= 0.25
+    _rows(postgres_url, "UPDATE keel_instances SET lease_expires_at = clock_timestamp()")  # the delay is over
+    again = await claim_one(other)
+    assert (again.message_id, again.attempt) == (message_id, 2)
+
+
+async def test_a_retry_with_no_delay_is_claimable_at_once(backend: PostgresBackend) -> None:
+    await send(backend, ref(), {})
+    await backend.retry_turn(failure_of(await claim_one(backend)), delay_s=0)
+    assert (await claim_one(backend)).attempt == 2
+
+
+# --- Dead letters ------------------------------------------------------------------------------------------
+
+
+async def test_dead_letters_come_newest_first_across_instances(backend: PostgresBackend) -> None:
+    ids = [await send(backend, ref(str(n)), {}) for n in range(3)]
+    for _ in ids:
+        await backend.fail_turn(failure_of(await claim_one(backend)))
+        await asyncio.sleep(0.01)
+    assert [d.message_id for d in await backend.dead_letters(APP, limit=10)] == ids[::-1]
+    assert [d.message_id for d in await backend.dead_letters(APP, limit=2)] == ids[:0:-1]
+
+
+async def test_a_retried_dead_letter_starts_clean(backend: PostgresBackend, postgres_url: str) -> None:
+    dead_id = await send(backend, ref(), {})
+    claim = await claim_one(backend)
+    await backend.record_step(step_of(claim, "pay", {"paid": 1}))
+    await backend.fail_turn(failure_of(claim))
+    assert await backend.resolve_dead_letter(ref(), skip=False) == dead_id
+    [row] = _rows(postgres_url, "SELECT status, attempts, error, finished_at FROM keel_messages")
+    assert row == ("pending", 0, None, None)
+    again = await claim_one(backend)
+    assert (again.attempt, again.steps) == (1, {"pay": '{"paid": 1}'})  # recorded steps are not run again
+
+
+async def test_skipping_the_last_message_leaves_an_empty_inbox_that_a_send_refills(backend: PostgresBackend) -> None:
+    dead_id = await send(backend, ref(), {})
+    await backend.fail_turn(failure_of(await claim_one(backend)))
+    assert await backend.resolve_dead_letter(ref(), skip=True) == dead_id
+    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=30, limit=5) == []
+    assert await backend.resolve_dead_letter(ref(), skip=True) is None  # no longer paused
+    later_id = await send(backend, ref(), {})
+    assert (await claim_one(backend)).message_id == later_id
+
+
+async def test_concurrent_resolves_resolve_once(backend: PostgresBackend, other: PostgresBackend) -> None:
+    dead_id = await send(backend, ref(), {})
+    later_id = await send(backend, ref(), {})
+    await backend.fail_turn(failure_of(await claim_one(backend)))
+    results = await asyncio.gather(
+        *((backend if n % 2 else other).resolve_dead_letter(ref(), skip=True) for n in range(6))
+    )
+    assert [r for r in results if r is not None] == [dead_id]
+    assert (await claim_one(backend)).message_id == later_id  # skipped once: the later message is not skipped
+
+
+async def test_resolving_wakes_a_waiting_worker(backend: PostgresBackend, other: PostgresBackend) -> None:
+    await send(backend, ref(), {})
+    await backend.fail_turn(failure_of(await claim_one(backend)))
+    waiter = asyncio.create_task(backend.wait_for_work(APP, timeout_s=10))
+    await asyncio.sleep(0.3)  # the listener has subscribed and found no work: the instance is paused
+    assert not waiter.done()
+    resolved = time.monotonic()
+    await other.resolve_dead_letter(ref(), skip=False)
+    await asyncio.wait_for(waiter, 2)
+    assert time.monotonic() - resolved < 0.5
+
+
+async def test_a_paused_instance_with_a_committed_turn_keeps_its_state_through_a_retry(
+    backend: PostgresBackend,
+) -> None:
+    await send(backend, ref(), {})
+    assert await backend.commit_turn(commit_of(await claim_one(backend), {"n": 1})) == 1
+    await send(backend, ref(), {})
+    await backend.fail_turn(failure_of(await claim_one(backend)))
+    await backend.resolve_dead_letter(ref(), skip=False)
+    again = await claim_one(backend)
+    assert (again.state_version, again.state_json) == (1, '{"n": 1}')
+    assert await backend.commit_turn(commit_of(again, {"n": 2})) == 2
