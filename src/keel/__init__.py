@@ -37,6 +37,7 @@ from keel.errors import (
     UpdateContentionError,
     WaitTimeoutError,
 )
+from keel.retention import Retention
 from keel.retry import RetryPolicy
 from keel.store import Store, open_store
 from keel.types import Versioned
@@ -60,6 +61,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PayloadValidationError",
     "RegistrationError",
+    "Retention",
     "RetryAfter",
     "RetryPolicy",
     "StaleWriteError",

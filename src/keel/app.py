@@ -22,6 +22,7 @@ from keel.config import resolve_url
 from keel.context import TurnContext
 from keel.errors import ConfigurationError, RegistrationError, UnknownWorkflowError
 from keel.payload import validate_key
+from keel.retention import DEFAULT_RETENTION, Retention
 from keel.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from keel.steps import DEFAULT_STEP_TIMEOUT_S
 
@@ -63,6 +64,7 @@ class App:
         retry: How failing turns are retried, for workflows that do not say; ``keel.RetryPolicy()`` by default.
         turn_timeout_s: How long a turn may run before it is cancelled (a failed attempt), by default.
         step_timeout_s: How long a step may run before it is cancelled (a failed attempt), by default.
+        retention: How long finished messages, turn records and idempotency keys are kept; see ``keel.Retention``.
 
     Raises:
         InvalidKeyError: ``name`` is empty, over 255 characters or not printable.
@@ -77,10 +79,12 @@ class App:
         retry: RetryPolicy | None = None,
         turn_timeout_s: float = DEFAULT_TURN_TIMEOUT_S,
         step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
+        retention: Retention | None = None,
     ) -> None:
         self.name = validate_key(name, what="app name")
         self._backend = backend
         self.retry = retry or DEFAULT_RETRY_POLICY
+        self.retention = retention or DEFAULT_RETENTION
         self.turn_timeout_s = _positive(turn_timeout_s, "turn_timeout_s")
         self.step_timeout_s = _positive(step_timeout_s, "step_timeout_s")
         self._workflows: dict[str, WorkflowSpec] = {}

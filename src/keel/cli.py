@@ -179,6 +179,13 @@ def worker(
 @_url_option
 @click.option("--idempotency-key", metavar="KEY", help="Sending again with this key enqueues nothing new.")
 @click.option(
+    "--delay-s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    metavar="SECONDS",
+    help="A durable timer: the message becomes visible this many seconds from now.",
+)
+@click.option(
     "--wait",
     "wait_s",
     type=click.FloatRange(min=0),
@@ -192,6 +199,7 @@ def send(
     message: str,
     url: str | None,
     idempotency_key: str | None,
+    delay_s: float,
     wait_s: float | None,
 ) -> None:
     """Send a JSON message to instance WORKFLOW_ID of WORKFLOW; print its message id."""
@@ -200,7 +208,8 @@ def send(
         payload = json.loads(message)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="'JSON'") from None
-    result = _run(send_message(app, url, workflow, workflow_id, payload, idempotency_key, wait_s))
+    sending = send_message(app, url, workflow, workflow_id, payload, idempotency_key, wait_s, delay_s=delay_s)
+    result = _run(sending)
     click.echo(result)
 
 

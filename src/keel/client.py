@@ -58,6 +58,7 @@ class Client:
         message: BaseModel | dict[str, Any],
         *,
         idempotency_key: str | None = None,
+        delay_s: float = 0.0,
     ) -> str:
         """Append ``message`` to the inbox of instance ``workflow_id`` of ``workflow``.
 
@@ -66,12 +67,15 @@ class Client:
             workflow_id: The instance (1-255 printable characters); it exists from its first message on.
             message: An instance of the workflow's message model, or data that validates as one.
             idempotency_key: Sending again with the same key (for the same instance) returns the first send's
-                message id and enqueues nothing.
+                message id and enqueues nothing, for as long as the app's retention keeps keys (7 days).
+            delay_s: A durable timer: the message becomes visible this many seconds from now (by the backend's
+                clock), surviving restarts; messages sent after it but visible sooner run before it.
 
         Returns:
             The message id, for ``wait()``.
 
         Raises:
+            ConfigurationError: ``delay_s`` is negative, not finite, or over ten years.
             UnknownWorkflowError: No such workflow; the error lists the registered ones.
             PayloadValidationError: The message does not fit the model; the error names the field.
             InvalidKeyError, PayloadTooLargeError: Bad id, key or size. Nothing is enqueued on any error.
@@ -81,9 +85,11 @@ class Client:
         ref = InstanceRef(self.app.name, workflow, validate_key(workflow_id, what="workflow_id"))
         if idempotency_key is not None:
             validate_key(idempotency_key, what="idempotency key")
+        _check_delay(delay_s)
         what = f"message to {workflow}/{workflow_id}"
         payload = encode(coerce(message, spec.message, what=what), what=what, max_bytes=self._max_message_bytes)
-        message_id = await self._open().send(NewMessage(ref, uuid.uuid4().hex, payload, idempotency_key))
+        new = NewMessage(ref, uuid.uuid4().hex, payload, idempotency_key, float(delay_s))
+        message_id = await self._open().send(new)
         logger.debug(
             "message %s sent to %s/%s",
             message_id,
@@ -142,6 +148,31 @@ class Client:
             await asyncio.sleep(min(pause_s, remaining))
             pause_s = min(pause_s * 2, WAIT_POLL_MAX_S)
 
+    async def delete(self, workflow: str, workflow_id: str) -> bool:
+        """Delete an instance and everything it owns: state, history, messages (queued ones too), records.
+
+        A worker running one of its turns at that moment cannot commit it. A later message starts the
+        instance afresh from the state model's defaults.
+
+        Returns:
+            True if the instance existed.
+
+        Raises:
+            UnknownWorkflowError: No such workflow.
+            BackendUnavailable: The backend cannot be reached.
+        """
+        self.app.spec(workflow)
+        ref = InstanceRef(self.app.name, workflow, validate_key(workflow_id, what="workflow_id"))
+        existed = await self._open().delete_instance(ref)
+        logger.info(
+            "instance %s/%s %s",
+            workflow,
+            workflow_id,
+            "deleted" if existed else "not found: nothing deleted",
+            extra={"workflow": workflow, "workflow_id": workflow_id},
+        )
+        return existed
+
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
         """Return the app's dead-lettered messages, newest first, each with its error, attempts and time.
 
@@ -196,3 +227,14 @@ class Client:
         if self._backend is None:
             raise ConfigurationError("the client is not open: use it inside `async with app.client() as client:`")
         return self._backend
+
+
+#: The longest timer a message may carry.
+MAX_DELAY_S = 10 * 365 * 24 * 3600.0
+
+
+def _check_delay(delay_s: object) -> None:
+    if not isinstance(delay_s, int | float) or isinstance(delay_s, bool) or not 0 <= delay_s <= MAX_DELAY_S:
+        raise ConfigurationError(
+            f"delay_s must be a number of seconds from 0 to {MAX_DELAY_S:g} (ten years), not {delay_s!r}"
+        )

@@ -31,10 +31,12 @@ async def send_message(
     payload: Any,
     idempotency_key: str | None,
     wait_s: float | None,
+    *,
+    delay_s: float = 0.0,
 ) -> str:
     """Send ``payload``; return the message id, or with ``wait_s`` the id and the state its turn committed."""
     async with app.client(url=url) as client:
-        message_id = await client.send(workflow, workflow_id, payload, idempotency_key=idempotency_key)
+        message_id = await client.send(workflow, workflow_id, payload, idempotency_key=idempotency_key, delay_s=delay_s)
         if wait_s is None:
             return message_id
         await client.wait(workflow, workflow_id, message_id, timeout_s=wait_s)

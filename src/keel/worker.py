@@ -34,6 +34,7 @@ from keel.backends.base import Claim, StoreOptions
 from keel.errors import BackendUnavailable, ConfigurationError
 from keel.identity import process_identity
 from keel.payload import DEFAULT_MAX_VALUE_BYTES
+from keel.retention import prune_forever
 from keel.turn import TurnRunner, log_fields
 
 if TYPE_CHECKING:
@@ -51,8 +52,9 @@ DEFAULT_GRACE_S = 10.0
 #: How many turns one worker runs at once, by default.
 DEFAULT_CONCURRENCY = 8
 
-#: The longest an idle worker waits before looking for work again, even without a wake-up.
-IDLE_POLL_S = 1.0
+#: The longest an idle worker waits before looking for work again, even without a wake-up: the bound on how late
+#: a durable timer or the end of a retry's backoff is noticed, since neither sends a wake-up.
+IDLE_POLL_S = 0.5
 
 #: The longest pause after a failed claim (backend unreachable) before the next try.
 CLAIM_RETRY_MAX_S = 5.0
@@ -102,13 +104,17 @@ class Worker:
             extra={"worker": self.identity},
         )
         heartbeat = asyncio.create_task(self._heartbeat(), name="keel-heartbeat")
+        pruning = asyncio.create_task(
+            prune_forever(self.backend, self.app.name, self.app.retention, self.identity), name="keel-prune"
+        )
         try:
             await self._claim_loop(workflows, stop)
         finally:
             await self._drain()
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            for task in (heartbeat, pruning):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         logger.info("worker %s stopped", self.identity, extra={"worker": self.identity})
 
     async def _claim_loop(self, workflows: list[str], stop: asyncio.Event) -> None:

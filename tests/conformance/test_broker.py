@@ -19,6 +19,7 @@ from keel.backends.base import (
     InstanceRef,
     MessageStatus,
     NewMessage,
+    Pruned,
     StepRecord,
     StoreOptions,
     TurnCommit,
@@ -373,3 +374,79 @@ async def test_a_committed_claim_cannot_be_renewed(backend: Backend) -> None:
     claim = await claim_one(backend)
     await backend.commit_turn(commit_of(claim, {}))
     assert await backend.renew([claim], lease_s=LEASE_S) == [False]
+
+
+async def send_delayed(backend: Backend, instance: InstanceRef, payload: object, delay_s: float) -> str:
+    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload), None, delay_s))
+
+
+async def test_a_delayed_message_waits_for_its_time_without_blocking_later_ones(backend: Backend) -> None:
+    timer = await send_delayed(backend, ref(), {"n": "timer"}, 0.8)
+    later = await send(backend, ref(), {"n": "later"})
+    claim = await claim_one(backend)
+    assert claim.message_id == later  # sent after the timer, visible before it
+    await backend.commit_turn(commit_of(claim, {}))
+    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=LEASE_S, limit=5) == []
+    await asyncio.sleep(1.0)
+    assert (await claim_one(backend)).message_id == timer
+
+
+async def test_delayed_messages_run_in_the_order_they_become_visible(backend: Backend) -> None:
+    slow = await send_delayed(backend, ref(), {"n": 1}, 0.9)
+    quick = await send_delayed(backend, ref(), {"n": 2}, 0.3)
+    await asyncio.sleep(1.1)
+    first = await claim_one(backend)
+    assert first.message_id == quick
+    await backend.commit_turn(commit_of(first, {}))
+    assert (await claim_one(backend)).message_id == slow
+
+
+async def test_prune_removes_finished_records_and_never_anything_undelivered(backend: Backend) -> None:
+    done = await send(backend, ref("a"), {"n": 1})
+    await backend.commit_turn(commit_of(await claim_one(backend), {}))
+    keyed = await send(backend, ref("a"), {"n": 2}, key="req-1")
+    await backend.commit_turn(commit_of(await claim_one(backend), {}))
+    dead = await send(backend, ref("b"), {"n": 3})
+    await backend.fail_turn(failure_of(await claim_one(backend)))
+    waiting = await send(backend, ref("b"), {"n": 4})
+    timer = await send_delayed(backend, ref("c"), {"n": 5}, 3600)
+    soon = datetime.now(UTC) + timedelta(seconds=5)
+    pruned = await backend.prune(APP, finished_before=soon, keys_before=soon - timedelta(days=7))
+    assert (pruned.messages, pruned.turns) == (1, 3)
+    assert await backend.message(APP, done) is None
+    for kept in (keyed, dead, waiting, timer):
+        assert await backend.message(APP, kept) is not None
+    assert await send(backend, ref("a"), {"n": 6}, key="req-1") == keyed  # the key still deduplicates
+    assert [d.message_id for d in await backend.dead_letters(APP, limit=5)] == [dead]
+    state = await backend.state(ref("a"))
+    assert state is not None and state.version == 2  # state is never pruned
+    pruned = await backend.prune(APP, finished_before=soon, keys_before=soon)
+    assert pruned.messages == 1
+    assert await send(backend, ref("a"), {"n": 7}, key="req-1") != keyed  # past its window, the key is free again
+
+
+async def test_prune_keeps_records_newer_than_the_cut_off(backend: Backend) -> None:
+    done = await send(backend, ref(), {})
+    await backend.commit_turn(commit_of(await claim_one(backend), {}))
+    past = datetime.now(UTC) - timedelta(minutes=5)
+    assert await backend.prune(APP, finished_before=past, keys_before=past) == Pruned(0, 0)
+    assert await backend.message(APP, done) is not None
+    assert len(await backend.turns(ref(), limit=5)) == 1
+
+
+async def test_delete_instance_removes_everything_it_owns(backend: Backend) -> None:
+    first = await send(backend, ref(), {"n": 1}, key="k")
+    await backend.commit_turn(commit_of(await claim_one(backend), {"n": 1}))
+    queued = await send(backend, ref(), {"n": 2})
+    held = await claim_one(backend)
+    other = await send(backend, ref("other"), {"n": 3})
+    assert await backend.delete_instance(ref()) is True
+    assert await backend.state(ref()) is None
+    assert await backend.turns(ref(), limit=5) == []
+    assert await backend.message(APP, first) is None and await backend.message(APP, queued) is None
+    with pytest.raises(keel.LeaseLostError):
+        await backend.commit_turn(commit_of(held, {"n": 2}))
+    assert await backend.state(ref()) is None
+    assert await send(backend, ref(), {"n": 4}, key="k") != first  # its idempotency keys went with it
+    assert await backend.message(APP, other) is not None
+    assert await backend.delete_instance(ref("never-seen")) is False

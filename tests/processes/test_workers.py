@@ -159,3 +159,31 @@ async def test_a_zombies_step_record_is_rejected(shared_backend_url: str, tmp_pa
         zombie.stop()
         if successor is not None:
             successor.stop()
+
+
+async def test_a_timer_survives_a_worker_restart_and_runs_on_time(shared_backend_url: str, tmp_path: Path) -> None:
+    first = WorkerProcess(shared_backend_url, tmp_path / "first.log", lease_s=2.0)
+    workers = [first]
+    try:
+        first.wait_for_log("started for app process-tests")
+        async with app.client(url=shared_backend_url) as client:
+            sent_at = time.time()
+            timer = await client.send("counter", "timer", Step(seq=2), delay_s=4.0)
+            now = await client.send("counter", "timer", Step(seq=1))
+            assert await client.wait("counter", "timer", now, timeout_s=30) == 1
+            assert first.stop() == 0  # the only worker goes away while the timer is pending
+            workers.append(WorkerProcess(shared_backend_url, tmp_path / "second.log", lease_s=2.0))
+            assert await client.wait("counter", "timer", timer, timeout_s=30) == 2
+            state = await client.state("counter", "timer")
+        assert state is not None and state.value.applied == [1, 2]
+        backend = await open_backend(shared_backend_url, StoreOptions())
+        try:
+            [last, _] = await backend.turns(InstanceRef(app.name, "counter", "timer"), limit=2)
+        finally:
+            await backend.aclose()
+        ran_at = last.started_at.timestamp() - sent_at
+        assert 4.0 <= ran_at < 5.0  # on time, within a second
+        assert last.worker == workers[1].identity
+    finally:
+        for worker in workers:
+            worker.stop()

@@ -130,12 +130,24 @@ class InstanceRef:
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
-    """A message to append to an instance's inbox."""
+    """A message to append to an instance's inbox.
+
+    ``delay_s`` makes it visible only that long after it is sent (by the backend's clock): a durable timer.
+    """
 
     instance: InstanceRef
     message_id: str
     payload_json: str
     idempotency_key: str | None = None
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one ``prune`` removed."""
+
+    messages: int = 0
+    turns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,10 +259,13 @@ class Broker(Protocol):
     async def claim(
         self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
     ) -> list[Claim]:
-        """Lease up to ``limit`` instances that have a pending message and no live lease, oldest message first.
+        """Lease up to ``limit`` instances that have a visible pending message and no live lease.
 
-        Each claim raises the instance's fencing token by one and sets its lease to expire ``lease_s`` seconds
-        from now by the backend's clock. Paused instances are never claimed.
+        An instance's next message is its pending message that became visible first (then the first sent):
+        a delayed message never blocks the ones sent after it, and a message being retried or resolved keeps
+        its place. Instances are taken in the order of their next messages. Each claim raises the instance's
+        fencing token by one and sets its lease to expire ``lease_s`` seconds from now by the backend's clock.
+        Paused instances are never claimed.
         """
         ...
 
@@ -330,6 +345,26 @@ class Broker(Protocol):
 
     async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
         """Return when a message may have been sent to ``app``, or after ``timeout_s`` at the latest."""
+        ...
+
+    async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:
+        """Delete what the app no longer needs, never anything undelivered or dead-lettered.
+
+        Removes messages that are done or skipped and finished before ``finished_before`` (with their step
+        records), except those with an idempotency key sent at or after ``keys_before``, which stay so that
+        the key keeps deduplicating; and turn records started before ``finished_before``.
+        """
+        ...
+
+    async def delete_instance(self, instance: InstanceRef, /) -> bool:
+        """Delete an instance and everything it owns.
+
+        That is its state and state history, its messages of every status, their step records, its turn records
+        and its idempotency keys. A worker holding its lease can no longer commit.
+
+        Returns:
+            True if the instance existed.
+        """
         ...
 
 

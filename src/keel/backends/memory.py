@@ -22,6 +22,7 @@ from keel.backends.base import (
     MessageInfo,
     MessageStatus,
     NewMessage,
+    Pruned,
     StepRecord,
     StoredRecord,
     StoreOptions,
@@ -104,6 +105,10 @@ class _Message:
     attempts: int = 0
     steps: dict[str, str] = field(default_factory=dict)
     failed_at: datetime | None = None
+    sent_at: datetime = field(default_factory=lambda: _now())
+    visible_at: datetime = field(default_factory=lambda: _now())
+    finished_at: datetime | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass
@@ -150,7 +155,15 @@ class MemoryBackend(MemoryStore):
             rt.idempotency[(message.instance, message.idempotency_key)] = message.message_id
         rt.seq += 1
         info = MessageInfo(message.message_id, message.instance, MessageStatus.pending)
-        rt.messages[(message.instance.app, message.message_id)] = _Message(info, message.payload_json, rt.seq)
+        now = _now()
+        rt.messages[(message.instance.app, message.message_id)] = _Message(
+            info,
+            message.payload_json,
+            rt.seq,
+            sent_at=now,
+            visible_at=now + timedelta(seconds=message.delay_s),
+            idempotency_key=message.idempotency_key,
+        )
         self._instance(message.instance).pending.append(message.message_id)
         for waiter in rt.waiters.pop(message.instance.app, []):
             if not waiter.done() and not waiter.get_loop().is_closed():
@@ -163,25 +176,27 @@ class MemoryBackend(MemoryStore):
         """Lease up to ``limit`` claimable instances, oldest pending message first."""
         now = _now()
         ready = [
-            inst
+            (message, inst)
             for inst in self._rt.instances.values()
             if inst.ref.app == app
             and inst.ref.workflow in workflows
-            and inst.pending
             and not inst.paused
             and (inst.lease_expires_at is None or inst.lease_expires_at <= now)
+            and (message := self._next(inst)) is not None
+            and message.visible_at <= now
         ]
-        ready.sort(key=lambda inst: self._rt.messages[(app, inst.pending[0])].seq)
-        return [self._lease(inst, worker, now + timedelta(seconds=lease_s)) for inst in ready[:limit]]
+        ready.sort(key=lambda pair: (pair[0].visible_at, pair[0].seq))
+        expires_at = now + timedelta(seconds=lease_s)
+        return [self._lease(inst, message, worker, expires_at) for message, inst in ready[:limit]]
 
     async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
         """Extend each lease still held under its claim's token."""
         now = _now()
         held = []
         for claim in claims:
-            inst = self._rt.instances[claim.instance]
-            ok = self._lease_problem(inst, claim, now) is None
-            if ok:
+            inst = self._rt.instances.get(claim.instance)
+            ok = inst is not None and self._lease_problem(inst, claim, now) is None
+            if inst is not None and ok:
                 inst.lease_expires_at = now + timedelta(seconds=lease_s)
             held.append(ok)
         return held
@@ -193,8 +208,9 @@ class MemoryBackend(MemoryStore):
         version = claim.state_version + 1
         inst.state = StoredRecord(_state_key(claim.instance), version, commit.state_json, _now(), commit.worker)
         inst.history.append(inst.state)
-        inst.pending.popleft()
+        inst.pending.remove(claim.message_id)
         message.info = replace(message.info, status=MessageStatus.done, state_version=version)
+        message.finished_at = _now()
         self._record(commit, claim, version_written=version, outcome="committed", error=None)
         self._release(inst)
         return version
@@ -240,12 +256,14 @@ class MemoryBackend(MemoryStore):
     async def resolve_dead_letter(self, instance: InstanceRef, /, *, skip: bool) -> str | None:
         """Retry or skip the dead message of a paused instance, and un-pause it."""
         inst = self._rt.instances.get(instance)
-        if inst is None or not inst.paused or not inst.pending:
+        dead = [] if inst is None or not inst.paused else self._dead_of(inst)
+        if inst is None or not dead:
             return None
-        message = self._rt.messages[(instance.app, inst.pending[0])]
+        message = dead[0]
         if skip:
             message.info = replace(message.info, status=MessageStatus.skipped)
-            inst.pending.popleft()
+            message.finished_at = _now()
+            inst.pending.remove(message.info.message_id)
         else:
             message.info = replace(message.info, status=MessageStatus.pending, error=None)
             message.attempts = 0
@@ -274,16 +292,58 @@ class MemoryBackend(MemoryStore):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(waiter, timeout_s)
 
+    async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:
+        """Delete finished messages (but recent idempotency keys) and turn records older than the cut-offs."""
+        finished = (MessageStatus.done, MessageStatus.skipped)
+        doomed = [
+            key
+            for key, m in self._rt.messages.items()
+            if key[0] == app
+            and m.info.status in finished
+            and m.finished_at is not None
+            and m.finished_at < finished_before
+            and (m.idempotency_key is None or m.sent_at < keys_before)
+        ]
+        for key in doomed:
+            message = self._rt.messages.pop(key)
+            if message.idempotency_key is not None:
+                self._rt.idempotency.pop((message.info.instance, message.idempotency_key), None)
+        turns = 0
+        for inst in self._rt.instances.values():
+            if inst.ref.app == app:
+                kept = [t for t in inst.turns if t.started_at >= finished_before]
+                turns += len(inst.turns) - len(kept)
+                inst.turns = kept
+        return Pruned(messages=len(doomed), turns=turns)
+
+    async def delete_instance(self, instance: InstanceRef, /) -> bool:
+        """Delete an instance with its state, messages, steps, turn records and idempotency keys."""
+        inst = self._rt.instances.pop(instance, None)
+        for key in [k for k, m in self._rt.messages.items() if m.info.instance == instance]:
+            del self._rt.messages[key]
+        for idem in [k for k in self._rt.idempotency if k[0] == instance]:
+            del self._rt.idempotency[idem]
+        return inst is not None
+
+    def _next(self, inst: _Instance) -> _Message | None:
+        """The instance's next message: the pending one that became visible first, then the first sent."""
+        pending = [self._rt.messages[(inst.ref.app, mid)] for mid in inst.pending]
+        live = [m for m in pending if m.info.status is MessageStatus.pending]
+        return min(live, key=lambda m: (m.visible_at, m.seq), default=None)
+
+    def _dead_of(self, inst: _Instance) -> list[_Message]:
+        pending = [self._rt.messages[(inst.ref.app, mid)] for mid in inst.pending]
+        return [m for m in pending if m.info.status is MessageStatus.failed]
+
     def _instance(self, ref: InstanceRef) -> _Instance:
         inst = self._rt.instances.get(ref)
         if inst is None:
             inst = self._rt.instances[ref] = _Instance(ref)
         return inst
 
-    def _lease(self, inst: _Instance, worker: str, expires_at: datetime) -> Claim:
+    def _lease(self, inst: _Instance, message: _Message, worker: str, expires_at: datetime) -> Claim:
         inst.token += 1
         inst.lease_owner, inst.lease_expires_at = worker, expires_at
-        message = self._rt.messages[(inst.ref.app, inst.pending[0])]
         message.attempts += 1
         state = inst.state
         return Claim(
@@ -299,7 +359,9 @@ class MemoryBackend(MemoryStore):
         )
 
     def _fenced(self, claim: Claim) -> tuple[_Instance, _Message]:
-        inst = self._rt.instances[claim.instance]
+        inst = self._rt.instances.get(claim.instance)
+        if inst is None:
+            raise LeaseLostError(_describe(claim.instance), claim.fencing_token, "the instance was deleted")
         problem = self._lease_problem(inst, claim, _now())
         if problem is not None:
             raise LeaseLostError(_describe(claim.instance), claim.fencing_token, problem)

@@ -338,9 +338,9 @@ async def test_a_store_only_database_at_schema_version_1_is_migrated(postgres_ur
 def test_the_broker_sql_holds_every_statement_it_runs() -> None:
     expected = {"lock_inbox", "append", "lock_ready", "lease", "renew", "lock_instance", "commit_turn"}
     expected |= {"fail_turn", "release", "message", "state", "turns", "has_work", "listen"}
-    expected |= {"record_step", "retry_turn", "dead_letters", "resolve_dead_letter"}
+    expected |= {"record_step", "retry_turn", "dead_letters", "resolve_dead_letter", "prune", "delete_instance"}
     assert expected <= set(BROKER_QUERIES)
-    assert pg_store.SCHEMA_VERSION == 3
+    assert pg_store.SCHEMA_VERSION == 4
 
 
 async def test_state_history_keeps_the_last_versions(backend: PostgresBackend, postgres_url: str) -> None:
@@ -403,6 +403,7 @@ async def test_a_message_sent_while_a_commit_waits_for_the_row_is_queued_next(
         "message_id": "late",
         "payload": "{}",
         "idempotency_key": None,
+        "delay_s": 0.0,
         "channel": backend._listener.channel(APP),
     }
     # A send caught between its two statements holds the instance row; the commit must wait for it, then see it.

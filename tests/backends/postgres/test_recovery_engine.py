@@ -119,7 +119,7 @@ async def test_a_database_at_schema_version_2_is_upgraded_in_place(postgres_url:
         conn.execute("UPDATE keel_instances SET next_seq = (SELECT seq FROM keel_messages WHERE message_id = 'dead')")
     opened = await asyncio.gather(*(open_backend(postgres_url, StoreOptions()) for _ in range(3)))
     try:
-        assert _rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", 3)]
+        assert _rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", pg_store.SCHEMA_VERSION)]
         [dead] = await opened[0].dead_letters(APP, limit=10)
         assert (dead.instance, dead.message_id, dead.error, dead.attempts) == (ref(), "dead", "ValueError: old", 3)
         assert dead.failed_at == failed_at

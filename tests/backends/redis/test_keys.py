@@ -89,6 +89,7 @@ def test_default_runtime_layout() -> None:
     assert keys.inbox(member) == "keel:inbox:{loans/loan/42}"
     assert keys.message(member, "m1") == "keel:msg:{loans/loan/42}:m1"
     assert keys.steps(member, "m1") == "keel:steps:{loans/loan/42}:m1"
+    assert keys.ids(member) == "keel:ids:{loans/loan/42}"
     assert keys.idempotency(member) == "keel:idem:{loans/loan/42}"
     assert keys.states(member) == "keel:states:{loans/loan/42}"
     assert keys.turns(member) == "keel:turns:{loans/loan/42}"
@@ -97,6 +98,10 @@ def test_default_runtime_layout() -> None:
     assert keys.ready("loans", "loan") == "keel:ready:{loans}:loan"
     assert keys.leased("loans", "loan") == "keel:leased:{loans}:loan"
     assert keys.dead("loans") == "keel:dead:{loans}"
+    assert keys.finished("loans") == "keel:finished:{loans}"
+    assert keys.finished_keyed("loans") == "keel:finkeyed:{loans}"
+    assert keys.turn_index("loans") == "keel:turnidx:{loans}"
+    assert keys.token_floor("loans") == "keel:tokfloor:{loans}"
     assert keys.wake("loans") == "keel:wake:{loans}"
 
 
@@ -123,6 +128,7 @@ def test_every_key_of_an_instance_shares_its_slot(part: str) -> None:
         keys.inbox(member),
         keys.message(member, "m{1}"),
         keys.steps(member, "m{1}"),
+        keys.ids(member),
         keys.idempotency(member),
         keys.states(member),
         keys.turns(member),
@@ -139,6 +145,10 @@ def test_every_key_of_an_app_shares_its_slot(app: str) -> None:
         keys.ready(app, "a"),
         keys.leased(app, "b{"),
         keys.dead(app),
+        keys.finished(app),
+        keys.finished_keyed(app),
+        keys.turn_index(app),
+        keys.token_floor(app),
         keys.wake(app),
     ]
     assert {key_slot(name.encode()) for name in names} == {key_slot(hash_tag(app)[1:-1].encode())}

@@ -96,6 +96,7 @@ async def _snapshot(raw: Redis) -> dict[str, Any]:
         "zset": lambda name: raw.zrange(name, 0, -1, withscores=True),
         "stream": raw.xrange,
         "string": raw.get,
+        "set": raw.smembers,
     }
     state: dict[str, Any] = {}
     for name in sorted(str(n) for n in await raw.keys("*")):
@@ -121,14 +122,17 @@ async def test_runtime_keys_land_in_the_documented_layout(backend: Backend, raw:
     expected = {
         f"keel:inst:{{{member}}}": "hash",
         f"keel:msg:{{{member}}}:{message_id}": "hash",
+        f"keel:ids:{{{member}}}": "set",
         f"keel:idem:{{{member}}}": "hash",
         f"keel:states:{{{member}}}": "list",
         f"keel:turns:{{{member}}}": "list",
         "keel:seq:{loans}": "string",
         "keel:msgindex:{loans}": "hash",
+        "keel:finkeyed:{loans}": "zset",
+        "keel:turnidx:{loans}": "zset",
         "keel:wake:{loans}": "stream",
         "keel:schema": "hash",
-    }  # the inbox, ready and leased keys are empty now, so Redis has dropped them
+    }  # the inbox, ready, leased and finished keys are empty now, so Redis has dropped them
     assert {name: await raw.type(name) for name in await raw.keys("*")} == expected
     instance_slots = {key_slot(name.encode()) for name in expected if member in name}
     app_slots = {key_slot(name.encode()) for name in expected if "{loans}" in name}
@@ -137,18 +141,43 @@ async def test_runtime_keys_land_in_the_documented_layout(backend: Backend, raw:
     fields = await raw.hgetall(f"keel:inst:{{{member}}}")
     assert {k: v for k, v in fields.items() if k != "t"} == {"tok": "1", "v": "1", "d": '{"step": 1}', "w": "w1"}
     message = await raw.hgetall(f"keel:msg:{{{member}}}:{message_id}")
-    assert message == {"p": '{"n": 1}', "s": "done", "n": "1", "q": "1", "i": member, "v": "1"}
+    sent_at, finished_at = message.pop("a"), message.pop("x")
+    assert message == {
+        "p": '{"n": 1}',
+        "s": "done",
+        "n": "1",
+        "q": "1",
+        "i": member,
+        "v": "1",
+        "r": sent_at,
+        "k": "req-1",
+    }
+    assert int(sent_at) <= int(finished_at) == int(fields["t"])
     assert await raw.hgetall(f"keel:idem:{{{member}}}") == {"req-1": message_id}
     assert await raw.hgetall("keel:msgindex:{loans}") == {message_id: member}
+    assert await raw.smembers(f"keel:ids:{{{member}}}") == {message_id}
+    assert await raw.zrange("keel:finkeyed:{loans}", 0, -1, withscores=True) == [(message_id, float(sent_at))]
+    [turn] = await backend.turns(instance, limit=5)
+    started = (turn.started_at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    assert await raw.zrange("keel:turnidx:{loans}", 0, -1, withscores=True) == [(member, float(started))]
+
+
+async def _visible_at(raw: Redis, member: str, message_id: str) -> float:
+    return float(await raw.hget(f"keel:msg:{{{member}}}:{message_id}", "r") or "nan")
 
 
 async def test_pending_and_leased_instances_sit_in_their_sorted_sets(backend: Backend, raw: Redis) -> None:
     ids = [await send(backend, ref(workflow_id)) for workflow_id in ("a", "b", "a")]
+    visible = [await _visible_at(raw, f"loans/loan/{w}", i) for w, i in zip("aba", ids, strict=True)]
+    assert visible == sorted(visible)
     assert await raw.zrange("keel:ready:{loans}:loan", 0, -1, withscores=True) == [
-        ("loans/loan/a", 1.0),
-        ("loans/loan/b", 2.0),
+        ("loans/loan/a", visible[0]),
+        ("loans/loan/b", visible[1]),
     ]
-    assert await raw.lrange("keel:inbox:{loans/loan/a}", 0, -1) == [ids[0], ids[2]]
+    assert await raw.zrange("keel:inbox:{loans/loan/a}", 0, -1, withscores=True) == [
+        (f"{1:016d}:{ids[0]}", visible[0]),
+        (f"{3:016d}:{ids[2]}", visible[2]),
+    ]
     claim = await claim_one(backend, lease_s=30)
     assert claim.instance == ref("a")
     expiry = claim.lease_expires_at
@@ -156,10 +185,10 @@ async def test_pending_and_leased_instances_sit_in_their_sorted_sets(backend: Ba
     assert await raw.zrange("keel:leased:{loans}:loan", 0, -1, withscores=True) == [("loans/loan/a", float(micros))]
     assert await raw.zrange("keel:ready:{loans}:loan", 0, -1) == ["loans/loan/b"]
     await backend.commit_turn(commit_of(claim))
-    # a's second message (seq 3) puts it back behind b.
+    # a's second message (sent third) puts it back behind b.
     assert await raw.zrange("keel:ready:{loans}:loan", 0, -1, withscores=True) == [
-        ("loans/loan/b", 2.0),
-        ("loans/loan/a", 3.0),
+        ("loans/loan/b", visible[1]),
+        ("loans/loan/a", visible[2]),
     ]
     assert await raw.zcard("keel:leased:{loans}:loan") == 0
 
@@ -373,7 +402,12 @@ async def test_each_runtime_write_is_one_script_call(backend: RedisBackend, monk
     await backend.retry_turn(TurnFailure(c, "flaky", "w1", datetime.now(UTC), 0.1), delay_s=0)
     await backend.dead_letters(APP, limit=10)
     await backend.resolve_dead_letter(ref("b"), skip=True)
-    assert sent == ["EVALSHA"] * 14
+    await backend.delete_instance(ref("b"))
+    assert sent == ["EVALSHA"] * 15
+    sent.clear()
+    now = datetime.now(UTC)
+    await backend.prune(APP, finished_before=now, keys_before=now)
+    assert sent == ["EVALSHA"] * 3  # one bounded batch per index when each has less than a batch due
 
 
 async def test_the_schema_step_upgrades_a_store_only_database(

@@ -111,6 +111,7 @@ async def snapshot(raw: Redis) -> dict[str, Any]:
         "zset": lambda name: raw.zrange(name, 0, -1, withscores=True),
         "stream": raw.xrange,
         "string": raw.get,
+        "set": raw.smembers,
     }
     state: dict[str, Any] = {}
     for name in sorted(str(n) for n in await raw.keys("*")):
@@ -134,7 +135,7 @@ async def test_step_results_live_in_one_hash_per_message(backend: Backend, raw: 
     again = await claim_one(backend)
     assert dict(again.steps) == {"score": "0.75", "a{b}": '{"ok": true}'}
     await backend.commit_turn(commit_of(again))
-    assert await raw.exists(steps_key)  # kept: retention comes later
+    assert await raw.exists(steps_key)  # kept until its message is pruned
 
 
 # -- holds ----------------------------------------------------------------------------------------------------------
@@ -356,7 +357,7 @@ async def test_the_schema_step_indexes_the_dead_letters_of_a_layout_2_database(
     with caplog.at_level(logging.INFO, logger=MIGRATE_LOGGER):
         opened = await open_backend(url, StoreOptions())
     try:
-        assert await raw.hget(f"{prefix}schema", "store") == str(STORE_SCHEMA_VERSION) == "3"
+        assert await raw.hget(f"{prefix}schema", "store") == str(STORE_SCHEMA_VERSION) == "4"
         assert any("5 dead letter(s) indexed" in r.getMessage() for r in caplog.records)
         letters = await opened.dead_letters(APP, limit=10)
         assert [d.message_id for d in letters] == [failed[f"loans/loan/{n}"] for n in (4, 3, 2, 1, 0)]
@@ -375,6 +376,6 @@ async def test_the_schema_step_indexes_the_dead_letters_of_a_layout_2_database(
     finally:
         await opened.aclose()
     before = await snapshot(raw)
-    reopened = await open_backend(url, StoreOptions())  # at schema 3 already: no upgrade runs
+    reopened = await open_backend(url, StoreOptions())  # at schema 4 already: no upgrade runs
     await reopened.aclose()
     assert await snapshot(raw) == before

@@ -1,10 +1,13 @@
 """The PostgreSQL broker: inboxes, leases with fencing tokens, and the atomic turn commit (G2, G3).
 
-Tables (``schema.sql``, steps ``runtime_v1`` and ``runtime_v2``): ``keel_instances`` holds one row per workflow
-instance with its lease, fencing token, committed state and ``next_seq``, the seq of its oldest pending message
-(NULL when its inbox is empty; a failed message keeps it while it pauses the instance); ``keel_messages`` the
-inboxes, in ``seq`` order; ``keel_state_history`` the last states; ``keel_turns`` one record per turn;
-``keel_steps`` the step results recorded per message. Statements are in ``broker.sql``.
+Tables (``schema.sql``, steps ``runtime_v1`` to ``runtime_v3``): ``keel_instances`` holds one row per workflow
+instance with its lease, fencing token, committed state and its next message, ``(next_visible_at, next_seq)``: the
+pending message with the smallest ``(visible_at, seq)`` (NULL when its inbox is empty; a failed message stays next
+while it pauses the instance); ``keel_messages`` the inboxes, each message with the seq it was sent under and the
+time it becomes visible (``sent_at`` plus the send's ``delay_s``, by the server's clock: a durable timer);
+``keel_state_history`` the last states; ``keel_turns`` one record per turn; ``keel_steps`` the step results recorded
+per message; ``keel_instance_tombstones`` the last fencing token of each deleted instance. Statements are in
+``broker.sql``.
 
 A lease is live while the instance's ``fencing_token`` is the claim's, ``lease_owner`` is set and
 ``lease_expires_at`` is after ``clock_timestamp()``. Commit, fail and release clear both; a retry clears the owner
@@ -13,12 +16,20 @@ alone) off the instance until then.
 
 How each operation stays atomic and fenced:
 
-- ``send``: one transaction. It locks the instance row (creating it), then appends the message, sets ``next_seq``
-  if the inbox was empty, and notifies the app's channel, delivered at commit. Locking first makes the messages of
-  one inbox draw their seq in commit order, and lets the idempotency check see every earlier send.
-- ``claim``: one transaction. ``FOR UPDATE SKIP LOCKED`` locks claimable instance rows (pending message, not
-  paused, lease absent or expired by ``clock_timestamp()``) oldest ``next_seq`` first, so concurrent claimers in any
-  process take disjoint rows; a second statement raises their tokens, sets the leases and counts the attempts.
+- ``send``: one transaction. It locks the instance row (creating it), then appends the message, makes it the
+  instance's next one if it becomes visible before the current next one (unless a dead letter pauses the instance:
+  it stays next), and notifies the app's channel, delivered at commit (not for a timer, which is no work yet; idle
+  workers find it by polling once it is due). Locking first makes the messages of one inbox draw their seq in commit
+  order, and lets the idempotency check see every earlier send. A send that has just created an instance again after
+  ``delete_instance`` takes over its tombstone's fencing token in the same statement, so tokens of one instance id
+  only ever grow: a claim on the deleted instance can never match a lease of the new one. (The tombstone is read by
+  the second statement, whose snapshot is taken once the row lock is held, so it sees the tombstone of a delete it
+  waited for.)
+- ``claim``: one transaction. ``FOR UPDATE SKIP LOCKED`` locks claimable instance rows (next message visible by the
+  server's clock, not paused, lease absent or expired by ``clock_timestamp()``) in ``(next_visible_at, next_seq)``
+  order, so concurrent claimers in any process take disjoint rows; a second statement raises their tokens, sets the
+  leases and counts the attempts. A retried message (a ``retry_turn`` hold) and a dead letter sent back keep their
+  ``(visible_at, seq)``, so they stay first.
 - ``commit_turn``, ``fail_turn``, ``record_step`` and ``retry_turn``: one transaction. It locks the instance row,
   then one statement writes everything under the condition that the lease is live (by the server's clock, read
   after the lock is held); when that condition fails nothing is written and ``LeaseLostError`` says why, from the
@@ -26,8 +37,15 @@ How each operation stays atomic and fenced:
   events, can share one. A step keeps its first result: the insert does nothing on a name already recorded.
 - ``resolve_dead_letter``: one transaction. It locks the instance row (so sends, claims and other resolves of it
   wait), then one statement finds the failed message at ``next_seq`` of the paused instance, makes it pending
-  again (attempts 0) or skipped, moves ``next_seq`` past it when skipped, un-pauses the instance and notifies
+  again (attempts 0) or skipped, recomputes the instance's next message, un-pauses the instance and notifies
   the app's channel; it finds nothing, and changes nothing, when the instance is not paused by a failed message.
+- ``delete_instance``: one transaction. It locks the instance row (so sends, claims and fenced writes of it wait),
+  then one statement deletes the instance, its messages (their steps by cascade), state history and turn records
+  and records its fencing token in a tombstone. A fenced write waiting on the row then finds no row and raises
+  ``LeaseLostError`` ("the instance was deleted"); a later send starts the instance afresh at state version 0.
+- ``prune``: batches of ``PRUNE_BATCH`` messages and turn records, each batch one statement (its own transaction),
+  repeated until a batch finds less than a full one, so one call prunes everything that is due. Only done or
+  skipped messages are deleted, which nothing ever changes again, and rows another pruner holds are skipped.
 - ``renew``, ``release``: one fenced statement each.
 """
 
@@ -47,6 +65,7 @@ from keel.backends.base import (
     MessageInfo,
     MessageStatus,
     NewMessage,
+    Pruned,
     StepRecord,
     StoredRecord,
     TurnCommit,
@@ -67,6 +86,9 @@ if TYPE_CHECKING:
 
 #: The broker's statements, by name (``broker.sql``).
 BROKER_QUERIES = load_queries(__package__ or __name__, "broker.sql")
+
+#: How many messages, and how many turn records, one statement of ``prune`` deletes at most; it repeats until done.
+PRUNE_BATCH = 1000
 
 #: How much of an app's name its channel name shows, to make it recognisable in ``pg_listening_channels()``.
 _READABLE_CHARS = 24
@@ -106,6 +128,7 @@ class PostgresBroker:
             "message_id": message.message_id,
             "payload": message.payload_json,
             "idempotency_key": message.idempotency_key,
+            "delay_s": float(message.delay_s),
             "channel": channel_for(self._schema, message.instance.app),
         }
         async with self._store._connection() as conn, conn.transaction():
@@ -117,7 +140,7 @@ class PostgresBroker:
     async def claim(
         self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
     ) -> list[Claim]:
-        """Lease up to ``limit`` claimable instances of ``app`` in ``workflows``, oldest pending message first."""
+        """Lease up to ``limit`` claimable instances of ``app`` in ``workflows``, earliest visible message first."""
         if limit <= 0 or not workflows:
             return []
         wanted = {"app": app, "workflows": list(workflows), "limit": limit}
@@ -270,6 +293,42 @@ class PostgresBroker:
             rows = await cursor.fetchall()
         return [_turn(instance, row) for row in rows]
 
+    async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:
+        """Delete ``app``'s finished messages and turn records older than the cut-offs, batch by batch.
+
+        Messages done or skipped before ``finished_before`` go with their steps, unless they carry an idempotency
+        key and were sent at or after ``keys_before``; turn records go when started before ``finished_before``.
+        Pending and failed messages, states and state history are never touched.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached; the batches before it stay pruned.
+        """
+        params = {"app": app, "finished_before": finished_before, "keys_before": keys_before, "limit": PRUNE_BATCH}
+        messages = turns = 0
+        while True:
+            async with self._store._connection() as conn:
+                row = await _fetch_one(conn, BROKER_QUERIES["prune"], params)
+            assert row is not None  # the statement always returns its one row
+            messages, turns = messages + int(row[0]), turns + int(row[1])
+            if int(row[0]) < PRUNE_BATCH and int(row[1]) < PRUNE_BATCH:
+                return Pruned(messages=messages, turns=turns)
+
+    async def delete_instance(self, instance: InstanceRef, /) -> bool:
+        """Delete ``instance`` with its state, state history, messages, steps, turn records and idempotency keys.
+
+        Returns:
+            True if the instance existed.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached; the instance may or may not have been deleted.
+        """
+        params = _instance_params(instance)
+        async with self._store._connection() as conn, conn.transaction():
+            if await _fetch_one(conn, BROKER_QUERIES["lock_instance"], params) is None:
+                return False
+            row = await _fetch_one(conn, BROKER_QUERIES["delete_instance"], params)
+        return row is not None and int(row[0]) > 0
+
 
 async def _commit_in(conn: psycopg.AsyncConnection[TupleRow], commit: TurnCommit) -> int:
     """Perform one turn commit inside the caller's open transaction; return the new state version.
@@ -323,8 +382,10 @@ async def _fenced(
 def _lease_problem(claim: Claim, held: tuple[Any, ...] | None) -> str:
     """Say why a fenced write found nothing to write, from the instance row it locked."""
     if held is None:
-        return "the instance does not exist"
-    token, owner, state_version = held
+        return "the instance was deleted"
+    token, owner, state_version, first_token = held
+    if claim.fencing_token <= first_token:
+        return "the instance was deleted (and has started afresh since)"
     if token != claim.fencing_token:
         return f"the instance moved on to fencing token {token}"
     if owner is None:

@@ -11,6 +11,8 @@ How it works:
   connection is down. So every LISTEN is followed by a check for claimable work (``has_work``) that wakes the
   channel's waiters if there is some; and when the connection is lost every waiter is woken at once, to re-poll.
   The pump reconnects at once if waiters remain, else when the next one comes.
+- A durable timer notifies nobody, neither when it is sent nor when it falls due: waiters find it by polling (their
+  ``timeout_s``), and ``has_work`` counts only visible work, so a far-future timer never makes idle workers spin.
 - psycopg holds the connection's lock while it waits for notifications, so the pump waits in slices of
   ``SUBSCRIBE_POLL_S``, between which it LISTENs on the channels new waiters asked for.
 - Pool connections are never held while waiting. Connection failures become ``BackendUnavailable`` through the

@@ -150,3 +150,64 @@ ALTER TABLE keel_messages
 
 -- The dead letters of an app, newest failure first.
 CREATE INDEX keel_messages_dead ON keel_messages (app, finished_at DESC) WHERE status = 'failed';
+
+-- runtime_v3 --
+-- Durable timers (a message becomes visible at its visible_at), pruning of finished records, deleting instances.
+-- Filling visible_at rewrites keel_messages: however big it is, that must not be cut off by the URL's query timeout.
+SET LOCAL statement_timeout = 0;
+
+-- When a message becomes claimable: sent_at plus the send's delay, by the server's clock. Messages sent before this
+-- step had no delay.
+ALTER TABLE keel_messages ADD COLUMN visible_at timestamptz;
+UPDATE keel_messages SET visible_at = sent_at;
+ALTER TABLE keel_messages ALTER COLUMN visible_at SET NOT NULL;
+
+-- An instance's next message is now its pending message with the smallest (visible_at, seq), not the smallest seq;
+-- a paused instance's next message stays its failed one. first_token is the fencing token the instance was
+-- (re)created with: a claim at or below it was made before the instance was deleted.
+ALTER TABLE keel_instances
+    ADD COLUMN next_visible_at timestamptz,
+    ADD COLUMN first_token bigint NOT NULL DEFAULT 0;
+
+UPDATE keel_instances AS i
+   SET next_visible_at = m.visible_at
+  FROM keel_messages AS m
+ WHERE i.paused AND m.seq = i.next_seq;
+
+UPDATE keel_instances AS i
+   SET (next_visible_at, next_seq) = (
+           SELECT m.visible_at, m.seq
+             FROM keel_messages AS m
+            WHERE m.app = i.app AND m.workflow = i.workflow AND m.workflow_id = i.workflow_id AND m.status = 'pending'
+            ORDER BY m.visible_at, m.seq
+            LIMIT 1)
+ WHERE NOT i.paused AND i.next_seq IS NOT NULL;
+
+ALTER TABLE keel_instances
+    ADD CONSTRAINT keel_instances_next_check CHECK ((next_seq IS NULL) = (next_visible_at IS NULL));
+
+-- What claim scans: instances with work in the order their next messages became visible; the scan stops at the
+-- first one not visible yet, and filters out live leases as it goes.
+DROP INDEX keel_instances_ready;
+CREATE INDEX keel_instances_ready ON keel_instances (app, next_visible_at, next_seq)
+    WHERE next_seq IS NOT NULL AND NOT paused;
+
+-- An instance's inbox in the order its messages become visible: finds the next one when a turn completes.
+DROP INDEX keel_messages_inbox;
+CREATE INDEX keel_messages_inbox ON keel_messages (app, workflow, workflow_id, visible_at, seq)
+    WHERE status = 'pending';
+
+-- What prune deletes: an app's finished messages by finish time, and its turn records by start time.
+CREATE INDEX keel_messages_finished ON keel_messages (app, finished_at) WHERE status IN ('done', 'skipped');
+CREATE INDEX keel_turns_started ON keel_turns (app, started_at);
+
+-- The last fencing token of each deleted instance, until a send creates it again and takes the token over: so a
+-- token is never handed out twice for one instance id, whatever claims of the deleted one are still around.
+CREATE TABLE keel_instance_tombstones (
+    app           text NOT NULL,
+    workflow      text NOT NULL,
+    workflow_id   text NOT NULL,
+    fencing_token bigint NOT NULL,
+    deleted_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (app, workflow, workflow_id)
+);

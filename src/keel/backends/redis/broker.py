@@ -5,27 +5,34 @@ Map of the design:
 - Keys: ``keys.py`` names them (the instance's keys share its hash tag ``{app/workflow/workflow_id}``; ready,
   leased and wake keys are per app); ``scripts/runtime_lib.lua`` draws the whole layout.
 - Writes: every operation that changes more than one key, or checks a lease before writing, is one Lua
-  script (``send``, ``claim``, ``renew``, ``commit``, ``fail``, ``release``, ``step``, ``retry``, ``resolve``),
-  so it is atomic and one round trip; ``dead_letters`` is a read-only script, for one consistent snapshot.
+  script (``send``, ``claim``, ``renew``, ``commit``, ``fail``, ``release``, ``step``, ``retry``, ``resolve``,
+  ``delete``; ``prune`` is one script per bounded batch: ``cleanup.py``), so it is atomic and one round
+  trip; ``dead_letters`` is a read-only script, for one consistent snapshot.
   The shared helpers of ``runtime_lib.lua`` are prepended to each script's text when it is registered.
-- Claiming: a per-(app, workflow) sorted set holds the instances that can be claimed, scored by the app-wide
-  sequence number of their oldest pending message; a second one holds leased instances by lease expiry.
-  ``claim.lua`` first moves expired leases back to the ready set, then takes the lowest scores across the
-  asked workflows, raises each instance's fencing token and leases it. Redis runs one script at a time, so
-  two claimers, in any processes, never take the same instance.
+- Timers and claiming: an instance's inbox is a sorted set of its pending messages by visible time (send
+  time + ``delay_s``, by the server's clock), ties by the app-wide sequence number. A per-(app, workflow)
+  sorted set holds the unleased instances with a pending message, scored by their next message's visible
+  time; a second one holds leased instances by lease expiry. ``claim.lua`` first moves expired leases back
+  to the ready set, then takes the scores that have passed, lowest first (ties by sequence number), across
+  the asked workflows, raises each instance's fencing token and leases it. Redis runs one script at a time,
+  so two claimers, in any processes, never take the same instance.
 - Retries: ``retry.lua`` releases the lease but keeps the instance in the leased set, scored by the end of
   its hold, with no owner; it is in no ready set until a claim after the hold's end sweeps it back, under
-  its inbox head's sequence number, exactly like an expired lease.
-- Fencing: ``commit``, ``fail``, ``renew``, ``step`` and ``retry`` check, inside the script, that the claim's
-  token is still the instance's, its lease not released (owner set) and unexpired by the server's clock;
-  otherwise they write nothing and say why, which becomes ``LeaseLostError`` here.
+  its next message's visible time (that message keeps its place), exactly like an expired lease.
+- Fencing: ``commit``, ``fail``, ``renew``, ``step`` and ``retry`` check, inside the script, that the instance
+  still exists, the claim's token is still its, its lease not released (owner set) and unexpired by the
+  server's clock; otherwise they write nothing and say why, which becomes ``LeaseLostError`` here.
+- Deletion: ``delete.lua`` removes the instance's keys, its messages (found in its ``ids:`` set) and its
+  entries in the app's sets. The deleted instance's token is kept in the app's ``tokfloor:``, where a new
+  instance's token starts: a recreated instance never hands out a token its old incarnation used.
 - Steps: a hash per message (``steps:``), written with ``HSETNX`` (the first result stands) and read by the
   claim that leases the message, into ``Claim.steps``.
 - Dead letters: ``fail.lua`` adds the message to its app's ``dead:`` set, scored by the failure time;
   ``resolve.lua`` takes it out again, retrying or skipping it, and un-pauses the instance.
 - Time: lease expiries and ``written_at`` come from the server's ``TIME``, in microseconds since the epoch.
 - Waking: ``send.lua`` and ``resolve.lua`` append to the app's wake stream; ``wait_for_work`` blocks on it
-  (``wake.py``). The end of a hold wakes no one: idle workers see it at their next poll.
+  (``wake.py``). The end of a hold, or a timer coming due, wakes no one: idle workers see it at their next
+  poll.
 - Errors: every call runs inside the store's error boundary, so driver errors become ``BackendUnavailable``.
 
 Turn records are JSON (``rows.py``); the newest ``TURNS_LIMIT`` are kept per instance.
@@ -44,18 +51,21 @@ from keel.backends.base import (
     MessageInfo,
     MessageStatus,
     NewMessage,
+    Pruned,
     StepRecord,
     StoredRecord,
     TurnCommit,
     TurnFailure,
     TurnRecordRow,
 )
+from keel.backends.redis.cleanup import delete_call, prune_app
 from keel.backends.redis.keys import RedisKeys, instance_member, parse_instance_member
 from keel.backends.redis.rows import (
     claim_from_row,
     dead_letter_from_row,
     lease_lost,
     micros,
+    micros_since_epoch,
     turn_from_json,
     turn_json,
 )
@@ -64,6 +74,7 @@ from keel.backends.redis.store import _record_from_fields, _script_text
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Sequence
     from contextlib import AbstractAsyncContextManager
+    from datetime import datetime
 
     from redis.asyncio import Redis
 
@@ -78,6 +89,9 @@ WAKE_STREAM_MAXLEN = 100
 #: At least this many expired leases per workflow are put back in play by each claim, before it picks.
 SWEEP_LIMIT = 100
 
+#: At most this many instances whose next messages share one visible time are read to order them by send.
+TIE_LIMIT = 1000
+
 #: The scripts of the runtime, each run with ``runtime_lib.lua`` prepended.
 RUNTIME_SCRIPTS = (
     "send.lua",
@@ -90,6 +104,8 @@ RUNTIME_SCRIPTS = (
     "retry.lua",
     "dead_letters.lua",
     "resolve.lua",
+    "prune.lua",
+    "delete.lua",
 )
 
 _STATE_FIELDS = ("v", "d", "t", "w")
@@ -121,6 +137,7 @@ class RedisBroker:
         self._commit, self._fail, self._release = scripts["commit.lua"], scripts["fail.lua"], scripts["release.lua"]
         self._step, self._retry = scripts["step.lua"], scripts["retry.lua"]
         self._dead_letters, self._resolve = scripts["dead_letters.lua"], scripts["resolve.lua"]
+        self._prune, self._delete = scripts["prune.lua"], scripts["delete.lua"]
 
     async def load_scripts(self) -> None:
         """Load every runtime script now, so that each first call is a single EVALSHA."""
@@ -129,9 +146,9 @@ class RedisBroker:
                 await self._client.script_load(script.script)
 
     async def send(self, message: NewMessage, /) -> str:
-        """Append ``message`` to its instance's inbox, after every message sent to the app before it.
+        """Add ``message`` to its instance's inbox, visible ``delay_s`` from now by the server's clock.
 
-        Sending the same message id again appends nothing, so a send whose reply was lost can be repeated.
+        Sending the same message id again adds nothing, so a send whose reply was lost can be repeated.
 
         Returns:
             The message's id; the first message's id when the idempotency key was used before for the instance.
@@ -145,23 +162,27 @@ class RedisBroker:
             self._keys.inbox(member),
             self._keys.message(member, message.message_id),
             self._keys.idempotency(member),
+            self._keys.ids(member),
             self._keys.sequence(ref.app),
             self._keys.message_index(ref.app),
             self._keys.ready(ref.app, ref.workflow),
+            self._keys.token_floor(ref.app),
             self._keys.wake(ref.app),
         ]
         key = message.idempotency_key
         args = [member, message.message_id, message.payload_json, "0" if key is None else "1", key or ""]
+        delay_us = micros(max(0.0, message.delay_s))
         async with self._boundary("send"):
-            sent = await self._send(keys=keys, args=[*args, WAKE_STREAM_MAXLEN])
+            sent = await self._send(keys=keys, args=[*args, delay_us, WAKE_STREAM_MAXLEN])
         return str(sent)
 
     async def claim(
         self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
     ) -> list[Claim]:
-        """Lease up to ``limit`` instances with a pending message, no live lease or hold, not paused, oldest first.
+        """Lease up to ``limit`` instances with a visible pending message, no live lease or hold, not paused.
 
-        Each claim carries the step results recorded for its message by earlier attempts.
+        Instances go in the order of their next messages' (visible time, sequence number); each claim carries
+        the step results recorded for its message by earlier attempts.
 
         Returns:
             One claim per leased instance, each under a fencing token one higher than the instance's last.
@@ -173,7 +194,7 @@ class RedisBroker:
         if not names or limit <= 0:
             return []
         keys = [key for name in names for key in (self._keys.ready(app, name), self._keys.leased(app, name))]
-        args: list[str | int] = [self._keys.prefix, worker, micros(lease_s), limit, max(limit, SWEEP_LIMIT)]
+        args: list[str | int] = [self._keys.prefix, worker, micros(lease_s), limit, max(limit, SWEEP_LIMIT), TIE_LIMIT]
         async with self._boundary("claim"):
             reply = await self._claim(keys=[*keys, self._keys.wake(app)], args=args)
         self._waker.note_claimed(app, str(reply[0]))
@@ -236,6 +257,7 @@ class RedisBroker:
             self._keys.turns(member),
             self._keys.leased(ref.app, ref.workflow),
             self._keys.dead(ref.app),
+            self._keys.turn_index(ref.app),
         ]
         turn = turn_json(failure, version_written=None, outcome="failed", error=failure.error)
         args: list[str | int] = [self._keys.prefix, member, claim.fencing_token, claim.message_id, failure.error]
@@ -280,7 +302,7 @@ class RedisBroker:
     async def retry_turn(self, failure: TurnFailure, /, *, delay_s: float) -> None:
         """Record the failed attempt, release the lease and hold the instance ``delay_s``, in one script.
 
-        The message stays pending at the head of its inbox, its attempts counted; the first claim after the
+        The message stays pending and first in its inbox, its attempts counted; the first claim after the
         hold ends (by the server's clock) takes it again, before the instance's later messages.
 
         Raises:
@@ -290,7 +312,12 @@ class RedisBroker:
         """
         claim = failure.claim
         ref, member = claim.instance, instance_member(claim.instance)
-        keys = [self._keys.instance(member), self._keys.turns(member), self._keys.leased(ref.app, ref.workflow)]
+        keys = [
+            self._keys.instance(member),
+            self._keys.turns(member),
+            self._keys.leased(ref.app, ref.workflow),
+            self._keys.turn_index(ref.app),
+        ]
         turn = turn_json(failure, version_written=None, outcome="retry", error=failure.error)
         args: list[str | int] = [member, claim.fencing_token, micros(delay_s), turn, TURNS_LIMIT]
         async with self._boundary("retry"):
@@ -326,6 +353,8 @@ class RedisBroker:
             self._keys.inbox(member),
             self._keys.dead(instance.app),
             self._keys.ready(instance.app, instance.workflow),
+            self._keys.finished(instance.app),
+            self._keys.finished_keyed(instance.app),
             self._keys.wake(instance.app),
         ]
         args: list[str | int] = [self._keys.prefix, member, "1" if skip else "0", WAKE_STREAM_MAXLEN]
@@ -385,6 +414,38 @@ class RedisBroker:
         """
         await self._waker.wait(app, timeout_s=timeout_s)
 
+    async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:
+        """Delete the app's done and skipped messages and turn records older than the cut-offs.
+
+        A message sent with an idempotency key at or after ``keys_before`` stays. Pending and failed messages,
+        state and state history are never touched. Runs bounded batches until nothing due is left (``cleanup.py``).
+
+        Raises:
+            BackendUnavailable: The server cannot be reached; the batches done so far stay done.
+        """
+        async with self._boundary("prune"):
+            return await prune_app(
+                self._prune,
+                self._keys,
+                app,
+                finished_before_us=micros_since_epoch(finished_before),
+                keys_before_us=micros_since_epoch(keys_before),
+            )
+
+    async def delete_instance(self, instance: InstanceRef, /) -> bool:
+        """Delete the instance and everything it owns, in one script; a worker holding its lease is fenced out.
+
+        Returns:
+            True if the instance existed.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached; the instance may or may not have been deleted.
+        """
+        keys, args = delete_call(self._keys, instance)
+        async with self._boundary("delete"):
+            existed = await self._delete(keys=keys, args=args)
+        return bool(existed)
+
     def _commit_call(self, commit: TurnCommit) -> tuple[list[str], list[str | int]]:
         """The keys and arguments of one turn's commit: the unit a group commit would concatenate."""
         claim = commit.claim
@@ -397,6 +458,9 @@ class RedisBroker:
             self._keys.turns(member),
             self._keys.ready(ref.app, ref.workflow),
             self._keys.leased(ref.app, ref.workflow),
+            self._keys.finished(ref.app),
+            self._keys.finished_keyed(ref.app),
+            self._keys.turn_index(ref.app),
         ]
         turn = turn_json(commit, version_written=claim.state_version + 1, outcome="committed", error=None)
         args: list[str | int] = [self._keys.prefix, member, claim.fencing_token, claim.message_id]

@@ -12,17 +12,23 @@ between the first ``{`` and the next ``}``, so with no brace left inside, the ta
 start late: both keys of one store key always share a slot, and a Lua script may touch them together.
 The encoding is reversible, so two store keys never share a tag.
 
-The runtime (schema version 2; version 3 adds ``steps:``, ``dead:``, holds, ``lapsed`` and ``f``) adds, per
-workflow instance, under the tag ``{INST}`` where ``INST`` is ``app/workflow/workflow_id`` with each part
-percent-encoded (``%``, ``/``, ``{``, ``}``) so that it splits back into the same three parts::
+The runtime (schema version 2; version 3 adds ``steps:``, ``dead:``, holds, ``lapsed`` and ``f``; version 4 adds
+timers, pruning and deletion: the inbox becomes a sorted set by visible time, messages get ``a``, ``r``, ``x`` and
+``k``, and ``ids:``, ``finished:``, ``finkeyed:``, ``turnidx:`` and ``tokfloor:`` appear) adds, per workflow
+instance, under the tag ``{INST}`` where ``INST`` is ``app/workflow/workflow_id`` with each part percent-encoded
+(``%``, ``/``, ``{``, ``}``) so that it splits back into the same three parts::
 
-    keel:inst:{INST}           hash  tok fencing token; own, exp lease owner and expiry (microseconds, absent
-                                     when not leased; exp without own: a hold after a retry); lapsed the
-                                     expiry of a swept lease; paused "1"; v, d, t, w the committed state
-    keel:inbox:{INST}          list  ids of the instance's pending messages, oldest first
+    keel:inst:{INST}           hash  tok fencing token (created by the first send); own, exp lease owner and
+                                     expiry (microseconds, absent when not leased; exp without own: a hold
+                                     after a retry); lapsed the expiry of a swept lease; paused "1"; v, d, t, w
+                                     the committed state. It exists exactly while the instance does
+    keel:inbox:{INST}          zset  "SEQ:ID" -> visible time, for each pending message (SEQ its sequence
+                                     number, zero-padded to 16 digits): the lowest is the next turn's
     keel:msg:{INST}:ID         hash  one message: p payload JSON, s status, n attempts, q sequence number,
-                                     v state version its turn committed, e error and f time of its failure
+                                     a sent and r visible at, k idempotency key, v state version its turn
+                                     committed, e error and f time of its failure, x time it finished
     keel:steps:{INST}:ID       hash  step name -> result JSON recorded for message ID, first result kept
+    keel:ids:{INST}            set   the id of every kept message of the instance, whatever its status
     keel:idem:{INST}           hash  idempotency key -> the id of the first message sent under it
     keel:states:{INST}         list  the last STATE_HISTORY_LIMIT states, newest first, as in kvh:
     keel:turns:{INST}          list  the last TURNS_LIMIT turn records, newest first, as JSON
@@ -31,22 +37,27 @@ and per app, under the tag ``{APP}`` (the app name encoded like a store key)::
 
     keel:seq:{APP}             string  the app's message sequence counter: the send order
     keel:msgindex:{APP}        hash    message id -> INST, so a message is found from its app and id alone
-    keel:ready:{APP}:WORKFLOW  zset    INST -> sequence number of its oldest pending message, for every
-                                       instance with a pending message that is neither leased, held nor paused
+    keel:ready:{APP}:WORKFLOW  zset    INST -> visible time of its next message, for every instance with a
+                                       pending message that is neither leased, held nor paused
     keel:leased:{APP}:WORKFLOW zset    INST -> lease expiry in microseconds, for every leased or held instance
     keel:dead:{APP}            zset    message id -> failure time in microseconds, for every failed message
+    keel:finished:{APP}        zset    message id -> finish time, for done and skipped messages without a key
+    keel:finkeyed:{APP}        zset    message id -> send time, for done and skipped messages with a key
+    keel:turnidx:{APP}         zset    INST -> start of its oldest kept turn record
+    keel:tokfloor:{APP}        string  the highest fencing token of any deleted instance of the app
     keel:wake:{APP}            stream  one entry per send or resolved dead letter (capped), read with XREAD
                                        BLOCK by idle workers
 
-The claim, commit, release, dead-letter, resolve and upgrade scripts build the ``inst:``, ``inbox:``, ``msg:`` and
-``steps:`` names of instances and messages they find themselves, from the prefix they are given, exactly as
-``RedisKeys`` does here.
+The claim, commit, release, dead-letter, resolve, prune, delete and upgrade scripts build the ``inst:``,
+``inbox:``, ``msg:``, ``steps:``, ``ids:``, ``idem:`` and ``turns:`` names of instances and messages they find
+themselves, from the prefix they are given, exactly as ``RedisKeys`` does here.
 
 Every key of one instance shares that instance's slot, and every per-app key the app's slot. Each runtime
-script touches one instance's keys plus its app's keys, except claim, which leases instances of many slots
-in one script and builds their key names itself. That is sound on a single primary, which is all keel
-supports now; Redis Cluster will need per-slot ready queues (ready and leased sets per slot, claimed slot by
-slot, with the instance's tag in every key a script touches) before the runtime can run there.
+script touches one instance's keys plus its app's keys, except claim, prune and the upgrades, which reach
+instances of many slots in one script and build their key names themselves. That is sound on a single
+primary, which is all keel supports now; Redis Cluster will need per-slot ready queues (ready and leased sets
+per slot, claimed slot by slot, with the instance's tag in every key a script touches) before the runtime can
+run there.
 """
 
 from __future__ import annotations
@@ -121,7 +132,7 @@ class RedisKeys:
         return f"{self.prefix}inst:{{{member}}}"
 
     def inbox(self, member: str) -> str:
-        """The list of an instance's pending message ids, oldest first."""
+        """The sorted set of an instance's pending messages, by visible time, then sequence number."""
         return f"{self.prefix}inbox:{{{member}}}"
 
     def message(self, member: str, message_id: str) -> str:
@@ -131,6 +142,10 @@ class RedisKeys:
     def steps(self, member: str, message_id: str) -> str:
         """The hash of step name -> result JSON recorded for one message, under its instance's tag."""
         return f"{self.prefix}steps:{{{member}}}:{message_id}"
+
+    def ids(self, member: str) -> str:
+        """The set of the id of every kept message of an instance."""
+        return f"{self.prefix}ids:{{{member}}}"
 
     def idempotency(self, member: str) -> str:
         """The hash of an instance's idempotency keys -> first message ids."""
@@ -153,7 +168,7 @@ class RedisKeys:
         return f"{self.prefix}msgindex:{hash_tag(app)}"
 
     def ready(self, app: str, workflow: str) -> str:
-        """The sorted set of claimable instances of one workflow, by their oldest pending message."""
+        """The sorted set of unleased instances of one workflow, by the visible time of their next message."""
         return f"{self.prefix}ready:{hash_tag(app)}:{workflow}"
 
     def leased(self, app: str, workflow: str) -> str:
@@ -163,6 +178,22 @@ class RedisKeys:
     def dead(self, app: str) -> str:
         """The sorted set of ``app``'s failed messages (dead letters), by failure time."""
         return f"{self.prefix}dead:{hash_tag(app)}"
+
+    def finished(self, app: str) -> str:
+        """The sorted set of ``app``'s done and skipped messages sent without an idempotency key, by finish time."""
+        return f"{self.prefix}finished:{hash_tag(app)}"
+
+    def finished_keyed(self, app: str) -> str:
+        """The sorted set of ``app``'s done and skipped messages sent with an idempotency key, by send time."""
+        return f"{self.prefix}finkeyed:{hash_tag(app)}"
+
+    def turn_index(self, app: str) -> str:
+        """The sorted set of ``app``'s instances by the start of their oldest kept turn record."""
+        return f"{self.prefix}turnidx:{hash_tag(app)}"
+
+    def token_floor(self, app: str) -> str:
+        """The highest fencing token any deleted instance of ``app`` had: where a new instance's token starts."""
+        return f"{self.prefix}tokfloor:{hash_tag(app)}"
 
     def wake(self, app: str) -> str:
         """The stream that every send to ``app`` appends to, so that idle workers wake."""

@@ -1,11 +1,20 @@
 """Upgrades of the Redis layout in place, run at connect before the raised schema version is recorded.
 
 From 2 to 3 (``scripts/upgrade_3.lua``): every failed message gets its failure time and joins its app's dead
-set, which ``dead_letters`` reads. The instances are found with ``SCAN`` over ``inst:`` keys and upgraded
-batch by batch, one script per batch, so the server is never blocked for long; the script is idempotent, so
-processes connecting together may both run it, and one cut short is finished by the next connect (the
-version stays at 2 until an upgrade completed). Every other change of layout 3 (step hashes, holds) is
-created on first use and needs nothing.
+set, which ``dead_letters`` reads. The instances are found with ``SCAN`` over ``inst:`` keys.
+
+From 3 to 4 (``scripts/upgrade_4.lua``): every message gets a send and visible time (layout 3 kept none: the
+upgrade's time, minus a microsecond per later message of the app, which keeps the send order), its
+idempotency key and its place in the instance's ``ids:`` set; a done or skipped message is dated by the
+upgrade and indexed in ``finished:`` or ``finkeyed:``; each inbox list becomes a sorted set by visible time,
+a ready instance is rescored by its next message's visible time, every instance gets a token and is indexed
+by its oldest turn record in ``turnidx:``. The apps are found with ``SCAN`` over ``msgindex:`` keys, and their
+messages with ``HSCAN`` of each.
+
+Both work batch by batch, one script per batch, so the server is never blocked for long; the scripts are
+idempotent, so processes connecting together may both run them, and one cut short is finished by the next
+connect (the version stays where it was until an upgrade completed). Processes of an older keel must be
+stopped first: they cannot read the new layout.
 """
 
 from __future__ import annotations
@@ -13,17 +22,20 @@ from __future__ import annotations
 import logging
 import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from keel.backends.redis.keys import parse_instance_member
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from redis.asyncio import Redis
 
     from keel.backends.redis.keys import RedisKeys
 
 logger = logging.getLogger(__name__)
 
-#: Keys asked of each ``SCAN`` call, and so about the instances one upgrade script handles at most.
+#: Keys asked of each ``SCAN`` or ``HSCAN`` call, and so about the instances or messages one script handles.
 SCAN_COUNT = 500
 
 _GLOB_SPECIAL = re.compile(r"([\\*?\[\]])")
@@ -34,30 +46,81 @@ async def upgrade_layout(client: Redis, keys: RedisKeys, found: int, *, url: str
     if found == 2:
         indexed = await _index_dead_letters(client, keys)
         logger.info("keel data at %s (prefix %r): %d dead letter(s) indexed for schema 3", url, keys.prefix, indexed)
+    if found in (2, 3):
+        upgraded = await _date_and_index_messages(client, keys)
+        logger.info("keel data at %s (prefix %r): %d message(s) upgraded for schema 4", url, keys.prefix, upgraded)
+
+
+def _runtime_script(client: Redis, name: str) -> Any:
+    # Imported here: store.py, which calls this module, defines it.
+    from keel.backends.redis.broker import runtime_script
+
+    return client.register_script(runtime_script(name))
+
+
+async def _scan(client: Redis, start: str) -> AsyncIterator[list[str]]:
+    """Every key name starting with ``start`` and ending in ``}`` (one per instance or app), ``SCAN`` batch by batch."""
+    pattern = _GLOB_SPECIAL.sub(r"\\\1", start) + "*"
+    cursor = 0
+    while True:
+        reply: Any = await client.scan(cursor, match=pattern, count=SCAN_COUNT)
+        cursor = int(reply[0])
+        yield [str(name) for name in reply[1] if str(name).endswith("}")]
+        if cursor == 0:
+            return
 
 
 async def _index_dead_letters(client: Redis, keys: RedisKeys) -> int:
     """Run ``upgrade_3.lua`` over every instance, one ``SCAN`` batch per call; return the letters it indexed."""
-    # Imported here: store.py, which calls this module, defines it.
-    from keel.backends.redis.broker import runtime_script
-
-    script = client.register_script(runtime_script("upgrade_3.lua"))
+    script = _runtime_script(client, "upgrade_3.lua")
     start = f"{keys.prefix}inst:{{"
-    pattern = _GLOB_SPECIAL.sub(r"\\\1", start) + "*"
-    indexed, cursor = 0, 0
-    while True:
-        reply: Any = await client.scan(cursor, match=pattern, count=SCAN_COUNT)
-        cursor, names = int(reply[0]), [str(name) for name in reply[1]]
+    indexed = 0
+    async for names in _scan(client, start):
         batch_keys: list[str] = []
         members: list[str] = []
         for name in names:
-            if not name.endswith("}"):
-                continue  # not an instance hash of this layout
             member = name[len(start) : -1]
             app = parse_instance_member(member)[0]
             batch_keys += [keys.instance(member), keys.inbox(member), keys.turns(member), keys.dead(app)]
             members.append(member)
         if members:
             indexed += int(await script(keys=batch_keys, args=[keys.prefix, *members]))
-        if cursor == 0:
-            return indexed
+    return indexed
+
+
+async def _date_and_index_messages(client: Redis, keys: RedisKeys) -> int:
+    """Run ``upgrade_4.lua`` over every message of every app, one ``HSCAN`` batch per call; return the count."""
+    script = _runtime_script(client, "upgrade_4.lua")
+    seconds, micros = await client.time()
+    upgrade_us = seconds * 1_000_000 + micros
+    start = f"{keys.prefix}msgindex:{{"
+    upgraded = 0
+    apps = [name async for names in _scan(client, start) for name in names]  # one key per app: few
+    for name in apps:
+        app = unquote(name[len(start) : -1])
+        if keys.message_index(app) != name:
+            continue  # not a message index of this layout
+        app_seq = int(await client.get(keys.sequence(app)) or 0)
+        app_keys = [keys.finished(app), keys.finished_keyed(app), keys.turn_index(app)]
+        cursor = 0
+        while True:
+            reply: Any = await client.hscan(name, cursor, count=SCAN_COUNT)
+            cursor, pairs = int(reply[0]), dict(reply[1])
+            batch_keys, args = list(app_keys), [keys.prefix, upgrade_us, app_seq]
+            for message_id, member in pairs.items():
+                workflow = parse_instance_member(member)[1]
+                batch_keys += [
+                    keys.instance(member),
+                    keys.inbox(member),
+                    keys.ids(member),
+                    keys.idempotency(member),
+                    keys.turns(member),
+                    keys.message(member, message_id),
+                    keys.ready(app, workflow),
+                ]
+                args += [member, message_id]
+            if pairs:
+                upgraded += int(await script(keys=batch_keys, args=args))
+            if cursor == 0:
+                break
+    return upgraded

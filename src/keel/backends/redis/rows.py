@@ -102,7 +102,8 @@ def lease_lost(claim: Claim, reason: str, detail: str) -> LeaseLostError:
         "released": "the lease was released",
         "expired": "the lease expired",
         "version": f"the instance's state moved on to version {detail}",
-        "message": f"message {claim.message_id} is no longer the instance's next one",
+        "message": f"message {claim.message_id} is no longer pending (status {detail})",
+        "deleted": "the instance was deleted",
     }
     return LeaseLostError(
         f"{ref.app}:{ref.workflow}/{ref.workflow_id}", claim.fencing_token, reasons.get(reason, reason)

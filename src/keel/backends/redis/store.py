@@ -74,8 +74,9 @@ POOL_WAIT_S = 5.0
 
 #: The layout version this code reads and writes, kept in the schema hash under ``SCHEMA_COMPONENT``:
 #: 1 the versioned store, 2 adds the runtime's keys (created on first use, so 1 -> 2 only records the number),
-#: 3 adds step results, retry holds and dead letters (2 -> 3 indexes the failed messages: ``migrate.py``).
-STORE_SCHEMA_VERSION = 3
+#: 3 adds step results, retry holds and dead letters (2 -> 3 indexes the failed messages: ``migrate.py``),
+#: 4 adds timers, pruning and deletion (3 -> 4 dates the messages and builds the new indexes: ``migrate.py``).
+STORE_SCHEMA_VERSION = 4
 
 #: The field of the schema hash that holds the store's layout version.
 SCHEMA_COMPONENT = "store"
@@ -103,6 +104,8 @@ _WRITES = {
     "step": "a step recorded twice keeps its first result",
     "retry": "read the instance's turns before retrying again",
     "resolve": "list the dead letters before resolving again",
+    "prune": "pruning again is harmless",
+    "delete": "deleting again is harmless",
 }
 
 # Most specific first: the first two are ConnectionErrors too.

@@ -1,6 +1,7 @@
 """Waking idle workers: every send appends to its app's wake stream, and waiters ``XREAD BLOCK`` on it.
 
-A resolved dead letter appends too; the end of a retry's hold appends nothing: a waiter sees it at its next claim.
+A resolved dead letter appends too; the end of a retry's hold, or a timer (a delayed message) coming due,
+appends nothing: a waiter sees it at its next claim, one idle poll later at most.
 
 A stream, unlike pub/sub, remembers: a waiter reads from the last entry id it knows, so a send made while
 it was busy, or disconnected, wakes it the moment it waits again. The id it starts from is the one the

@@ -2,12 +2,17 @@
 
 How it works:
 
-- Tables (``schema.sql``, sections ``runtime_v2`` and ``runtime_v3``): ``keel_instances`` holds each workflow
-  instance's lease, fencing token, paused flag, committed state and ``next_seq``, the seq of its oldest pending
-  message; ``keel_messages`` is every inbox, ordered by one ``seq`` for the whole file, with each message's
-  status (pending, done, failed = dead-lettered, skipped) and attempts; ``keel_steps`` keeps the step results
-  recorded for a message, replayed to its later claims; ``keel_state_history`` and ``keel_turns`` keep past
-  states and turn records.
+- Tables (``schema.sql``, sections ``runtime_v2`` to ``runtime_v4``): ``keel_instances`` holds each workflow
+  instance's lease, fencing token, paused flag, committed state and ``next_seq`` / ``next_visible_us``, the seq
+  and visible time of its next message; ``keel_messages`` is every inbox, with one ``seq`` for the whole file,
+  each message's ``visible_us`` (sent time plus its delay), status (pending, done, failed = dead-lettered,
+  skipped) and attempts; ``keel_steps`` keeps the step results recorded for a message, replayed to its later
+  claims; ``keel_state_history`` and ``keel_turns`` keep past states and turn records.
+- Order and durable timers: an instance's next message is its pending one with the smallest (``visible_us``,
+  ``seq``); a claim takes only instances whose ``next_visible_us`` has come, in (``next_visible_us``,
+  ``next_seq``) order, from one index. A send moves ``next_*`` to the new message only if it becomes visible
+  first; a commit, failure or resolved dead letter recomputes them. A retried message or a retried dead letter
+  keeps its (``visible_us``, ``seq``), so it stays first.
 - Every write is one plain function of ``transactions`` run on the database thread inside one ``BEGIN
   IMMEDIATE`` transaction (``SqliteDatabase.write``), so the file's write lock is taken before anything is read:
   claimers in several processes take turns and never lease one instance twice, and nothing is awaited while
@@ -23,7 +28,15 @@ How it works:
 - Retries: a retried attempt releases the lease (no owner) but leaves its expiry at the end of the delay, which
   is exactly what keeps claims away until then; the message stays pending and first in its instance's line.
 - Wake-ups: a send (or a resolved dead letter) through this object wakes its idle waiters at once; sends from
-  other processes or connections are seen by polling the app's newest seq every ``POLL_INTERVAL_S``.
+  other processes or connections are seen by polling the app's newest seq every ``POLL_INTERVAL_S``, and so is
+  a delayed message coming due (a next message whose visible time came after this object's last claim).
+- Pruning runs in batches of ``PRUNE_BATCH`` rows, each its own short transaction, until nothing is left, so a
+  big backlog never holds the write lock for long; one ``prune`` call still removes everything due.
+- Deleting an instance removes its messages (idempotency keys are their columns), steps, past states and turn
+  records in one transaction and leaves its row as a tombstone (``deleted = 1``) keeping its fencing token: a
+  claim still held is refused ("the instance was deleted"), and if the instance is sent a message again its
+  tokens go on from there, so none is ever handed out twice for it. A tombstone is a few dozen bytes per
+  deleted instance id, and is reused when the id comes back.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from keel.backends.base import InstanceRef, MessageInfo, MessageStatus, StoredRecord
+from keel.backends.base import InstanceRef, MessageInfo, MessageStatus, Pruned, StoredRecord
 from keel.backends.sqlite import transactions as tx
 from keel.backends.sqlite.transactions import QUERIES
 
@@ -57,6 +70,10 @@ if TYPE_CHECKING:
 #: keeping the send-to-start delay short (SQLite has no way to notify another process).
 POLL_INTERVAL_S = 0.02
 
+#: The most messages (and, separately, turn records) one pruning transaction deletes; ``prune`` repeats batches
+#: until one comes back short, letting other writers in between.
+PRUNE_BATCH = 500
+
 
 class SqliteBroker:
     """The broker of one SQLite file, over the connection and thread it shares with the store."""
@@ -64,8 +81,9 @@ class SqliteBroker:
     def __init__(self, database: SqliteDatabase) -> None:
         self.database = database
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        #: Per app, the newest seq the last claim saw; 0 after a claim that filled its limit (work may be left).
-        self._seen_seq: dict[str, int] = {}
+        #: Per app, the newest seq the last claim saw (0 after a claim that filled its limit: work may be left) and
+        #: the clock reading it was made at (a next message visible since then may be work).
+        self._seen: dict[str, tuple[int, int]] = {}
 
     async def send(self, message: NewMessage, /) -> str:
         """Append ``message`` to its instance's inbox, or return the first id sent under its idempotency key.
@@ -79,13 +97,15 @@ class SqliteBroker:
     async def claim(
         self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
     ) -> list[Claim]:
-        """Lease up to ``limit`` claimable instances, oldest pending message first."""
+        """Lease up to ``limit`` claimable instances, the first visible next message first."""
         if limit <= 0:
             return []  # SQLite reads a negative LIMIT as "no limit"
         names = json.dumps(sorted(set(workflows)))
         lease_us = tx.micros(lease_s)
-        claims, latest = await self.database.write(lambda conn: tx.claim_in(conn, app, names, worker, lease_us, limit))
-        self._seen_seq[app] = latest if len(claims) < limit else 0
+        claims, latest, now = await self.database.write(
+            lambda conn: tx.claim_in(conn, app, names, worker, lease_us, limit)
+        )
+        self._seen[app] = (latest if len(claims) < limit else 0, now)
         return claims
 
     async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
@@ -191,7 +211,10 @@ class SqliteBroker:
 
         A send through this object wakes the wait at once; one from another process or connection within
         ``POLL_INTERVAL_S``. A message sent after this object's last claim of ``app`` counts, even one sent
-        before the wait began, so a send between an empty claim and the wait is never slept through.
+        before the wait began, so a send between an empty claim and the wait is never slept through; so does an
+        instance's next message that became visible after that claim (a durable timer coming due). Work that
+        exists but is not visible yet, or was visible at the last claim (so was leased by others, or held, or of
+        workflows this worker did not ask for), wakes nothing: the wait does not spin on it.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -207,19 +230,51 @@ class SqliteBroker:
             waiter.cancel()
 
     async def _wait(self, app: str, waiter: asyncio.Future[None]) -> None:
-        seen = self._seen_seq.get(app)
-        if seen is None:
-            seen = await self._latest_seq(app)
-        elif await self._latest_seq(app) > seen:
-            return
+        seen = self._seen.get(app)
+        if seen is None:  # no claim yet: only what comes from now on counts
+            since = tx.now_us()
+            seen_seq, _ = await self._work_signals(app, since)
+        else:
+            seen_seq, since = seen
+            if await self._has_new_work(app, seen_seq, since):
+                return
         while True:
             await asyncio.wait((waiter,), timeout=POLL_INTERVAL_S)
-            if waiter.done() or await self._latest_seq(app) > seen:
+            if waiter.done() or await self._has_new_work(app, seen_seq, since):
                 return
 
-    async def _latest_seq(self, app: str) -> int:
-        row = await self.database.run(lambda conn: conn.execute(QUERIES["latest_seq"], {"app": app}).fetchone())
-        return int(row[0])
+    async def _has_new_work(self, app: str, seen_seq: int, since_us: int) -> bool:
+        latest, due_us = await self._work_signals(app, since_us)
+        return latest > seen_seq or (due_us is not None and due_us <= tx.now_us())
+
+    async def _work_signals(self, app: str, since_us: int) -> tuple[int, int | None]:
+        """The app's newest seq, and the first visible time of a next message after ``since_us`` (None if none)."""
+        params = {"app": app, "since_us": since_us}
+        latest, due_us = await self.database.run(lambda conn: conn.execute(QUERIES["work_signals"], params).fetchone())
+        return int(latest), None if due_us is None else int(due_us)
+
+    async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:
+        """Delete the app's done and skipped messages (with their steps) and turn records older than the cut-offs.
+
+        A message with an idempotency key sent at or after ``keys_before`` stays; nothing pending or failed, and
+        no state, is ever deleted. Runs in transactions of up to ``PRUNE_BATCH`` rows of each kind until none is
+        left, so others may write in between; each batch is all or nothing.
+        """
+        finished_us, keys_us = tx.to_micros(finished_before), tx.to_micros(keys_before)
+        messages = turns = 0
+        while True:
+            batch = await self.database.write(lambda conn: tx.prune_in(conn, app, finished_us, keys_us, PRUNE_BATCH))
+            messages, turns = messages + batch[0], turns + batch[1]
+            if max(batch) < PRUNE_BATCH:
+                return Pruned(messages=messages, turns=turns)
+
+    async def delete_instance(self, instance: InstanceRef, /) -> bool:
+        """Delete an instance and everything it owns, atomically; True if it existed.
+
+        A worker still holding its lease gets ``LeaseLostError`` ("the instance was deleted") from its next commit,
+        failure, step record or retry, and its renewals fail; a later send starts the instance afresh at version 0.
+        """
+        return await self.database.write(lambda conn: tx.delete_in(conn, instance))
 
     def _wake(self, app: str) -> None:
         for waiter in self._waiters.pop(app, set()):

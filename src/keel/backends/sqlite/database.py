@@ -32,7 +32,7 @@ QUERIES = load_queries(__package__ or "keel.backends.sqlite", "queries.sql")
 
 #: The schema steps (``schema.sql``); ``bootstrap`` runs every time, the rest once each, in this order.
 _SCHEMA = load_queries(__package__ or "keel.backends.sqlite", "schema.sql")
-MIGRATIONS = (_SCHEMA["store_v1"], _SCHEMA["runtime_v2"], _SCHEMA["runtime_v3"])
+MIGRATIONS = (_SCHEMA["store_v1"], _SCHEMA["runtime_v2"], _SCHEMA["runtime_v3"], _SCHEMA["runtime_v4"])
 
 #: The schema version this code writes and reads, recorded in ``keel_schema`` under ``SCHEMA_COMPONENT``.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -195,8 +195,17 @@ def _execute_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 def _statements(script: str) -> list[str]:
+    """Split a section on ';', keeping a trigger's ``BEGIN ... END`` body (which has ';' inside) in one piece."""
     lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    statements, pending = [], ""
+    for piece in "\n".join(lines).split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip().removesuffix(";").strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        statements.append(pending.strip().removesuffix(";").strip())
+    return [s for s in statements if s]
 
 
 def _hint(exc: sqlite3.Error) -> str:

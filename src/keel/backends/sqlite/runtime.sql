@@ -4,8 +4,10 @@
 
 -- insert_message --
 -- Append a message; no row comes back when its id or its (instance, idempotency key) was used before.
-INSERT INTO keel_messages (app, message_id, workflow, workflow_id, payload, idempotency_key, sent_at)
-VALUES (:app, :message_id, :workflow, :workflow_id, :payload, :idempotency_key, :sent_at)
+INSERT INTO keel_messages (
+    app, message_id, workflow, workflow_id, payload, idempotency_key, sent_at, sent_us, visible_us
+)
+VALUES (:app, :message_id, :workflow, :workflow_id, :payload, :idempotency_key, :sent_at, :sent_us, :visible_us)
 ON CONFLICT DO NOTHING
 RETURNING seq
 
@@ -15,24 +17,42 @@ SELECT message_id FROM keel_messages
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND idempotency_key = :idempotency_key
 
 -- enqueue --
--- Create the instance on its first message, or point an empty inbox at the new message.
-INSERT INTO keel_instances (app, workflow, workflow_id, next_seq)
-VALUES (:app, :workflow, :workflow_id, :seq)
+-- Create the instance on its first message (or bring a deleted one back), and point its inbox at the new message
+-- if the inbox was empty or the new message becomes visible before its next one (a later seq never wins a tie).
+-- Every SET reads the row as it was before the update.
+INSERT INTO keel_instances (app, workflow, workflow_id, next_seq, next_visible_us)
+VALUES (:app, :workflow, :workflow_id, :seq, :visible_us)
 ON CONFLICT (app, workflow, workflow_id) DO UPDATE
-    SET next_seq = coalesce(keel_instances.next_seq, excluded.next_seq)
+    SET deleted = 0,
+        next_seq = CASE
+            WHEN keel_instances.next_seq IS NULL OR excluded.next_visible_us < keel_instances.next_visible_us
+            THEN excluded.next_seq ELSE keel_instances.next_seq END,
+        next_visible_us = CASE
+            WHEN keel_instances.next_seq IS NULL OR excluded.next_visible_us < keel_instances.next_visible_us
+            THEN excluded.next_visible_us ELSE keel_instances.next_visible_us END
 
 -- latest_seq --
 -- The newest message sent to an app, 0 if none: idle workers compare it with what they saw last.
 SELECT coalesce(max(seq), 0) FROM keel_messages WHERE app = :app
 
+-- work_signals --
+-- What an idle worker polls: the app's newest seq (0 if none), and the first time after :since_us at which an
+-- unpaused instance's next message becomes visible (NULL if none): a delayed message coming due sends nothing.
+SELECT
+    (SELECT coalesce(max(seq), 0) FROM keel_messages WHERE app = :app),
+    (
+        SELECT min(next_visible_us) FROM keel_instances
+        WHERE app = :app AND next_seq IS NOT NULL AND paused = 0 AND next_visible_us > :since_us
+    )
+
 -- ready_instances --
--- Instances of the asked workflows (:workflows is a JSON array) with a pending message, not paused and not
--- under a live lease, oldest pending message first.
+-- Instances of the asked workflows (:workflows is a JSON array) whose next message is visible, not paused and
+-- not under a live lease (nor held by a retry), in the order of their next messages: first visible, first sent.
 SELECT workflow, workflow_id FROM keel_instances
-WHERE app = :app AND next_seq IS NOT NULL AND paused = 0
+WHERE app = :app AND next_seq IS NOT NULL AND paused = 0 AND next_visible_us <= :now_us
     AND (lease_expires_us IS NULL OR lease_expires_us <= :now_us)
     AND workflow IN (SELECT value FROM json_each(:workflows))
-ORDER BY next_seq
+ORDER BY next_visible_us, next_seq
 LIMIT :limit
 
 -- lease_instance --
@@ -52,8 +72,8 @@ RETURNING message_id, payload, attempts
 SELECT name, result FROM keel_steps WHERE app = :app AND message_id = :message_id
 
 -- lease_of --
--- An instance's fencing token, lease owner (NULL once released) and lease expiry, for the fence check.
-SELECT fencing_token, lease_owner, lease_expires_us FROM keel_instances
+-- An instance's fencing token, lease owner (NULL once released), lease expiry and tombstone flag, for the fence.
+SELECT fencing_token, lease_owner, lease_expires_us, deleted FROM keel_instances
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id
 
 -- renew_lease --
@@ -89,7 +109,8 @@ ON CONFLICT (app, message_id, name) DO NOTHING
 
 -- complete_message --
 -- Mark a pending message done at the state version its turn wrote.
-UPDATE keel_messages SET status = 'done', state_version = :version, completed_at = :completed_at
+UPDATE keel_messages
+SET status = 'done', state_version = :version, completed_at = :completed_at, finished_us = :now_us
 WHERE app = :app AND message_id = :message_id AND status = 'pending'
 RETURNING seq
 
@@ -101,13 +122,15 @@ RETURNING seq
 
 -- write_state --
 -- Compare-and-swap the instance's state from the version the turn read, release the lease and move the inbox
--- on to the next pending message (run after the turn's message left 'pending').
+-- on to its next pending message (run after the turn's message left 'pending').
 UPDATE keel_instances
 SET state = :state, state_version = :version, state_written_at = :written_at, state_writer = :writer,
     lease_owner = NULL, lease_expires_us = NULL,
-    next_seq = (
-        SELECT min(seq) FROM keel_messages
+    (next_seq, next_visible_us) = (
+        SELECT seq, visible_us FROM keel_messages
         WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND status = 'pending'
+        ORDER BY visible_us, seq
+        LIMIT 1
     )
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id
     AND fencing_token = :token AND state_version = :version_read
@@ -117,9 +140,11 @@ RETURNING state_version
 -- Pause an instance after a failed turn, release the lease and move the inbox on past the failed message.
 UPDATE keel_instances
 SET paused = 1, lease_owner = NULL, lease_expires_us = NULL,
-    next_seq = (
-        SELECT min(seq) FROM keel_messages
+    (next_seq, next_visible_us) = (
+        SELECT seq, visible_us FROM keel_messages
         WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND status = 'pending'
+        ORDER BY visible_us, seq
+        LIMIT 1
     )
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND fencing_token = :token
 
@@ -137,11 +162,11 @@ WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND ver
 -- Record how a turn ended.
 INSERT INTO keel_turns (
     app, workflow, workflow_id, message_id, worker, attempt, fencing_token,
-    version_read, version_written, started_at, duration_s, outcome, error
+    version_read, version_written, started_at, started_us, duration_s, outcome, error
 )
 VALUES (
     :app, :workflow, :workflow_id, :message_id, :worker, :attempt, :token,
-    :version_read, :version_written, :started_at, :duration_s, :outcome, :error
+    :version_read, :version_written, :started_at, :started_us, :duration_s, :outcome, :error
 )
 
 -- message_info --
@@ -187,15 +212,72 @@ WHERE app = :app AND message_id = :message_id AND status = 'failed'
 
 -- skip_dead_letter --
 -- Drop a dead letter on purpose: it is marked skipped and never runs.
-UPDATE keel_messages SET status = 'skipped', completed_at = :completed_at
+UPDATE keel_messages SET status = 'skipped', completed_at = :completed_at, finished_us = :now_us
 WHERE app = :app AND message_id = :message_id AND status = 'failed'
 
 -- resume_instance --
--- Un-pause an instance and point its inbox at its oldest pending message (run after the dead letter was settled).
+-- Un-pause an instance and point its inbox at its next pending message (run after the dead letter was settled):
+-- a retried dead letter kept its (visible_us, seq), so it is that one again.
 UPDATE keel_instances
 SET paused = 0,
-    next_seq = (
-        SELECT min(seq) FROM keel_messages
+    (next_seq, next_visible_us) = (
+        SELECT seq, visible_us FROM keel_messages
         WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND status = 'pending'
+        ORDER BY visible_us, seq
+        LIMIT 1
     )
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND paused = 1
+
+-- prune_messages --
+-- Delete up to :limit of an app's done or skipped messages that finished before :finished_us, oldest first,
+-- except those whose idempotency key was sent at or after :keys_us (the key must keep deduplicating). The key
+-- lives on the message row, so it goes with it. Returns each one's id, to delete its step records.
+DELETE FROM keel_messages
+WHERE seq IN (
+    SELECT seq FROM keel_messages
+    WHERE app = :app AND status IN ('done', 'skipped') AND finished_us < :finished_us
+        AND (idempotency_key IS NULL OR sent_us < :keys_us)
+    ORDER BY finished_us
+    LIMIT :limit
+)
+RETURNING message_id
+
+-- delete_message_steps --
+-- Delete the step records of one message.
+DELETE FROM keel_steps WHERE app = :app AND message_id = :message_id
+
+-- prune_turns --
+-- Delete up to :limit of an app's turn records that started before :finished_us, oldest first.
+DELETE FROM keel_turns
+WHERE id IN (
+    SELECT id FROM keel_turns WHERE app = :app AND started_us < :finished_us ORDER BY started_us LIMIT :limit
+)
+
+-- delete_instance_steps --
+-- Delete the step records of every message of an instance (run before its messages go).
+DELETE FROM keel_steps
+WHERE app = :app AND message_id IN (
+    SELECT message_id FROM keel_messages WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id
+)
+
+-- delete_instance_messages --
+-- Delete every message of an instance, whatever its status, and with them its idempotency keys.
+DELETE FROM keel_messages WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id
+
+-- delete_instance_history --
+-- Delete an instance's past states.
+DELETE FROM keel_state_history WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id
+
+-- delete_instance_turns --
+-- Delete an instance's turn records.
+DELETE FROM keel_turns WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id
+
+-- tombstone_instance --
+-- Empty a live instance's row down to a tombstone: no state, lease, pause or inbox, only its fencing token, so
+-- that a claim made before the deletion is refused and tokens go on rising if the instance is sent a message
+-- again. Returns a row only if the instance existed (and was not deleted already).
+UPDATE keel_instances
+SET deleted = 1, lease_owner = NULL, lease_expires_us = NULL, paused = 0, state = NULL, state_version = 0,
+    state_written_at = NULL, state_writer = NULL, next_seq = NULL, next_visible_us = NULL
+WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND deleted = 0
+RETURNING fencing_token

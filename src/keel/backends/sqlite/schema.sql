@@ -201,3 +201,96 @@ CREATE TABLE keel_steps (
     recorded_at TEXT NOT NULL,
     PRIMARY KEY (app, message_id, name)
 ) WITHOUT ROWID;
+
+-- runtime_v4 --
+-- Durable timers, pruning and deleting instances: when each message was sent, becomes visible and finished,
+-- when each turn started (exact microseconds that SQL compares, next to the ISO texts kept for reading), the
+-- next message's visible time on each instance, and tombstones of deleted instances.
+
+-- Microseconds since the Unix epoch of a UTC ISO time written by keel: whole seconds, plus the six digits
+-- after the point when there are any (Python leaves them out when they are all zero). Spelled out in each
+-- UPDATE below, as SQLite 3.40 has no unixepoch(..., 'subsec').
+ALTER TABLE keel_messages ADD COLUMN sent_us INTEGER NOT NULL DEFAULT 0;
+
+-- When the message may first be claimed: sent_us plus its delay. An inbox runs in (visible_us, seq) order.
+ALTER TABLE keel_messages ADD COLUMN visible_us INTEGER NOT NULL DEFAULT 0;
+
+-- When a done or skipped message finished, which pruning compares with its cut-off.
+ALTER TABLE keel_messages ADD COLUMN finished_us INTEGER;
+
+UPDATE keel_messages
+SET sent_us = CAST(strftime('%s', sent_at) AS INTEGER) * 1000000
+    + CASE WHEN substr(sent_at, 20, 1) = '.' THEN CAST(substr(sent_at, 21, 6) AS INTEGER) ELSE 0 END;
+
+-- Messages of version 3 were visible as soon as they were sent, and finished when they completed.
+UPDATE keel_messages
+SET visible_us = sent_us,
+    finished_us = CASE WHEN status IN ('done', 'skipped') THEN
+        CAST(strftime('%s', coalesce(completed_at, sent_at)) AS INTEGER) * 1000000
+        + CASE WHEN substr(coalesce(completed_at, sent_at), 20, 1) = '.'
+            THEN CAST(substr(coalesce(completed_at, sent_at), 21, 6) AS INTEGER) ELSE 0 END
+    END;
+
+-- An instance's pending messages in the order they run: the first one visible, then the first one sent.
+DROP INDEX keel_messages_pending;
+
+CREATE INDEX keel_messages_pending ON keel_messages (app, workflow, workflow_id, visible_us, seq)
+WHERE status = 'pending';
+
+-- An app's finished messages, oldest finish first: what pruning looks through.
+CREATE INDEX keel_messages_finished ON keel_messages (app, finished_us) WHERE status IN ('done', 'skipped');
+
+-- When the turn started, which pruning compares with its cut-off.
+ALTER TABLE keel_turns ADD COLUMN started_us INTEGER NOT NULL DEFAULT 0;
+
+UPDATE keel_turns
+SET started_us = CAST(strftime('%s', started_at) AS INTEGER) * 1000000
+    + CASE WHEN substr(started_at, 20, 1) = '.' THEN CAST(substr(started_at, 21, 6) AS INTEGER) ELSE 0 END;
+
+CREATE INDEX keel_turns_started ON keel_turns (app, started_us);
+
+-- visible_us of the message next_seq points at (NULL with it): claims take instances in (next_visible_us,
+-- next_seq) order, and only once next_visible_us has come.
+ALTER TABLE keel_instances ADD COLUMN next_visible_us INTEGER;
+
+-- 1 once the instance was deleted: the row stays as a tombstone, nothing else of it, so that its fencing token
+-- keeps rising if the instance is sent a message again and no token is ever handed out twice for it.
+ALTER TABLE keel_instances ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+
+-- Point every inbox at its next message by the new order (the same one as before, as visible_us = sent_us).
+UPDATE keel_instances
+SET (next_seq, next_visible_us) = (
+    SELECT m.seq, m.visible_us FROM keel_messages AS m
+    WHERE m.app = keel_instances.app AND m.workflow = keel_instances.workflow
+        AND m.workflow_id = keel_instances.workflow_id AND m.status = 'pending'
+    ORDER BY m.visible_us, m.seq
+    LIMIT 1
+);
+
+-- The instances a claim may take, the first visible next message first.
+DROP INDEX keel_instances_ready;
+
+CREATE INDEX keel_instances_ready ON keel_instances (app, next_visible_us, next_seq)
+WHERE next_seq IS NOT NULL AND paused = 0;
+
+-- Refuse the writes of a process still running keel code of schema version 3 on this file: it would send
+-- messages with no visible time and leave inboxes pointing at a message with none, which no claim ever takes.
+-- Such a process's sends, turn records (so its commits, failures and retries) and inbox moves fail instead,
+-- loudly; its leases run out and upgraded workers take over. Code of this version always sets these columns.
+CREATE TRIGGER keel_messages_need_times BEFORE INSERT ON keel_messages
+WHEN NEW.sent_us = 0
+BEGIN
+    SELECT RAISE(ABORT, 'keel: this SQLite file is at a newer schema version; upgrade keel-runtime in this process');
+END;
+
+CREATE TRIGGER keel_turns_need_times BEFORE INSERT ON keel_turns
+WHEN NEW.started_us = 0
+BEGIN
+    SELECT RAISE(ABORT, 'keel: this SQLite file is at a newer schema version; upgrade keel-runtime in this process');
+END;
+
+CREATE TRIGGER keel_instances_need_times BEFORE UPDATE OF next_seq ON keel_instances
+WHEN NEW.next_seq IS NOT NULL AND NEW.next_visible_us IS NULL
+BEGIN
+    SELECT RAISE(ABORT, 'keel: this SQLite file is at a newer schema version; upgrade keel-runtime in this process');
+END;

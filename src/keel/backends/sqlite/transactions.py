@@ -47,13 +47,20 @@ _Params = dict[str, Any]
 
 
 def send_in(conn: sqlite3.Connection, message: NewMessage) -> str:
-    """Append a message to its instance's inbox; return its id, or the first id sent under its key."""
+    """Append a message to its instance's inbox; return its id, or the first id sent under its key.
+
+    It becomes visible ``delay_s`` after now (a negative delay counts as none), and becomes the instance's next
+    message if it is visible before the one that was next.
+    """
+    now = now_us()
     params = {
         **instance_params(message.instance),
         "message_id": message.message_id,
         "payload": message.payload_json,
         "idempotency_key": message.idempotency_key,
-        "sent_at": _iso(to_datetime(now_us())),
+        "sent_at": _iso(to_datetime(now)),
+        "sent_us": now,
+        "visible_us": now + max(micros(message.delay_s), 0),
     }
     row = conn.execute(QUERIES["insert_message"], params).fetchone()
     if row is None:
@@ -73,10 +80,12 @@ def _first_id(conn: sqlite3.Connection, params: _Params) -> str:
 
 def claim_in(
     conn: sqlite3.Connection, app: str, workflows_json: str, worker: str, lease_us: int, limit: int
-) -> tuple[list[Claim], int]:
-    """Lease the ready instances; also return the app's newest seq, which the next wait starts from.
+) -> tuple[list[Claim], int, int]:
+    """Lease the ready instances; also return the app's newest seq and the clock reading the claim was made at.
 
-    An instance held back by a retry has no owner but a lease expiry in the future, so it is not ready yet.
+    The next wait starts from both: a newer seq, or a next message becoming visible after that reading, may be
+    work. An instance held back by a retry has no owner but a lease expiry in the future, so it is not ready
+    yet; one whose next message is not visible yet is not ready either.
     """
     now = now_us()
     params = {"app": app, "workflows": workflows_json, "now_us": now, "limit": limit}
@@ -85,7 +94,7 @@ def claim_in(
         _lease(conn, InstanceRef(app, workflow, workflow_id), worker, now + lease_us) for workflow, workflow_id in ready
     ]
     latest = int(conn.execute(QUERIES["latest_seq"], {"app": app}).fetchone()[0])
-    return claims, latest
+    return claims, latest, now
 
 
 def _lease(conn: sqlite3.Connection, ref: InstanceRef, worker: str, expires_us: int) -> Claim:
@@ -139,6 +148,7 @@ def commit_in(conn: sqlite3.Connection, commit: TurnCommit) -> int:
         "version_read": claim.state_version,
         "written_at": written_at,
         "completed_at": written_at,
+        "now_us": now,
         "writer": commit.worker,
     }
     _finish_message(conn, claim, QUERIES["complete_message"], params)
@@ -179,8 +189,8 @@ def record_step_in(conn: sqlite3.Connection, step: StepRecord) -> None:
 def retry_in(conn: sqlite3.Connection, failure: TurnFailure, delay_us: int) -> None:
     """Record a failed attempt and release the lease, holding the instance until ``delay_us`` from now.
 
-    The message stays pending and the instance's ``next_seq`` keeps pointing at it, so it runs first again;
-    its attempt count is kept, and the next claim raises it.
+    The message stays pending with its (``visible_us``, ``seq``), and the instance's ``next_seq`` keeps pointing at
+    it, so it runs first again; its attempt count is kept, and the next claim raises it.
     """
     claim = failure.claim
     now = _check_fence(conn, claim)
@@ -196,7 +206,9 @@ def _check_fence(conn: sqlite3.Connection, claim: Claim) -> int:
     row = conn.execute(QUERIES["lease_of"], instance_params(claim.instance)).fetchone()
     if row is None:
         raise lease_lost(claim, "the instance does not exist")
-    token, owner, expires_us = row
+    token, owner, expires_us, deleted = row
+    if deleted:
+        raise lease_lost(claim, "the instance was deleted")
     if token != claim.fencing_token:
         raise lease_lost(claim, f"the instance moved on to fencing token {token}")
     if owner is None or expires_us is None:
@@ -228,6 +240,7 @@ def _record_turn(
         "version_read": claim.state_version,
         "version_written": version_written,
         "started_at": _iso(done.started_at),
+        "started_us": to_micros(done.started_at),
         "duration_s": done.duration_s,
         "outcome": outcome,
         "error": error,
@@ -241,15 +254,17 @@ def _record_turn(
 def resolve_in(conn: sqlite3.Connection, instance: InstanceRef, *, skip: bool) -> str | None:
     """Retry or skip the failed message that pauses ``instance`` and un-pause it; None (nothing changed) if none.
 
-    Retrying makes the message pending again, and it is the instance's oldest pending message (the ones sent
-    after it waited behind it), so ``next_seq`` points at it again; skipping leaves ``next_seq`` at the next one.
+    Retrying makes the message pending again with the (``visible_us``, ``seq``) it had, so it is the instance's next
+    message again (the ones after it waited behind it) and ``next_seq`` points at it; skipping leaves ``next_seq``
+    at the one after it.
     """
     params = instance_params(instance)
     row = conn.execute(QUERIES["dead_letter_of"], params).fetchone()
     if row is None:
         return None
     message_id = str(row[0])
-    settle = {**params, "message_id": message_id, "completed_at": _iso(to_datetime(now_us()))}
+    now = now_us()
+    settle = {**params, "message_id": message_id, "completed_at": _iso(to_datetime(now)), "now_us": now}
     conn.execute(QUERIES["skip_dead_letter" if skip else "requeue_dead_letter"], settle)
     conn.execute(QUERIES["resume_instance"], params)
     return message_id
@@ -261,6 +276,40 @@ def dead_letter(app: str, row: tuple[Any, ...]) -> DeadLetter:
     return DeadLetter(
         InstanceRef(app, workflow, workflow_id), message_id, error or "", int(attempts), to_datetime(int(failed_us))
     )
+
+
+# --- Pruning and deleting ---------------------------------------------------------------------------------
+
+
+def prune_in(conn: sqlite3.Connection, app: str, finished_us: int, keys_us: int, limit: int) -> tuple[int, int]:
+    """Delete one batch: up to ``limit`` finished messages (with their steps) and ``limit`` turn records.
+
+    Returns:
+        How many messages and turn records went; a count below ``limit`` means none of that kind is left.
+    """
+    params = {"app": app, "finished_us": finished_us, "keys_us": keys_us, "limit": limit}
+    gone = [str(message_id) for (message_id,) in conn.execute(QUERIES["prune_messages"], params).fetchall()]
+    conn.executemany(QUERIES["delete_message_steps"], [{"app": app, "message_id": m} for m in gone])
+    turns = conn.execute(QUERIES["prune_turns"], params).rowcount
+    return len(gone), turns
+
+
+def delete_in(conn: sqlite3.Connection, instance: InstanceRef) -> bool:
+    """Delete everything an instance owns, leaving its row as a tombstone; True if it existed.
+
+    The steps go first (they are found through the messages), then the messages (their idempotency keys are
+    columns of theirs), past states and turn records; the tombstone keeps the fencing token and marks the row
+    deleted, so the fence refuses a claim still held and a later send starts the instance afresh.
+    """
+    params = instance_params(instance)
+    for query in (
+        "delete_instance_steps",
+        "delete_instance_messages",
+        "delete_instance_history",
+        "delete_instance_turns",
+    ):
+        conn.execute(QUERIES[query], params)
+    return conn.execute(QUERIES["tombstone_instance"], params).fetchone() is not None
 
 
 # --- Rows and times ---------------------------------------------------------------------------------------
@@ -308,6 +357,11 @@ def now_us() -> int:
 def micros(seconds: float) -> int:
     """Seconds as whole microseconds."""
     return round(seconds * 1_000_000)
+
+
+def to_micros(moment: datetime) -> int:
+    """A datetime as whole microseconds since the Unix epoch (a naive one read as local time, as ``_iso`` does)."""
+    return (moment.astimezone(UTC) - _EPOCH) // timedelta(microseconds=1)
 
 
 def to_datetime(micros: int) -> datetime:

@@ -2,23 +2,26 @@
 -- the turn record and the release of the lease; or nothing at all when the lease is lost.
 --
 -- commit(
---   keys=[instance, inbox, message, states, turns, ready, leased],
+--   keys=[instance, inbox, message, states, turns, ready, leased, finished, finished_keyed, turn_index],
 --   args=[prefix, member, token, message_id, version_read, state_json, writer, turn_json,
 --         state_history_limit, turns_limit]
 -- )
 --
 -- KEYS[1]   instance             keel:inst:{$inst}: checked (token, lease), then v d t w written, own exp
 --                                cleared
--- KEYS[2]   inbox                keel:inbox:{$inst}: its head, the message, is popped
--- KEYS[3]   message              keel:msg:{$inst}:$id: s = "done", v = the version written
+-- KEYS[2]   inbox                keel:inbox:{$inst}: the message's entry removed
+-- KEYS[3]   message              keel:msg:{$inst}:$id: s = "done", v = the version written, x = now
 -- KEYS[4]   states               keel:states:{$inst}: the new state pushed, trimmed to the limit
 -- KEYS[5]   turns                keel:turns:{$inst}: turn_json pushed, trimmed to the limit
 -- KEYS[6]   ready                keel:ready:{$app}:$workflow: the instance rejoins it if more is pending
 -- KEYS[7]   leased               keel:leased:{$app}:$workflow: the instance leaves it
+-- KEYS[8]   finished             keel:finished:{$app}: $id added, scored by x, unless it has a key
+-- KEYS[9]   finished_keyed       keel:finkeyed:{$app}: $id added, scored by its send time, if it has a key
+-- KEYS[10]  turn_index           keel:turnidx:{$app}: $inst scored by its oldest kept turn record
 -- ARGV[1]   prefix               the key prefix, to name the next pending message's keel:msg: key
 -- ARGV[2]   member               $inst
 -- ARGV[3]   token                the fencing token the turn ran under
--- ARGV[4]   message_id           $id, which must be the inbox head
+-- ARGV[4]   message_id           $id, which must be pending in the inbox
 -- ARGV[5]   version_read         the state version the turn started from; the commit writes the next one
 -- ARGV[6]   state_json           the new state
 -- ARGV[7]   writer               "host:pid" of the committing worker
@@ -27,17 +30,20 @@
 -- ARGV[10]  turns_limit          turn records kept, the new one included
 --
 -- returns  {1, version, written_at_us}  committed; written_at from this server's clock
---          {0, reason, detail}          nothing written. reason "token" (detail: the instance's token now),
---                                       "released", "expired" (detail: the expiry), "version" (detail: the
---                                       stored version) or "message" (detail: the inbox head now)
+--          {0, reason, detail}          nothing written. reason "deleted", "token" (detail: the instance's
+--                                       token now), "released", "expired" (detail: the expiry), "version"
+--                                       (detail: the stored version) or "message" (detail: its status)
 --
--- One commit is the local function commit(), given its own slice of keys and arguments, so that a later
--- script can commit several turns in one call (group commit) or add step and event keys to the same one.
+-- The message is removed from the inbox wherever it sits: it was the next one when it was claimed, and a
+-- message sent since (visible no earlier than its send) only goes before it if the server's clock stepped
+-- back. One commit is the local function commit(), given its own slice of keys and arguments, so that a
+-- later script can commit several turns in one call (group commit).
 --
 -- Key layout: runtime_lib.lua, prepended to this script.
 
 local function commit(keys, args)
     local instance, inbox, message, states, turns, ready, leased = unpack(keys, 1, 7)
+    local finished, finished_keyed, turn_index = unpack(keys, 8, 10)
     local prefix, member, token, message_id, version_read = unpack(args, 1, 5)
     local state_json, writer, turn_json, state_history_limit, turns_limit = unpack(args, 6, 10)
 
@@ -50,9 +56,10 @@ local function commit(keys, args)
     if stored ~= version_read then
         return {0, "version", stored}
     end
-    local head = redis.call("LINDEX", inbox, 0)
-    if head ~= message_id then
-        return {0, "message", head or ""}
+    local held = redis.call("HMGET", message, "s", "q")
+    local entry = held[2] and inbox_entry(held[2], message_id)
+    if held[1] ~= "pending" or not redis.call("ZSCORE", inbox, entry) then
+        return {0, "message", held[1] or "gone"}
     end
 
     local version = digits(tonumber(version_read) + 1)
@@ -60,9 +67,10 @@ local function commit(keys, args)
     redis.call("HSET", instance, "v", version, "d", state_json, "t", written_at, "w", writer)
     redis.call("LPUSH", states, cjson.encode({v = version, d = state_json, t = written_at, w = writer}))
     redis.call("LTRIM", states, 0, digits(tonumber(state_history_limit) - 1))
-    redis.call("LPOP", inbox)
-    redis.call("HSET", message, "s", "done", "v", version)
-    record_turn(turns, turn_json, turns_limit)
+    redis.call("ZREM", inbox, entry)
+    redis.call("HSET", message, "v", version)
+    finish_message(message, message_id, "done", now, finished, finished_keyed)
+    record_turn(turns, turn_json, turns_limit, turn_index, member)
     drop_lease(prefix, member, leased)
     make_ready(prefix, member, ready)
     return {1, version, written_at}

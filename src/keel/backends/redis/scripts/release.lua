@@ -9,7 +9,7 @@
 --                    (live or expired) is set; a hold left by retry.lua is not a lease, and stays
 -- KEYS[2]  ready     keel:ready:{$app}:$workflow: the instance rejoins it (it still has its message)
 -- KEYS[3]  leased    keel:leased:{$app}:$workflow: the instance leaves it
--- ARGV[1]  prefix    the key prefix, to name the instance's inbox and head message keys
+-- ARGV[1]  prefix    the key prefix, to name the instance's inbox key
 -- ARGV[2]  member    $inst
 -- ARGV[3]  token     the fencing token of the claim being released
 --

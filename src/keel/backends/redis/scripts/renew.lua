@@ -11,7 +11,8 @@
 -- ARGV[2i]    member_i    $inst_i
 -- ARGV[2i+1]  token_i     the fencing token the lease was claimed under
 --
--- returns  {1 or 0, ...}  one per claim: 1 renewed, 0 lost (token moved on, lease released or expired)
+-- returns  {1 or 0, ...}  one per claim: 1 renewed, 0 lost (instance deleted, token moved on, lease released or
+--                         expired)
 --
 -- Key layout: runtime_lib.lua, prepended to this script.
 

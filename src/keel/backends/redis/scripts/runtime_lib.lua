@@ -1,55 +1,70 @@
 -- runtime_lib.lua: helpers shared by the runtime scripts. The engine prepends this file to every runtime
--- script (send, claim, renew, commit, fail, release, step, retry, dead_letters, resolve, and the layout
--- upgrade upgrade_3) before loading it, so every runtime operation is still a single script: atomic, one
--- round trip. Nothing here runs a command by itself except the replication switch below.
+-- script (send, claim, renew, commit, fail, release, step, retry, dead_letters, resolve, prune, delete, and
+-- the layout upgrades upgrade_3 and upgrade_4) before loading it, so every runtime operation is still a
+-- single script: atomic, one round trip. Nothing here runs a command by itself except the replication
+-- switch below.
 --
 -- Key layout of the runtime ("keel:" is the default prefix, "?prefix=" in the URL picks another; see
 -- keys.py, which names every key, and builds them as the scripts do):
 --
 -- $inst is "app/workflow/workflow_id", each part with "%", "/", "{" and "}" percent-encoded; it is the
 -- instance's hash tag, so all keys of one instance share a cluster slot. $app is the app name with "%",
--- "{" and "}" encoded, the tag of the per-app keys.
+-- "{" and "}" encoded, the tag of the per-app keys. Times are microseconds since the epoch by this
+-- server's clock (TIME).
 --
--- keel:schema                 hash    component -> schema version, "store" -> "3" (schema.lua, at connect)
--- keel:inst:{$inst}           hash    tok     fencing token: raised by every claim, never lowered or reused
+-- keel:schema                 hash    component -> schema version, "store" -> "4" (schema.lua, at connect)
+-- keel:inst:{$inst}           hash    tok     fencing token: raised by every claim, never lowered or reused;
+--                                             created by the instance's first send, at its app's tokfloor
 --                                     own     lease owner ("host:pid"), absent when no worker holds a lease;
 --                                             cleared by commit, fail, release and retry: a lease without
 --                                             own is released, and fenced out
---                                     exp     lease expiry, microseconds since the epoch by this server's
---                                             clock; absent when not leased. With own absent it is a hold:
---                                             retry keeps the instance from claims until exp
+--                                     exp     lease expiry; absent when not leased. With own absent it is a
+--                                             hold: retry keeps the instance from claims until exp
 --                                     lapsed  the exp of a lease that expired and was swept back to ready
 --                                             by a claim, before anyone claimed again; cleared by the next
 --                                             claim. Tells "expired" from "released" for a late caller
 --                                     paused  "1" once a turn failed: never claimed until retried or skipped
---                                     v d t w committed state: version, JSON, written_at (microseconds),
---                                             writer; absent before the first committed turn
--- keel:inbox:{$inst}          list    ids of pending messages, oldest first; the head is the next turn's
---                                     (a failed head stays, pausing the instance, until resolved)
+--                                     v d t w committed state: version, JSON, written_at, writer; absent
+--                                             before the first committed turn
+--                                     The hash exists exactly while the instance does (send creates it,
+--                                     delete removes it): no tok means the instance was deleted.
+-- keel:inbox:{$inst}          zset    "QQQQQQQQQQQQQQQQ:$id" -> r, for every pending message (and the failed
+--                                     one pausing the instance): Q its sequence number, zero-padded to 16
+--                                     digits, r the time it becomes visible. The lowest (r, then Q) is the
+--                                     next turn's; the instance is claimable once that r has passed
 -- keel:msg:{$inst}:$id        hash    p payload JSON, s status (pending, done, failed, skipped), n attempts
---                                     so far, q the app-wide sequence number of the send, i $inst,
---                                     v the state version its turn committed, e why its turn failed,
---                                     f when it failed (microseconds, server clock)
+--                                     so far, q the app-wide sequence number of the send, i $inst, a sent
+--                                     at, r visible at, k its idempotency key (if sent with one), v the
+--                                     state version its turn committed, e why its turn failed, f when it
+--                                     failed, x when it finished (done or skipped)
 -- keel:steps:{$inst}:$id      hash    step name -> result JSON recorded for message $id; the first result
---                                     of a name stands (HSETNX). Kept (no retention yet)
+--                                     of a name stands (HSETNX). Pruned with its message
+-- keel:ids:{$inst}            set     the id of every kept message of the instance, whatever its status
 -- keel:idem:{$inst}           hash    idempotency key -> id of the first message sent under it
 -- keel:states:{$inst}         list    the last STATE_HISTORY_LIMIT states, newest first, each a JSON object
 --                                     {"v", "d", "t", "w"} as in keel:kvh:
 -- keel:turns:{$inst}          list    the last TURNS_LIMIT turn records, newest first, JSON written by the
---                                     engine (keys documented in broker.py)
+--                                     engine (keys documented in rows.py)
 -- keel:seq:{$app}             string  the app's send counter: the messages' q values, the app's send order
 -- keel:msgindex:{$app}        hash    message id -> $inst
--- keel:ready:{$app}:$workflow zset    $inst -> q of its inbox head, for instances with a pending message,
---                                     no lease or hold and not paused: what claim takes, lowest score first
+-- keel:ready:{$app}:$workflow zset    $inst -> r of its next message (its inbox's lowest), for instances
+--                                     with a pending message, no lease or hold and not paused: claim takes
+--                                     the scores that have passed, lowest first (equal ones by q)
 -- keel:leased:{$app}:$workflow zset   $inst -> exp, for instances under a lease (live or expired) or a hold
 -- keel:dead:{$app}            zset    $id -> f, for every message of the app whose status is failed
+-- keel:finished:{$app}        zset    $id -> x, for every done or skipped message sent without a key
+-- keel:finkeyed:{$app}        zset    $id -> a, for every done or skipped message sent with a key
+-- keel:turnidx:{$app}         zset    $inst -> started_at of its oldest kept turn record, for every
+--                                     instance with turn records
+-- keel:tokfloor:{$app}        string  the highest fencing token any deleted instance of the app had
 -- keel:wake:{$app}            stream  one entry {i = $inst} per send and per resolved dead letter, capped
 --                                     near WAKE_STREAM_MAXLEN; idle workers XREAD BLOCK on it
 --
 -- Invariants, kept by every script: an instance with exp (a lease, live or expired, or a hold) is in its
 -- workflow's leased set under that score; one without exp that has a pending message and is not paused is
--- in its ready set; any other instance is in neither. A message is in its app's dead set exactly while its
--- status is failed, and then it is the head of its paused instance's inbox.
+-- in its ready set under its next message's r; any other instance is in neither. A message is in its app's
+-- dead set exactly while its status is failed, and then it is the lowest of its paused instance's inbox.
+-- A done or skipped message is in finished or finkeyed; every kept message is in its instance's ids set.
 
 -- Before Redis 5 a script that read TIME could not write unless it asked for effects replication.
 if redis.replicate_commands then
@@ -83,13 +98,43 @@ local function steps_key(prefix, member, message_id)
     return prefix .. "steps:{" .. member .. "}:" .. message_id
 end
 
+local function turns_key(prefix, member)
+    return prefix .. "turns:{" .. member .. "}"
+end
+
+-- A message's member in its instance's inbox: equal visible times sort by sequence number.
+local function inbox_entry(seq, message_id)
+    return string.format("%016d", tonumber(seq)) .. ":" .. message_id
+end
+
+local function entry_message_id(entry)
+    return string.sub(entry, 18)
+end
+
+local function entry_seq(entry)
+    return tonumber(string.sub(entry, 1, 16))
+end
+
+-- The instance's next message as {entry, visible_us}, or nil when its inbox is empty.
+local function inbox_head(inbox)
+    local head = redis.call("ZRANGE", inbox, 0, 0, "WITHSCORES")
+    if not head[1] then
+        return nil
+    end
+    return {head[1], tonumber(head[2])}
+end
+
 -- Why the lease under token is not held at now, as {reason, detail}; nil when it is held.
--- Reasons: "token" (detail: the instance's token now), "released" (by commit, fail, release or retry),
--- "expired" (detail: the expiry; also when a claim has since swept the expired lease back to ready).
+-- Reasons: "deleted" (the instance is gone), "token" (detail: the instance's token now), "released" (by
+-- commit, fail, release or retry), "expired" (detail: the expiry; also when a claim has since swept the
+-- expired lease back to ready).
 local function lease_problem(instance, token, now)
     local held = redis.call("HMGET", instance, "tok", "own", "exp", "lapsed")
+    if not held[1] then
+        return {"deleted", ""}
+    end
     if held[1] ~= token then
-        return {"token", held[1] or "0"}
+        return {"token", held[1]}
     end
     if not held[2] then
         if held[4] then
@@ -120,20 +165,43 @@ local function lapse_lease(prefix, member, leased)
     drop_lease(prefix, member, leased)
 end
 
--- Offer an unleased instance to claimers under its oldest pending message, unless it is paused or idle.
-local function make_ready(prefix, member, ready)
-    if redis.call("HGET", instance_key(prefix, member), "paused") == "1" then
+-- Offer an unleased instance to claimers under its next message's visible time, unless paused or idle.
+local function offer(instance, inbox, member, ready)
+    if redis.call("HGET", instance, "paused") == "1" then
         return
     end
-    local head = redis.call("LINDEX", inbox_key(prefix, member), 0)
+    local head = inbox_head(inbox)
     if not head then
         return
     end
-    redis.call("ZADD", ready, redis.call("HGET", message_key(prefix, member, head), "q"), member)
+    redis.call("ZADD", ready, digits(head[2]), member)
 end
 
--- Push a turn record and keep the newest limit of them.
-local function record_turn(turns, turn_json, limit)
-    redis.call("LPUSH", turns, turn_json)
-    redis.call("LTRIM", turns, 0, digits(tonumber(limit) - 1))
+local function make_ready(prefix, member, ready)
+    offer(instance_key(prefix, member), inbox_key(prefix, member), member, ready)
+end
+
+-- When a turn record started, from its JSON.
+local function turn_started(turn_json)
+    return tonumber(cjson.decode(turn_json).started_at_us)
+end
+
+-- Push a turn record, keep the newest limit of them, and index the instance by its oldest kept one.
+local function record_turn(turns, turn_json, limit, turn_index, member)
+    if redis.call("LPUSH", turns, turn_json) > tonumber(limit) then
+        redis.call("LTRIM", turns, 0, digits(tonumber(limit) - 1))
+    end
+    redis.call("ZADD", turn_index, digits(turn_started(redis.call("LINDEX", turns, -1))), member)
+end
+
+-- Mark a message finished (done or skipped) at now and index it for pruning: by finish time, or, when it
+-- carries an idempotency key, by send time (prune.lua says why).
+local function finish_message(message, message_id, status, now, finished, finished_keyed)
+    redis.call("HSET", message, "s", status, "x", digits(now))
+    local sent = redis.call("HMGET", message, "k", "a")
+    if sent[1] then
+        redis.call("ZADD", finished_keyed, sent[2] or digits(now), message_id)
+    else
+        redis.call("ZADD", finished, digits(now), message_id)
+    end
 end

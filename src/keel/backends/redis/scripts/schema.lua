@@ -18,7 +18,10 @@
 -- 3 adds step results (keel:steps:), holds, the failure time of a message (f) and the apps' dead sets
 -- (keel:dead:). Going from 2 to 3, the engine first runs upgrade_3.lua over every instance (batch by
 -- batch: it is idempotent, so an upgrade cut short is finished by the next connect), and only then
--- calls this script; so a recorded 3 means the data is whole.
+-- calls this script; so a recorded 3 means the data is whole. 4 adds timers, pruning and deletion: inboxes
+-- become sorted sets by visible time, messages get times (a, r, x) and their key (k), and the ids:,
+-- finished:, finkeyed:, turnidx: and tokfloor: keys appear; going from 3 to 4, the engine runs upgrade_4.lua
+-- over every message of every app (batch by batch, idempotent) before calling this script.
 --
 -- One script, so that processes starting together never lower a version another one has just raised.
 

@@ -14,9 +14,10 @@
 -- ARGV[3]  result_json  the step's result as JSON text
 --
 -- returns  {1, 1 or 0}           held: 1 the result was recorded, 0 the name had a result already (kept)
---          {0, reason, detail}   nothing written; reasons as in commit.lua ("token", "released", "expired")
+--          {0, reason, detail}   nothing written; reasons as in commit.lua ("deleted", "token", "released",
+--                                "expired")
 --
--- The message of a live lease is its instance's inbox head, and stays so until the lease is let go, so
+-- The message of a live lease is the one its claim took, and stays pending until the lease is let go, so
 -- the token check alone ties the record to the message the claim runs.
 --
 -- Key layout: runtime_lib.lua, prepended to this script.

@@ -1,6 +1,6 @@
 -- upgrade_3.lua: bring instances written under layout 2 to layout 3: the failed message pausing each
 -- paused instance gets its failure time (f) and joins its app's dead set. Idempotent: running it again,
--- or on an instance written under layout 3, changes nothing.
+-- or on an instance written under layout 3 or 4, changes nothing.
 --
 -- upgrade_3(
 --   keys=[instance_1, inbox_1, turns_1, dead_1, ..., instance_n, inbox_n, turns_n, dead_n],
@@ -40,6 +40,9 @@ local function failed_turn_end(turns, message_id)
 end
 
 local function upgrade(instance, inbox, turns, dead, member)
+    if redis.call("TYPE", inbox).ok ~= "list" then
+        return 0 -- no inbox, or one upgrade_4.lua has turned into a sorted set already (after this step)
+    end
     if redis.call("HGET", instance, "paused") ~= "1" then
         return 0
     end
