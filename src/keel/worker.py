@@ -150,6 +150,14 @@ class Worker:
         current = self._running.get(key)
         if current is not None and current.task is task:
             del self._running[key]
+            if not task.cancelled() and task.exception() is not None:
+                # TurnRunner records every failure of user code; this is keel's own (or the backend's), and
+                # must not vanish as an unretrieved task exception. The lease expires and another attempt runs.
+                logger.error(
+                    "turn runner failed; the lease will expire and the turn run again",
+                    exc_info=task.exception(),
+                    extra=self._extra(current.claim),
+                )
         self._slot_freed.set()
 
     async def _idle(self, stop: asyncio.Event) -> None:

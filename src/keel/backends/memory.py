@@ -25,6 +25,7 @@ from keel.backends.base import (
     Pruned,
     StepRecord,
     StoredRecord,
+    StoreEngine,
     StoreOptions,
     TurnCommit,
     TurnFailure,
@@ -140,7 +141,7 @@ class MemoryBackend(MemoryStore):
 
     def __init__(self, url: str, options: StoreOptions) -> None:
         super().__init__(url, options)
-        self.store = self
+        self.store: StoreEngine = self
         self._rt = self._space.runtime
 
     async def send(self, message: NewMessage, /) -> str:

@@ -1,0 +1,64 @@
+"""The worker never lets a failure vanish, even one of keel's own code or of the backend."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+import keel
+from keel.backends import memory
+from keel.backends.base import StoreOptions, TurnCommit
+from keel.worker import Worker, WorkerSettings
+
+if TYPE_CHECKING:
+    import pytest
+
+
+class Msg(BaseModel):
+    n: int
+
+
+class State(BaseModel):
+    seen: list[int] = []
+
+
+class FlakyCommitBackend(memory.MemoryBackend):
+    """The memory backend, whose first commit fails with an unexpected error (a bug, say)."""
+
+    failures = 1
+
+    async def commit_turn(self, commit: TurnCommit, /) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("an unexpected failure inside the backend")
+        return await super().commit_turn(commit)
+
+
+async def test_an_unexpected_failure_is_logged_and_the_turn_runs_again(caplog: pytest.LogCaptureFixture) -> None:
+    url = f"memory://robust-{uuid.uuid4().hex}"
+    app = keel.App("robust", backend=url)
+
+    @app.workflow(state=State, message=Msg)
+    async def record(ctx: keel.TurnContext[State], msg: Msg) -> None:
+        ctx.state.seen.append(msg.n)
+
+    backend = FlakyCommitBackend(url, StoreOptions())
+    stop = asyncio.Event()
+    settings = WorkerSettings(lease_s=0.6, idle_poll_s=0.05)
+    with caplog.at_level(logging.ERROR, logger="keel"):
+        worker = asyncio.create_task(Worker(app, backend, settings).run(stop))
+        async with app.client(url=url) as client:
+            message_id = await client.send("record", "r", Msg(n=1))
+            assert await client.wait("record", "r", message_id, timeout_s=10) == 1
+            state = await client.state("record", "r")
+        stop.set()
+        await worker
+    memory.reset(url.split("://", 1)[1])
+    assert state is not None and state.value.seen == [1]
+    [failure] = [r for r in caplog.records if "turn runner failed" in r.getMessage()]
+    assert failure.exc_info is not None and "unexpected failure" in str(failure.exc_info[1])
+    assert failure.workflow_id == "r"  # type: ignore[attr-defined]
