@@ -10,71 +10,34 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 
 import keel
-from keel.backends.base import (
-    STATE_HISTORY_LIMIT,
-    Backend,
-    Claim,
-    InstanceRef,
-    MessageStatus,
-    NewMessage,
-    StoreOptions,
-    TurnCommit,
-)
+from keel.backends.base import STATE_HISTORY_LIMIT, MessageStatus, NewMessage, StoreOptions
 from keel.backends.postgres import store as pg_store
-from keel.backends.postgres.backend import PostgresBackend, open_backend
+from keel.backends.postgres.backend import open_backend
 from keel.backends.postgres.broker import BROKER_QUERIES, channel_for
+from tests.backends.postgres._support import (
+    APP,
+    backends_opened_together,
+    claim_one,
+    claims,
+    commit_of,
+    db_rows,
+    opened_backend,
+    ref,
+    send,
+    send_params,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from keel.backends.base import Backend, InstanceRef
+    from keel.backends.postgres.backend import PostgresBackend
 
 pytestmark = pytest.mark.postgres
-
-APP = "loans"
-
-
-@pytest.fixture
-async def backend(postgres_url: str) -> AsyncIterator[PostgresBackend]:
-    opened = await open_backend(postgres_url, StoreOptions())
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
-@pytest.fixture
-async def other(postgres_url: str) -> AsyncIterator[PostgresBackend]:
-    """A second backend on the same schema: its own pool and its own listener, as another process would have."""
-    opened = await open_backend(postgres_url, StoreOptions())
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
-def _rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cursor = conn.execute(query, params)
-        return cursor.fetchall() if cursor.description is not None else []
-
-
-def ref(workflow_id: str = "42", app: str = APP) -> InstanceRef:
-    return InstanceRef(app, "loan", workflow_id)
-
-
-async def send(backend: Backend, instance: InstanceRef, payload: object) -> str:
-    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload)))
-
-
-def commit_of(claim: Claim, state: object, worker: str = "w1") -> TurnCommit:
-    return TurnCommit(claim, json.dumps(state), worker, datetime.now(UTC), 0.01)
 
 
 async def _listening(backend: PostgresBackend, app: str) -> None:
@@ -128,7 +91,7 @@ async def test_leased_and_paused_instances_are_not_work_for_a_new_listener(
     backend: PostgresBackend, other: PostgresBackend
 ) -> None:
     await send(other, ref("leased"), {})
-    await other.claim(APP, ["loan"], worker="w1", lease_s=60, limit=1)
+    await claims(other, limit=1, lease_s=60)
     started = time.monotonic()
     await backend.wait_for_work(APP, timeout_s=0.4)
     assert time.monotonic() - started >= 0.3
@@ -142,7 +105,7 @@ async def test_the_listener_reconnects_after_its_connection_is_terminated(
     pid = backend._listener.backend_pid
     assert pid is not None
     killed = time.monotonic()
-    _rows(postgres_url, "SELECT pg_terminate_backend(%s)", pid)
+    db_rows(postgres_url, "SELECT pg_terminate_backend(%s)", pid)
     # Notifications may have been lost while it was down: the waiter returns at once, so the worker re-polls.
     assert await waiter - killed < 1.0
     waiter = asyncio.create_task(_timed_wait(backend, APP, 30))
@@ -159,7 +122,7 @@ async def test_a_dead_idle_listener_is_noticed_by_the_next_wait(
     await backend.wait_for_work(APP, timeout_s=0.2)
     pid = backend._listener.backend_pid
     assert pid is not None
-    _rows(postgres_url, "SELECT pg_terminate_backend(%s)", pid)
+    db_rows(postgres_url, "SELECT pg_terminate_backend(%s)", pid)
     await asyncio.sleep(0.3)
     await send(other, ref(), {})  # lost: nobody listens on a dead connection
     started = time.monotonic()
@@ -174,7 +137,7 @@ async def test_aclose_closes_the_listener_connection_and_returns_waiters(postgre
     pid = opened._listener.backend_pid
     await opened.aclose()
     await asyncio.wait_for(waiter, 2)
-    alive = _rows(postgres_url, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", pid)
+    alive = db_rows(postgres_url, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", pid)
     assert alive == [(0,)]
     with pytest.raises(keel.BackendUnavailable, match="closed"):
         await opened.wait_for_work(APP, timeout_s=0.1)
@@ -182,16 +145,13 @@ async def test_aclose_closes_the_listener_connection_and_returns_waiters(postgre
 
 
 async def test_the_pool_is_not_held_while_waiting(postgres_url: str) -> None:
-    opened = await open_backend(f"{postgres_url}&pool_min_size=1&pool_max_size=1", StoreOptions())
-    try:
+    async with opened_backend(f"{postgres_url}&pool_min_size=1&pool_max_size=1") as opened:
         waiters = [asyncio.create_task(opened.wait_for_work(APP, timeout_s=2)) for _ in range(5)]
         await _listening(opened, APP)
         started = time.monotonic()
         await send(opened, ref(), {})  # needs the pool's only connection
         assert time.monotonic() - started < 0.5
         await asyncio.wait_for(asyncio.gather(*waiters), 1)
-    finally:
-        await opened.aclose()
 
 
 @pytest.mark.parametrize("app", ["Loans", "a" * 255, "ünï cödé / app.name", "keel; DROP TABLE keel_kv --"])
@@ -322,17 +282,15 @@ async def test_a_store_only_database_at_schema_version_1_is_migrated(postgres_ur
         conn.execute(pg_store.QUERIES["record_schema_version"], {"component": "store", "version": 1})
         conn.execute("INSERT INTO keel_kv VALUES ('loan:1', 4, '{\"step\": 4}', now(), 'old')")
         conn.execute("INSERT INTO keel_kv_history VALUES ('loan:1', 4, '{\"step\": 4}', now(), 'old')")
-    opened = await asyncio.gather(*(open_backend(postgres_url, StoreOptions()) for _ in range(3)))
-    try:
-        assert _rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", pg_store.SCHEMA_VERSION)]
+    async with backends_opened_together(postgres_url, 3) as opened:
+        assert db_rows(postgres_url, "SELECT component, version FROM keel_schema") == [
+            ("store", pg_store.SCHEMA_VERSION)
+        ]
         kept = await opened[0].store.get("loan:1")
         assert kept is not None and (kept.version, kept.value_json) == (4, '{"step": 4}')
         await send(opened[1], ref(), {})
-        [claim] = await opened[2].claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)
+        claim = await claim_one(opened[2], lease_s=5)
         assert await opened[0].commit_turn(commit_of(claim, {})) == 1
-    finally:
-        for engine in opened:
-            await engine.aclose()
 
 
 def test_the_broker_sql_holds_every_statement_it_runs() -> None:
@@ -346,22 +304,22 @@ def test_the_broker_sql_holds_every_statement_it_runs() -> None:
 async def test_state_history_keeps_the_last_versions(backend: PostgresBackend, postgres_url: str) -> None:
     for n in range(STATE_HISTORY_LIMIT + 3):
         await send(backend, ref(), {"n": n})
-        [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)
+        claim = await claim_one(backend, lease_s=5)
         await backend.commit_turn(commit_of(claim, {"n": n}))
-    rows = _rows(postgres_url, "SELECT version, state FROM keel_state_history ORDER BY version")
+    rows = db_rows(postgres_url, "SELECT version, state FROM keel_state_history ORDER BY version")
     assert [v for v, _ in rows] == list(range(4, STATE_HISTORY_LIMIT + 4))
     assert json.loads(rows[-1][1]) == {"n": STATE_HISTORY_LIMIT + 2}
 
 
 async def test_a_refused_commit_writes_nothing_anywhere(backend: PostgresBackend, postgres_url: str) -> None:
     message_id = await send(backend, ref(), {})
-    [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=0.2, limit=1)
+    claim = await claim_one(backend, lease_s=0.2)
     tables = ["keel_instances", "keel_messages", "keel_state_history", "keel_turns"]
     await asyncio.sleep(0.3)
-    before = [_rows(postgres_url, f"SELECT * FROM {table}") for table in tables]
+    before = [db_rows(postgres_url, f"SELECT * FROM {table}") for table in tables]
     with pytest.raises(keel.LeaseLostError, match="expired"):
         await backend.commit_turn(commit_of(claim, {}))
-    assert [_rows(postgres_url, f"SELECT * FROM {table}") for table in tables] == before
+    assert [db_rows(postgres_url, f"SELECT * FROM {table}") for table in tables] == before
     info = await backend.message(APP, message_id)
     assert info is not None and info.status is MessageStatus.pending
 
@@ -370,9 +328,9 @@ async def test_a_repeated_message_id_is_not_appended_twice(backend: PostgresBack
     message = NewMessage(ref(), "m-1", "{}")
     assert await backend.send(message) == "m-1"
     assert await backend.send(message) == "m-1"
-    claims = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=5)
-    await backend.commit_turn(commit_of(claims[0], {}))
-    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=5) == []
+    claimed = await claims(backend, limit=5, lease_s=5)
+    await backend.commit_turn(commit_of(claimed[0], {}))
+    assert await claims(backend, limit=5, lease_s=5) == []
 
 
 async def test_concurrent_sends_with_one_idempotency_key_append_once(
@@ -385,27 +343,18 @@ async def test_concurrent_sends_with_one_idempotency_key_append_once(
         )
     )
     assert len(set(ids)) == 1
-    claims = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=5)
-    assert [c.message_id for c in claims] == ids[:1]
-    await backend.commit_turn(commit_of(claims[0], {}))
-    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=5) == []
+    claimed = await claims(backend, limit=5, lease_s=5)
+    assert [c.message_id for c in claimed] == ids[:1]
+    await backend.commit_turn(commit_of(claimed[0], {}))
+    assert await claims(backend, limit=5, lease_s=5) == []
 
 
 async def test_a_message_sent_while_a_commit_waits_for_the_row_is_queued_next(
     backend: PostgresBackend, postgres_url: str
 ) -> None:
     await send(backend, ref(), {"n": 1})
-    [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=30, limit=1)
-    params = {
-        "app": APP,
-        "workflow": "loan",
-        "workflow_id": "42",
-        "message_id": "late",
-        "payload": "{}",
-        "idempotency_key": None,
-        "delay_s": 0.0,
-        "channel": backend._listener.channel(APP),
-    }
+    claim = await claim_one(backend)
+    params = send_params(backend)
     # A send caught between its two statements holds the instance row; the commit must wait for it, then see it.
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
         async with conn.transaction():
@@ -415,5 +364,5 @@ async def test_a_message_sent_while_a_commit_waits_for_the_row_is_queued_next(
             assert not committing.done()
             await conn.execute(BROKER_QUERIES["append"], params)
         assert await committing == 1
-    [following] = await backend.claim(APP, ["loan"], worker="w1", lease_s=30, limit=1)
+    following = await claim_one(backend)
     assert following.message_id == "late"

@@ -14,35 +14,20 @@ from psycopg.conninfo import conninfo_to_dict
 
 import keel
 from keel.backends.base import StoredRecord, StoreOptions
-from keel.backends.postgres.store import SCHEMA_COMPONENT, SCHEMA_VERSION, PostgresStore, open_engine
+from keel.backends.postgres.store import SCHEMA_COMPONENT, SCHEMA_VERSION, open_engine
+from tests.backends.postgres._support import db_rows, opened_engine
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from keel.backends.postgres.store import PostgresStore
 
 pytestmark = pytest.mark.postgres
 
 WRITER = "test:1"
 
 
-@pytest.fixture
-async def engine(postgres_url: str) -> AsyncIterator[PostgresStore]:
-    opened = await open_engine(postgres_url, StoreOptions())
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
-def _rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
-    """Run ``query`` on a connection of the test's own, outside any store; its rows, if it returns any."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        cursor = conn.execute(query, params)
-        return cursor.fetchall() if cursor.description is not None else []
-
-
 def _tables(url: str, key: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    current = _rows(url, "SELECT key, version, value, written_at, writer FROM keel_kv WHERE key = %s", key)
-    past = _rows(
+    current = db_rows(url, "SELECT key, version, value, written_at, writer FROM keel_kv WHERE key = %s", key)
+    past = db_rows(
         url, "SELECT key, version, value, written_at, writer FROM keel_kv_history WHERE key = %s ORDER BY version", key
     )
     return current, past
@@ -72,13 +57,13 @@ async def _first_success(engine: PostgresStore, key: str) -> StoredRecord | None
 async def test_schema_version_is_recorded_once_when_stores_open_together(postgres_url: str) -> None:
     engines = await asyncio.gather(*(open_engine(postgres_url, StoreOptions()) for _ in range(6)))
     try:
-        rows = _rows(postgres_url, "SELECT component, version, migrated_at FROM keel_schema")
+        rows = db_rows(postgres_url, "SELECT component, version, migrated_at FROM keel_schema")
         assert [(c, v) for c, v, _ in rows] == [(SCHEMA_COMPONENT, SCHEMA_VERSION)]
         await engines[0].put("k", '"v"', expected_version=None, writer=WRITER)
         again = await open_engine(postgres_url, StoreOptions())
         await again.aclose()
         # Opening again migrates nothing: same row, same time, data untouched.
-        assert _rows(postgres_url, "SELECT component, version, migrated_at FROM keel_schema") == rows
+        assert db_rows(postgres_url, "SELECT component, version, migrated_at FROM keel_schema") == rows
         assert (await engines[-1].get("k")) is not None
     finally:
         for opened in engines:
@@ -87,7 +72,7 @@ async def test_schema_version_is_recorded_once_when_stores_open_together(postgre
 
 async def test_a_schema_from_a_newer_keel_is_refused(postgres_url: str) -> None:
     await (await open_engine(postgres_url, StoreOptions())).aclose()  # creates the tables
-    _rows(postgres_url, "UPDATE keel_schema SET version = 99")
+    db_rows(postgres_url, "UPDATE keel_schema SET version = 99")
     with pytest.raises(keel.ConfigurationError, match="schema version 99"):
         await open_engine(postgres_url, StoreOptions())
 
@@ -100,7 +85,7 @@ async def test_a_search_path_without_a_schema_is_a_configuration_error(postgres_
 
 async def test_tables_live_in_the_schema_of_the_search_path(engine: PostgresStore, postgres_url: str) -> None:
     schema = str(conninfo_to_dict(postgres_url)["options"]).split("=", 1)[1]
-    rows = _rows(postgres_url, "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", schema)
+    rows = db_rows(postgres_url, "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", schema)
     store_tables = ["keel_kv", "keel_kv_history", "keel_schema"]
     runtime_tables = ["keel_instances", "keel_messages", "keel_state_history", "keel_turns", "keel_steps"]
     runtime_tables += ["keel_instance_tombstones"]
@@ -114,7 +99,7 @@ async def test_history_holds_each_version_of_a_key_once(engine: PostgresStore, p
     _, past = _tables(postgres_url, "k")
     assert [(v, value) for _, v, value, _, _ in past] == [(n, str(n)) for n in range(1, 6)]
     with pytest.raises(psycopg.errors.UniqueViolation):
-        _rows(
+        db_rows(
             postgres_url,
             "INSERT INTO keel_kv_history (key, version, value, written_at, writer) "
             "VALUES ('k', 5, 'again', now(), 'x')",
@@ -180,36 +165,30 @@ async def test_a_delete_is_a_tombstone_and_versions_go_on_after_it(engine: Postg
 
 
 async def test_history_beyond_the_limit_is_trimmed_by_the_write_itself(postgres_url: str) -> None:
-    engine = await open_engine(postgres_url, StoreOptions(history_limit=3))
-    try:
+    async with opened_engine(postgres_url, StoreOptions(history_limit=3)) as engine:
         record = await engine.put("k", "1", expected_version=None, writer=WRITER)
         for n in range(2, 11):
             record = await engine.put("k", str(n), expected_version=record.version, writer=WRITER)
         kept = await engine.history("k", limit=100)
-    finally:
-        await engine.aclose()
     assert [r.version for r in kept] == [10, 9, 8]
     assert [row[1] for row in _tables(postgres_url, "k")[1]] == [8, 9, 10]
 
 
 async def test_history_limit_zero_writes_no_history_rows(postgres_url: str) -> None:
-    engine = await open_engine(postgres_url, StoreOptions(history_limit=0))
-    try:
+    async with opened_engine(postgres_url, StoreOptions(history_limit=0)) as engine:
         record = await engine.put("k", "1", expected_version=None, writer=WRITER)
         record = await engine.put("k", "2", expected_version=record.version, writer=WRITER)
         assert [(r.version, r.value_json) for r in await engine.history("k", limit=10)] == [(2, "2")]
         await engine.delete("k", expected_version=record.version, writer=WRITER)
         assert [(r.version, r.value_json) for r in await engine.history("k", limit=10)] == [(3, None)]
         assert await engine.history("never", limit=10) == []
-    finally:
-        await engine.aclose()
     assert _tables(postgres_url, "k")[1] == []
 
 
 async def test_written_at_is_the_server_clock_in_utc(engine: PostgresStore, postgres_url: str) -> None:
-    before = _rows(postgres_url, "SELECT clock_timestamp()")[0][0]
+    before = db_rows(postgres_url, "SELECT clock_timestamp()")[0][0]
     record = await engine.put("k", "1", expected_version=None, writer=WRITER)
-    after = _rows(postgres_url, "SELECT clock_timestamp()")[0][0]
+    after = db_rows(postgres_url, "SELECT clock_timestamp()")[0][0]
     assert record.written_at.tzinfo is UTC
     assert before <= record.written_at <= after
     fetched = await engine.get("k")
@@ -220,8 +199,7 @@ async def test_written_at_is_the_server_clock_in_utc(engine: PostgresStore, post
 
 
 async def test_url_parameters_reach_the_pool_and_the_server(postgres_url: str) -> None:
-    engine = await open_engine(f"{postgres_url}&pool_max_size=3&query_timeout_s=7", StoreOptions())
-    try:
+    async with opened_engine(f"{postgres_url}&pool_max_size=3&query_timeout_s=7") as engine:
         assert engine._pool.max_size == 3
         async with engine._connection() as conn:
             cursor = await conn.execute("SELECT current_setting('statement_timeout'), current_schema")
@@ -229,8 +207,6 @@ async def test_url_parameters_reach_the_pool_and_the_server(postgres_url: str) -
         assert settings is not None
         assert settings[0] == "7s"
         assert settings[1].startswith("keel_test_")  # the URL's own options survived
-    finally:
-        await engine.aclose()
 
 
 async def test_a_statement_that_waits_too_long_is_cut_off(postgres_url: str) -> None:
@@ -249,23 +225,19 @@ async def test_a_statement_that_waits_too_long_is_cut_off(postgres_url: str) -> 
 
 
 async def test_a_pool_with_every_connection_busy_says_so(postgres_url: str) -> None:
-    engine = await open_engine(f"{postgres_url}&pool_max_size=1&pool_timeout_s=0.5", StoreOptions())
-    try:
+    async with opened_engine(f"{postgres_url}&pool_max_size=1&pool_timeout_s=0.5") as engine:
         async with engine._pool.connection():
             with pytest.raises(keel.BackendUnavailable, match="stayed busy") as caught:
                 await engine.get("k")
         assert "pool_max_size" in caught.value.hint
         assert await engine.get("k") is None
-    finally:
-        await engine.aclose()
 
 
 async def test_the_pool_recovers_when_its_connections_are_killed(postgres_url: str) -> None:
-    engine = await open_engine(f"{postgres_url}&pool_min_size=3&pool_max_size=3", StoreOptions())
-    try:
+    async with opened_engine(f"{postgres_url}&pool_min_size=3&pool_max_size=3") as engine:
         await engine.put("k", "1", expected_version=None, writer=WRITER)
         pids = await _pids(engine, 3)
-        _rows(postgres_url, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", pids)
+        db_rows(postgres_url, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", pids)
         with pytest.raises(keel.BackendUnavailable) as caught:
             await engine.get("k")
         assert isinstance(caught.value.__cause__, psycopg.OperationalError)
@@ -273,8 +245,6 @@ async def test_the_pool_recovers_when_its_connections_are_killed(postgres_url: s
         assert record is not None
         assert record.value_json == "1"
         assert not set(pids) & set(await _pids(engine, 3))
-    finally:
-        await engine.aclose()
 
 
 async def test_closing_twice_is_fine_and_a_closed_store_says_so(postgres_url: str) -> None:

@@ -6,89 +6,33 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 
 import keel
-from keel.backends.base import (
-    Backend,
-    Claim,
-    InstanceRef,
-    MessageStatus,
-    NewMessage,
-    StepRecord,
-    StoreOptions,
-    TurnCommit,
-    TurnFailure,
-)
+from keel.backends.base import MessageStatus, StepRecord
 from keel.backends.postgres import store as pg_store
-from keel.backends.postgres.backend import PostgresBackend, open_backend
+from tests.backends.postgres._support import (
+    APP,
+    backends_opened_together,
+    claim_one,
+    claims,
+    commit_of,
+    db_rows,
+    failure_of,
+    ref,
+    send,
+    snapshot,
+    step_of,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from keel.backends.postgres.backend import PostgresBackend
 
 pytestmark = pytest.mark.postgres
-
-APP = "loans"
-TABLES = ["keel_instances", "keel_messages", "keel_state_history", "keel_turns", "keel_steps"]
-
-
-@pytest.fixture
-async def backend(postgres_url: str) -> AsyncIterator[PostgresBackend]:
-    opened = await open_backend(postgres_url, StoreOptions())
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
-@pytest.fixture
-async def other(postgres_url: str) -> AsyncIterator[PostgresBackend]:
-    """A second backend on the same schema, as another process would have."""
-    opened = await open_backend(postgres_url, StoreOptions())
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
-def _rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cursor = conn.execute(query, params)
-        return cursor.fetchall() if cursor.description is not None else []
-
-
-def _everything(url: str) -> list[list[tuple[Any, ...]]]:
-    return [_rows(url, f"SELECT * FROM {table} ORDER BY 1, 2, 3") for table in TABLES]
-
-
-def ref(workflow_id: str = "42") -> InstanceRef:
-    return InstanceRef(APP, "loan", workflow_id)
-
-
-async def send(backend: Backend, instance: InstanceRef, payload: object) -> str:
-    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload)))
-
-
-async def claim_one(backend: Backend, *, lease_s: float = 30) -> Claim:
-    [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=lease_s, limit=1)
-    return claim
-
-
-def step_of(claim: Claim, name: str, result: object) -> StepRecord:
-    return StepRecord(claim, name, json.dumps(result), "w1", 0.01)
-
-
-def failure_of(claim: Claim, error: str = "RuntimeError: flaky") -> TurnFailure:
-    return TurnFailure(claim, error, "w1", datetime.now(UTC), 0.01)
-
-
-def commit_of(claim: Claim, state: object) -> TurnCommit:
-    return TurnCommit(claim, json.dumps(state), "w1", datetime.now(UTC), 0.01)
 
 
 # --- Migration ---------------------------------------------------------------------------------------------
@@ -117,9 +61,10 @@ async def test_a_database_at_schema_version_2_is_upgraded_in_place(postgres_url:
             " VALUES ('loans', 'later', 'loan', '42', '{}')"
         )
         conn.execute("UPDATE keel_instances SET next_seq = (SELECT seq FROM keel_messages WHERE message_id = 'dead')")
-    opened = await asyncio.gather(*(open_backend(postgres_url, StoreOptions()) for _ in range(3)))
-    try:
-        assert _rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", pg_store.SCHEMA_VERSION)]
+    async with backends_opened_together(postgres_url, 3) as opened:
+        assert db_rows(postgres_url, "SELECT component, version FROM keel_schema") == [
+            ("store", pg_store.SCHEMA_VERSION)
+        ]
         [dead] = await opened[0].dead_letters(APP, limit=10)
         assert (dead.instance, dead.message_id, dead.error, dead.attempts) == (ref(), "dead", "ValueError: old", 3)
         assert dead.failed_at == failed_at
@@ -131,9 +76,6 @@ async def test_a_database_at_schema_version_2_is_upgraded_in_place(postgres_url:
         await opened[1].record_step(step_of(claim, "score", 0.5))
         await opened[2].release(claim)
         assert (await claim_one(opened[0])).steps == {"score": "0.5"}
-    finally:
-        for engine in opened:
-            await engine.aclose()
 
 
 async def test_the_status_constraint_still_refuses_unknown_statuses(
@@ -141,7 +83,7 @@ async def test_the_status_constraint_still_refuses_unknown_statuses(
 ) -> None:
     message_id = await send(backend, ref(), {})
     with pytest.raises(psycopg.errors.CheckViolation):
-        _rows(postgres_url, "UPDATE keel_messages SET status = 'lost' WHERE message_id = %s", message_id)
+        db_rows(postgres_url, "UPDATE keel_messages SET status = 'lost' WHERE message_id = %s", message_id)
 
 
 # --- Steps -------------------------------------------------------------------------------------------------
@@ -152,7 +94,7 @@ async def test_a_step_row_says_who_recorded_it_under_which_token(backend: Postgr
     claim = await claim_one(backend)
     await backend.record_step(StepRecord(claim, "pay", '{"paid": 1}', "w1", 0.25))
     await backend.record_step(StepRecord(claim, "pay", '{"paid": 2}', "w2", 0.5))
-    rows = _rows(
+    rows = db_rows(
         postgres_url, "SELECT app, message_id, name, result, worker, fencing_token, duration_s FROM keel_steps"
     )
     assert rows == [(APP, message_id, "pay", '{"paid": 1}', "w1", claim.fencing_token, 0.25)]
@@ -175,14 +117,14 @@ async def test_refused_steps_and_retries_write_nothing_anywhere(backend: Postgre
     await backend.release(released)
     expired = await claim_one(backend, lease_s=0.2)
     await asyncio.sleep(0.3)
-    before = _everything(postgres_url)
+    before = snapshot(postgres_url)
     with pytest.raises(keel.LeaseLostError, match="fencing token"):
         await backend.record_step(step_of(released, "pay", 1))
     with pytest.raises(keel.LeaseLostError, match="expired"):
         await backend.record_step(step_of(expired, "pay", 1))
     with pytest.raises(keel.LeaseLostError, match="expired"):
         await backend.retry_turn(failure_of(expired), delay_s=5)
-    assert _everything(postgres_url) == before
+    assert snapshot(postgres_url) == before
 
 
 # --- Retries -----------------------------------------------------------------------------------------------
@@ -194,7 +136,7 @@ async def test_a_retry_holds_the_instance_by_the_servers_clock(
     message_id = await send(backend, ref(), {})
     claim = await claim_one(backend)
     await backend.retry_turn(failure_of(claim), delay_s=30)
-    [(owner, held_for, attempts)] = _rows(
+    [(owner, held_for, attempts)] = db_rows(
         postgres_url,
         "SELECT i.lease_owner, i.lease_expires_at - clock_timestamp(), m.attempts"
         " FROM keel_instances AS i JOIN keel_messages AS m ON m.seq = i.next_seq",
@@ -211,7 +153,7 @@ async def test_a_retry_holds_the_instance_by_the_servers_clock(
     started = time.monotonic()
     await other.wait_for_work(APP, timeout_s=0.3)  # a held instance is no work for a new listener either
     assert time.monotonic() - started >= 0.25
-    _rows(postgres_url, "UPDATE keel_instances SET lease_expires_at = clock_timestamp()")  # the delay is over
+    db_rows(postgres_url, "UPDATE keel_instances SET lease_expires_at = clock_timestamp()")  # the delay is over
     again = await claim_one(other)
     assert (again.message_id, again.attempt) == (message_id, 2)
 
@@ -240,7 +182,7 @@ async def test_a_retried_dead_letter_starts_clean(backend: PostgresBackend, post
     await backend.record_step(step_of(claim, "pay", {"paid": 1}))
     await backend.fail_turn(failure_of(claim))
     assert await backend.resolve_dead_letter(ref(), skip=False) == dead_id
-    [row] = _rows(postgres_url, "SELECT status, attempts, error, finished_at FROM keel_messages")
+    [row] = db_rows(postgres_url, "SELECT status, attempts, error, finished_at FROM keel_messages")
     assert row == ("pending", 0, None, None)
     again = await claim_one(backend)
     assert (again.attempt, again.steps) == (1, {"pay": '{"paid": 1}'})  # recorded steps are not run again
@@ -250,7 +192,7 @@ async def test_skipping_the_last_message_leaves_an_empty_inbox_that_a_send_refil
     dead_id = await send(backend, ref(), {})
     await backend.fail_turn(failure_of(await claim_one(backend)))
     assert await backend.resolve_dead_letter(ref(), skip=True) == dead_id
-    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=30, limit=5) == []
+    assert await claims(backend, limit=5) == []
     assert await backend.resolve_dead_letter(ref(), skip=True) is None  # no longer paused
     later_id = await send(backend, ref(), {})
     assert (await claim_one(backend)).message_id == later_id

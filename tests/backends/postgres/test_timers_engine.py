@@ -5,90 +5,37 @@ delete and a fresh start, and deletes and prunes racing sends and each other."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import re
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 
 import keel
-from keel.backends.base import (
-    Backend,
-    Claim,
-    InstanceRef,
-    MessageStatus,
-    NewMessage,
-    StepRecord,
-    StoreOptions,
-    TurnCommit,
-    TurnFailure,
-)
+from keel.backends.base import MessageStatus, StepRecord
 from keel.backends.postgres import broker as pg_broker
 from keel.backends.postgres import store as pg_store
-from keel.backends.postgres.backend import PostgresBackend, open_backend
 from keel.backends.postgres.broker import BROKER_QUERIES
+from tests.backends.postgres._support import (
+    APP,
+    backends_opened_together,
+    claim_one,
+    claims,
+    commit_of,
+    db_rows,
+    failure_of,
+    opened_backend,
+    ref,
+    send,
+    send_params,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from keel.backends.postgres.backend import PostgresBackend
 
 pytestmark = pytest.mark.postgres
-
-APP = "loans"
-
-
-@pytest.fixture
-async def backend(postgres_url: str) -> AsyncIterator[PostgresBackend]:
-    opened = await open_backend(postgres_url, StoreOptions())
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
-@pytest.fixture
-async def other(postgres_url: str) -> AsyncIterator[PostgresBackend]:
-    """A second backend on the same schema, as another process would have."""
-    opened = await open_backend(postgres_url, StoreOptions())
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
-def _rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cursor = conn.execute(query, params)
-        return cursor.fetchall() if cursor.description is not None else []
-
-
-def ref(workflow_id: str = "42") -> InstanceRef:
-    return InstanceRef(APP, "loan", workflow_id)
-
-
-async def send(backend: Backend, instance: InstanceRef, payload: object, *, delay_s: float = 0, key: str = "") -> str:
-    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload), key or None, delay_s))
-
-
-async def claims(backend: Backend, *, limit: int = 10) -> list[Claim]:
-    return await backend.claim(APP, ["loan"], worker="w1", lease_s=30, limit=limit)
-
-
-async def claim_one(backend: Backend) -> Claim:
-    [claim] = await claims(backend, limit=1)
-    return claim
-
-
-def commit_of(claim: Claim, state: object) -> TurnCommit:
-    return TurnCommit(claim, json.dumps(state), "w1", datetime.now(UTC), 0.01)
-
-
-def failure_of(claim: Claim) -> TurnFailure:
-    return TurnFailure(claim, "RuntimeError: flaky", "w1", datetime.now(UTC), 0.01)
 
 
 # --- Migration ---------------------------------------------------------------------------------------------
@@ -134,12 +81,11 @@ def _at_schema_version_3(url: str) -> datetime:
 
 async def test_a_database_at_schema_version_3_is_upgraded_in_place(postgres_url: str) -> None:
     sent_at = _at_schema_version_3(postgres_url)
-    opened = await asyncio.gather(*(open_backend(postgres_url, StoreOptions()) for _ in range(3)))
-    try:
-        assert _rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", 4)]
-        assert _rows(postgres_url, "SELECT count(*) FROM keel_messages WHERE visible_at <> sent_at") == [(0,)]
+    async with backends_opened_together(postgres_url, 3) as opened:
+        assert db_rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", 4)]
+        assert db_rows(postgres_url, "SELECT count(*) FROM keel_messages WHERE visible_at <> sent_at") == [(0,)]
         next_of = dict(
-            _rows(
+            db_rows(
                 postgres_url,
                 "SELECT i.workflow_id, m.message_id FROM keel_instances AS i"
                 " JOIN keel_messages AS m ON m.seq = i.next_seq AND m.visible_at = i.next_visible_at",
@@ -157,11 +103,8 @@ async def test_a_database_at_schema_version_3_is_upgraded_in_place(postgres_url:
         cut = sent_at + timedelta(days=1)
         pruned = await opened[2].prune(APP, finished_before=cut, keys_before=cut)
         assert (pruned.messages, await opened[2].message(APP, "old-done")) == (1, None)
-        assert _rows(postgres_url, "SELECT count(*) FROM keel_steps") == [(0,)]
+        assert db_rows(postgres_url, "SELECT count(*) FROM keel_steps") == [(0,)]
         assert await opened[0].delete_instance(ref("idle")) is True
-    finally:
-        for engine in opened:
-            await engine.aclose()
 
 
 # --- Durable timers ----------------------------------------------------------------------------------------
@@ -171,15 +114,15 @@ async def test_a_timer_is_due_by_the_servers_clock_and_stored_durably(
     backend: PostgresBackend, other: PostgresBackend, postgres_url: str
 ) -> None:
     message_id = await send(backend, ref(), {}, delay_s=30)
-    [(delay, next_matches)] = _rows(
+    [(delay, next_matches)] = db_rows(
         postgres_url,
         "SELECT m.visible_at - m.sent_at, (i.next_visible_at, i.next_seq) = (m.visible_at, m.seq)"
         " FROM keel_messages AS m JOIN keel_instances AS i USING (app, workflow, workflow_id)",
     )
     assert (delay, next_matches) == (timedelta(seconds=30), True)
     assert await claims(other) == []
-    _rows(postgres_url, "UPDATE keel_messages SET visible_at = clock_timestamp()")  # as if the time had come
-    _rows(postgres_url, "UPDATE keel_instances SET next_visible_at = clock_timestamp()")
+    db_rows(postgres_url, "UPDATE keel_messages SET visible_at = clock_timestamp()")  # as if the time had come
+    db_rows(postgres_url, "UPDATE keel_instances SET next_visible_at = clock_timestamp()")
     assert (await claim_one(other)).message_id == message_id
 
 
@@ -209,12 +152,12 @@ async def test_a_message_sent_while_paused_waits_behind_the_dead_letter(backend:
 async def test_only_visible_work_wakes_a_new_listener(backend: PostgresBackend, postgres_url: str) -> None:
     await send(backend, ref("timer"), {}, delay_s=3600)
     await send(backend, ref("soon"), {}, delay_s=0.2)
-    async with _fresh(postgres_url) as listener:
+    async with opened_backend(postgres_url) as listener:
         started = time.monotonic()
         await listener.wait_for_work(APP, timeout_s=0.4)  # neither timer is due when it subscribes
         assert time.monotonic() - started >= 0.3
     await asyncio.sleep(0.2)
-    async with _fresh(postgres_url) as listener:
+    async with opened_backend(postgres_url) as listener:
         started = time.monotonic()
         await listener.wait_for_work(APP, timeout_s=10)  # one is due now
         assert time.monotonic() - started < 1.0
@@ -228,16 +171,6 @@ async def test_sending_a_timer_wakes_no_waiter(backend: PostgresBackend, other: 
     assert not waiter.done()
     await send(other, ref(), {})
     await asyncio.wait_for(waiter, 0.5)
-
-
-@contextlib.asynccontextmanager
-async def _fresh(url: str) -> AsyncIterator[PostgresBackend]:
-    """A backend whose listener has subscribed to nothing yet."""
-    opened = await open_backend(url, StoreOptions())
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
 
 
 def test_claims_scan_the_ready_index_only_up_to_the_servers_now(postgres_url: str) -> None:
@@ -260,9 +193,9 @@ async def test_fencing_tokens_go_on_growing_across_a_delete_and_a_fresh_start(
     await send(backend, ref(), {})
     stale = await claim_one(backend)
     assert await other.delete_instance(ref()) is True
-    assert _rows(postgres_url, "SELECT fencing_token FROM keel_instance_tombstones") == [(stale.fencing_token,)]
+    assert db_rows(postgres_url, "SELECT fencing_token FROM keel_instance_tombstones") == [(stale.fencing_token,)]
     await send(other, ref(), {})  # started afresh before the old claim's worker tried anything
-    assert _rows(postgres_url, "SELECT count(*) FROM keel_instance_tombstones") == [(0,)]
+    assert db_rows(postgres_url, "SELECT count(*) FROM keel_instance_tombstones") == [(0,)]
     for refused in (
         backend.commit_turn(commit_of(stale, {})),
         backend.record_step(StepRecord(stale, "pay", "1", "w1", 0.01)),
@@ -276,7 +209,7 @@ async def test_fencing_tokens_go_on_growing_across_a_delete_and_a_fresh_start(
     assert (fresh.fencing_token, fresh.state_version, fresh.attempt) == (stale.fencing_token + 1, 0, 1)
     assert await other.commit_turn(commit_of(fresh, {"n": 1})) == 1
     assert await backend.delete_instance(ref()) is True
-    assert _rows(postgres_url, "SELECT fencing_token FROM keel_instance_tombstones") == [(fresh.fencing_token,)]
+    assert db_rows(postgres_url, "SELECT fencing_token FROM keel_instance_tombstones") == [(fresh.fencing_token,)]
 
 
 async def test_a_deleted_instance_leaves_no_row_anywhere(backend: PostgresBackend, postgres_url: str) -> None:
@@ -291,8 +224,8 @@ async def test_a_deleted_instance_leaves_no_row_anywhere(backend: PostgresBacken
     assert await backend.delete_instance(ref()) is True
     assert await backend.delete_instance(ref()) is False
     for table in ("keel_instances", "keel_messages", "keel_state_history", "keel_turns"):
-        assert _rows(postgres_url, f"SELECT DISTINCT workflow_id FROM {table}") in ([], [("other",)]), table
-    assert _rows(postgres_url, "SELECT count(*) FROM keel_steps") == [(0,)]
+        assert db_rows(postgres_url, f"SELECT DISTINCT workflow_id FROM {table}") in ([], [("other",)]), table
+    assert db_rows(postgres_url, "SELECT count(*) FROM keel_steps") == [(0,)]
     assert await backend.dead_letters(APP, limit=5) == []
 
 
@@ -300,16 +233,7 @@ async def test_a_delete_waits_for_a_send_in_progress_and_takes_its_message_too(
     backend: PostgresBackend, postgres_url: str
 ) -> None:
     await send(backend, ref(), {})
-    params = {
-        "app": APP,
-        "workflow": "loan",
-        "workflow_id": "42",
-        "message_id": "late",
-        "payload": "{}",
-        "idempotency_key": None,
-        "delay_s": 0.0,
-        "channel": backend._listener.channel(APP),
-    }
+    params = send_params(backend)
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
         async with conn.transaction():
             await conn.execute(BROKER_QUERIES["lock_inbox"], params)
@@ -319,7 +243,7 @@ async def test_a_delete_waits_for_a_send_in_progress_and_takes_its_message_too(
             await conn.execute(BROKER_QUERIES["append"], params)
         assert await deleting is True
     assert await backend.message(APP, "late") is None
-    assert _rows(postgres_url, "SELECT count(*) FROM keel_instances") == [(0,)]
+    assert db_rows(postgres_url, "SELECT count(*) FROM keel_instances") == [(0,)]
 
 
 # --- Pruning -----------------------------------------------------------------------------------------------
@@ -340,7 +264,7 @@ async def test_prune_works_in_batches_and_concurrent_prunes_share_the_work(
         *((backend if n % 2 else other).prune(APP, finished_before=soon, keys_before=soon) for n in range(4))
     )
     assert (sum(r.messages for r in results), sum(r.turns for r in results)) == (7, 7)
-    assert _rows(postgres_url, "SELECT count(*) FROM keel_steps") == [(0,)]
-    assert _rows(postgres_url, "SELECT count(*) FROM keel_state_history") == [(7,)]  # never pruned
+    assert db_rows(postgres_url, "SELECT count(*) FROM keel_steps") == [(0,)]
+    assert db_rows(postgres_url, "SELECT count(*) FROM keel_state_history") == [(7,)]  # never pruned
     info = await backend.message(APP, pending)
     assert info is not None and info.status is MessageStatus.pending

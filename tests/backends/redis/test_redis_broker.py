@@ -9,105 +9,49 @@ import logging
 import subprocess
 import sys
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
-from redis.asyncio import Redis
 from redis.crc import key_slot
 
 import keel
 from keel.backends import open_backend
 from keel.backends.base import (
     STATE_HISTORY_LIMIT,
-    Backend,
-    Claim,
-    InstanceRef,
     MessageStatus,
     NewMessage,
-    StepRecord,
     StoreOptions,
-    TurnCommit,
     TurnFailure,
 )
 from keel.backends.redis import broker as redis_broker
-from keel.backends.redis.backend import RedisBackend
 from keel.backends.redis.store import STORE_SCHEMA_VERSION
 from keel.backends.redis.wake import WAIT_BLOCK_S, block_seconds
+from tests.backends.redis._support import (
+    APP,
+    STORE_LOGGER,
+    claim_one,
+    commit_of,
+    count_commands,
+    micros,
+    ref,
+    reopen,
+    send,
+    server_now,
+    snapshot,
+    step_of,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from redis.asyncio import Redis
+
+    from keel.backends.base import Backend
+    from keel.backends.redis.backend import RedisBackend
 
 pytestmark = pytest.mark.redis
 
-APP = "loans"
-STORE_LOGGER = "keel.backends.redis.store"
 CLAIMER = Path(__file__).with_name("_claimer.py")
-
-
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[Redis]:
-    """A plain client on the test DB, to look at what the engine stored."""
-    client = Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def backend(redis_url: str) -> AsyncIterator[RedisBackend]:
-    opened = await open_backend(redis_url, StoreOptions())
-    assert isinstance(opened, RedisBackend)
-    yield opened
-    await opened.aclose()
-
-
-@pytest.fixture
-async def other(redis_url: str) -> AsyncIterator[Backend]:
-    """A second backend on the same server: its own pools, as another process would have."""
-    opened = await open_backend(redis_url, StoreOptions())
-    yield opened
-    await opened.aclose()
-
-
-def ref(workflow_id: str = "42", workflow: str = "loan", app: str = APP) -> InstanceRef:
-    return InstanceRef(app, workflow, workflow_id)
-
-
-async def send(backend: Backend, instance: InstanceRef, payload: object = None, key: str | None = None) -> str:
-    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload), key))
-
-
-async def claim_one(backend: Backend, *, worker: str = "w1", lease_s: float = 5.0) -> Claim:
-    [claim] = await backend.claim(APP, ["loan"], worker=worker, lease_s=lease_s, limit=1)
-    return claim
-
-
-def commit_of(claim: Claim, state: object = None, worker: str = "w1") -> TurnCommit:
-    return TurnCommit(claim, json.dumps(state), worker, datetime.now(UTC), 0.01)
-
-
-async def _snapshot(raw: Redis) -> dict[str, Any]:
-    """Everything in the test DB: each key's type, TTL and content."""
-    readers: dict[str, Callable[[str], Awaitable[Any]]] = {
-        "hash": raw.hgetall,
-        "list": lambda name: raw.lrange(name, 0, -1),
-        "zset": lambda name: raw.zrange(name, 0, -1, withscores=True),
-        "stream": raw.xrange,
-        "string": raw.get,
-        "set": raw.smembers,
-    }
-    state: dict[str, Any] = {}
-    for name in sorted(str(n) for n in await raw.keys("*")):
-        kind = str(await raw.type(name))
-        state[name] = (kind, await raw.ttl(name), await readers[kind](name))
-    return state
-
-
-async def _server_now(raw: Redis) -> datetime:
-    seconds, micros = await raw.time()
-    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=micros)
 
 
 # -- layout ---------------------------------------------------------------------------------------------------------
@@ -158,7 +102,7 @@ async def test_runtime_keys_land_in_the_documented_layout(backend: Backend, raw:
     assert await raw.smembers(f"keel:ids:{{{member}}}") == {message_id}
     assert await raw.zrange("keel:finkeyed:{loans}", 0, -1, withscores=True) == [(message_id, float(sent_at))]
     [turn] = await backend.turns(instance, limit=5)
-    started = (turn.started_at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    started = micros(turn.started_at)
     assert await raw.zrange("keel:turnidx:{loans}", 0, -1, withscores=True) == [(member, float(started))]
 
 
@@ -180,9 +124,8 @@ async def test_pending_and_leased_instances_sit_in_their_sorted_sets(backend: Ba
     ]
     claim = await claim_one(backend, lease_s=30)
     assert claim.instance == ref("a")
-    expiry = claim.lease_expires_at
-    micros = (expiry - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
-    assert await raw.zrange("keel:leased:{loans}:loan", 0, -1, withscores=True) == [("loans/loan/a", float(micros))]
+    expiry = micros(claim.lease_expires_at)
+    assert await raw.zrange("keel:leased:{loans}:loan", 0, -1, withscores=True) == [("loans/loan/a", float(expiry))]
     assert await raw.zrange("keel:ready:{loans}:loan", 0, -1) == ["loans/loan/b"]
     await backend.commit_turn(commit_of(claim))
     # a's second message (sent third) puts it back behind b.
@@ -212,15 +155,15 @@ async def test_state_history_and_turns_are_trimmed_by_the_commit(
 
 async def test_lease_expiry_and_written_at_come_from_the_server_clock(backend: Backend, raw: Redis) -> None:
     await send(backend, ref())
-    before = await _server_now(raw)
+    before = await server_now(raw)
     claim = await claim_one(backend, lease_s=60)
-    after = await _server_now(raw)
+    after = await server_now(raw)
     assert before + timedelta(seconds=60) <= claim.lease_expires_at <= after + timedelta(seconds=60)
     await backend.commit_turn(commit_of(claim))
     state = await backend.state(ref())
     assert state is not None
     assert state.written_at.tzinfo is UTC
-    assert after <= state.written_at <= await _server_now(raw)
+    assert after <= state.written_at <= await server_now(raw)
 
 
 # -- claims ---------------------------------------------------------------------------------------------------------
@@ -290,14 +233,14 @@ async def test_fenced_out_scripts_change_no_key(backend: Backend, raw: Redis) ->
     zombie = await claim_one(backend, worker="zombie", lease_s=0.1)
     await asyncio.sleep(0.2)
     owner = await claim_one(backend, worker="owner")
-    before = await _snapshot(raw)
+    before = await snapshot(raw)
     with pytest.raises(keel.LeaseLostError, match="fencing token"):
         await backend.commit_turn(commit_of(zombie, {"by": "zombie"}, worker="zombie"))
     with pytest.raises(keel.LeaseLostError, match="fencing token"):
         await backend.fail_turn(TurnFailure(zombie, "boom", "zombie", datetime.now(UTC), 0.1))
     await backend.release(zombie)
     assert await backend.renew([zombie], lease_s=5) == [False]
-    assert await _snapshot(raw) == before
+    assert await snapshot(raw) == before
     assert await backend.commit_turn(commit_of(owner, {"by": "owner"}, worker="owner")) == 1
 
 
@@ -305,11 +248,11 @@ async def test_a_commit_after_expiry_changes_no_key(backend: Backend, raw: Redis
     await send(backend, ref())
     claim = await claim_one(backend, lease_s=0.1)
     await asyncio.sleep(0.2)
-    before = await _snapshot(raw)
+    before = await snapshot(raw)
     with pytest.raises(keel.LeaseLostError, match="expired") as caught:
         await backend.commit_turn(commit_of(claim))
     assert caught.value.fencing_token == claim.fencing_token
-    assert await _snapshot(raw) == before
+    assert await snapshot(raw) == before
     info = await backend.message(APP, claim.message_id)
     assert info is not None and info.status is MessageStatus.pending
 
@@ -380,15 +323,7 @@ def test_blocking_reads_end_before_the_socket_timeout() -> None:
 
 
 async def test_each_runtime_write_is_one_script_call(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    client = backend._client
-    sent: list[str] = []
-    original: Callable[..., Awaitable[Any]] = client.execute_command
-
-    async def counting(*args: Any, **options: Any) -> Any:
-        sent.append(str(args[0]))
-        return await original(*args, **options)
-
-    monkeypatch.setattr(client, "execute_command", counting)
+    sent = count_commands(monkeypatch, backend._client)
     await send(backend, ref("a"), key="k")
     await send(backend, ref("b"))
     [a, b] = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=2)
@@ -398,7 +333,7 @@ async def test_each_runtime_write_is_one_script_call(backend: RedisBackend, monk
     await send(backend, ref("c"))
     await backend.release(await claim_one(backend))
     c = await claim_one(backend)
-    await backend.record_step(StepRecord(c, "s", "1", "w1", 0.01))
+    await backend.record_step(step_of(c, "s", 1))
     await backend.retry_turn(TurnFailure(c, "flaky", "w1", datetime.now(UTC), 0.1), delay_s=0)
     await backend.dead_letters(APP, limit=10)
     await backend.resolve_dead_letter(ref("b"), skip=True)
@@ -431,8 +366,7 @@ async def test_the_schema_step_upgrades_a_store_only_database(
         assert await opened.commit_turn(commit_of(await claim_one(opened))) == 1
     finally:
         await opened.aclose()
-    reopened = await open_backend(redis_url, StoreOptions())  # a second open changes nothing
-    await reopened.aclose()
+    await reopen(redis_url)  # a second open changes nothing
     assert await raw.hgetall("keel:schema") == {"store": str(STORE_SCHEMA_VERSION)}
 
 

@@ -6,25 +6,22 @@ These tests start their own servers (``_server.py``) and never touch the shared 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import keel
 from keel.backends import open_backend
-from keel.backends.base import Claim, InstanceRef, MessageStatus, NewMessage, StoreOptions, TurnCommit
+from keel.backends.base import MessageStatus, StoreOptions
 from tests.backends.redis._server import DURABLE, private_redis
+from tests.backends.redis._support import STORE_LOGGER, claim_one, commit_of, ref, send
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from keel.backends.base import StoreEngine
-
-STORE_LOGGER = "keel.backends.redis.store"
 
 #: The next call after a kill must fail within this many seconds.
 FAIL_WITHIN_S = 15.0
@@ -128,18 +125,14 @@ async def test_persistence_is_read_from_info_when_config_is_refused(
 @pytest.mark.redis
 @pytest.mark.slow
 async def test_the_runtime_survives_a_sigkill_and_its_waiters_hear_of_it(tmp_path: Path) -> None:
-    instance = InstanceRef("loans", "loan", "42")
-
-    def commit_of(claim: Claim, state: object) -> TurnCommit:
-        return TurnCommit(claim, json.dumps(state), "w1", datetime.now(UTC), 0.01)
-
+    instance = ref()
     with private_redis(tmp_path, *DURABLE) as server:
         backend = await open_backend(server.url, StoreOptions())
         try:
-            ids = [await backend.send(NewMessage(instance, f"m{n}", json.dumps({"n": n}))) for n in range(3)]
-            [first] = await backend.claim("loans", ["loan"], worker="w1", lease_s=60, limit=1)
+            ids = [await send(backend, instance, {"n": n}, message_id=f"m{n}") for n in range(3)]
+            first = await claim_one(backend, lease_s=60)
             assert await backend.commit_turn(commit_of(first, {"seen": 1})) == 1
-            [second] = await backend.claim("loans", ["loan"], worker="w1", lease_s=60, limit=1)
+            second = await claim_one(backend, lease_s=60)
             waiting = asyncio.create_task(backend.wait_for_work("loans", timeout_s=30))
             await asyncio.sleep(0.1)
 
@@ -158,7 +151,7 @@ async def test_the_runtime_survives_a_sigkill_and_its_waiters_hear_of_it(tmp_pat
                 MessageStatus.done,
                 MessageStatus.pending,
             ]
-            [third] = await backend.claim("loans", ["loan"], worker="w1", lease_s=60, limit=1)
+            third = await claim_one(backend, lease_s=60)
             assert (third.message_id, third.state_version) == ("m2", 2)
             assert third.fencing_token == second.fencing_token + 1
         finally:

@@ -9,10 +9,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import keel
@@ -25,20 +24,14 @@ from keel.backends.redis.store import (
     persistence_warning,
 )
 from tests.backends.redis._server import free_port
+from tests.backends.redis._support import STORE_LOGGER, count_commands, server_now, snapshot
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-STORE_LOGGER = "keel.backends.redis.store"
+    from redis.asyncio import Redis
+
 WRITER = "test-host:1"
-
-
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[Redis]:
-    """A plain client on the test DB, to look at what the engine stored."""
-    client = Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
@@ -46,16 +39,6 @@ async def engine(redis_url: str) -> AsyncIterator[RedisStore]:
     opened = await open_engine(redis_url, StoreOptions())
     yield opened
     await opened.aclose()
-
-
-async def _snapshot(raw: Redis) -> dict[str, Any]:
-    """Everything in the test DB: each key's type, TTL and content."""
-    state: dict[str, Any] = {}
-    for name in sorted(str(n) for n in await raw.keys("*")):
-        kind = await raw.type(name)
-        content = await raw.hgetall(name) if kind == "hash" else await raw.lrange(name, 0, -1)
-        state[name] = (kind, await raw.ttl(name), content)
-    return state
 
 
 # -- layout ---------------------------------------------------------------------------------------------------------
@@ -125,11 +108,11 @@ async def test_a_stale_write_changes_nothing(
     await engine.put("live", "2", expected_version=1, writer=WRITER)
     await engine.put("gone", "1", expected_version=None, writer=WRITER)
     await engine.delete("gone", expected_version=1, writer=WRITER)
-    before = await _snapshot(raw)
+    before = await snapshot(raw)
     with pytest.raises(keel.StaleWriteError) as caught:
         await call(engine)
     assert caught.value.actual_version == actual
-    assert await _snapshot(raw) == before
+    assert await snapshot(raw) == before
 
 
 @pytest.mark.redis
@@ -164,11 +147,10 @@ async def test_history_limit_zero_keeps_no_list(redis_url: str, raw: Redis) -> N
 
 @pytest.mark.redis
 async def test_written_at_comes_from_the_server_clock(engine: RedisStore, raw: Redis) -> None:
-    seconds, micros = await raw.time()
-    server_now = datetime.fromtimestamp(seconds, UTC).replace(microsecond=micros)
+    now = await server_now(raw)
     record = await engine.put("k", "1", expected_version=None, writer=WRITER)
     assert record.written_at.tzinfo is UTC
-    assert abs((record.written_at - server_now).total_seconds()) < 2
+    assert abs((record.written_at - now).total_seconds()) < 2
     stored = await engine.get("k")
     assert stored is not None
     assert stored.written_at == record.written_at
@@ -189,15 +171,7 @@ async def test_values_round_trip_through_lua_json(redis_url: str) -> None:
 
 @pytest.mark.redis
 async def test_each_operation_is_one_round_trip(engine: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    client = engine._client
-    sent: list[str] = []
-    original: Callable[..., Awaitable[Any]] = client.execute_command
-
-    async def counting(*args: Any, **options: Any) -> Any:
-        sent.append(str(args[0]))
-        return await original(*args, **options)
-
-    monkeypatch.setattr(client, "execute_command", counting)
+    sent = count_commands(monkeypatch, engine._client)
     operations: list[tuple[str, Callable[[], Awaitable[object]]]] = [
         ("create", lambda: engine.put("k", "1", expected_version=None, writer=WRITER)),
         ("put", lambda: engine.put("k", "2", expected_version=1, writer=WRITER)),

@@ -8,116 +8,41 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import quote
+from typing import TYPE_CHECKING, cast
 
 import pytest
-from redis.asyncio import Redis
 
 import keel
 from keel.backends import open_backend
-from keel.backends.base import (
-    Backend,
-    Claim,
-    InstanceRef,
-    MessageStatus,
-    NewMessage,
-    StepRecord,
-    StoreOptions,
-    TurnCommit,
-    TurnFailure,
-)
+from keel.backends.base import MessageStatus, StoreOptions
 from keel.backends.redis import migrate
-from keel.backends.redis.backend import RedisBackend
 from keel.backends.redis.keys import RedisKeys
 from keel.backends.redis.migrate import upgrade_layout
 from keel.backends.redis.store import STORE_SCHEMA_VERSION
+from tests.backends.redis._support import (
+    APP,
+    EPOCH,
+    MIGRATE_LOGGER,
+    claim_one,
+    commit_of,
+    failure_of,
+    micros,
+    prefixed_url,
+    ref,
+    reopen,
+    send,
+    server_now,
+    snapshot,
+    step_of,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from redis.asyncio import Redis
+
+    from keel.backends.base import Backend
 
 pytestmark = pytest.mark.redis
-
-APP = "loans"
-MIGRATE_LOGGER = "keel.backends.redis.migrate"
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[Redis]:
-    """A plain client on the test DB, to look at what the engine stored."""
-    client = Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def backend(redis_url: str) -> AsyncIterator[RedisBackend]:
-    opened = await open_backend(redis_url, StoreOptions())
-    assert isinstance(opened, RedisBackend)
-    yield opened
-    await opened.aclose()
-
-
-@pytest.fixture
-async def other(redis_url: str) -> AsyncIterator[Backend]:
-    """A second backend on the same server: its own pools, as another process would have."""
-    opened = await open_backend(redis_url, StoreOptions())
-    yield opened
-    await opened.aclose()
-
-
-def ref(workflow_id: str = "42", workflow: str = "loan", app: str = APP) -> InstanceRef:
-    return InstanceRef(app, workflow, workflow_id)
-
-
-async def send(backend: Backend, instance: InstanceRef, payload: object = None) -> str:
-    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload)))
-
-
-async def claim_one(backend: Backend, *, lease_s: float = 5.0) -> Claim:
-    [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=lease_s, limit=1)
-    return claim
-
-
-def commit_of(claim: Claim, state: object = None) -> TurnCommit:
-    return TurnCommit(claim, json.dumps(state), "w1", datetime.now(UTC), 0.01)
-
-
-def failure_of(claim: Claim, error: str = "RuntimeError: flaky") -> TurnFailure:
-    return TurnFailure(claim, error, "w1", datetime.now(UTC), 0.01)
-
-
-def step_of(claim: Claim, name: str, result: object) -> StepRecord:
-    return StepRecord(claim, name, json.dumps(result), "w1", 0.01)
-
-
-def micros(moment: datetime) -> int:
-    return (moment - EPOCH) // timedelta(microseconds=1)
-
-
-async def server_now(raw: Redis) -> datetime:
-    seconds, micro = await raw.time()
-    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=micro)
-
-
-async def snapshot(raw: Redis) -> dict[str, Any]:
-    """Everything in the test DB: each key's type, TTL and content."""
-    readers: dict[str, Callable[[str], Awaitable[Any]]] = {
-        "hash": raw.hgetall,
-        "list": lambda name: raw.lrange(name, 0, -1),
-        "zset": lambda name: raw.zrange(name, 0, -1, withscores=True),
-        "stream": raw.xrange,
-        "string": raw.get,
-        "set": raw.smembers,
-    }
-    state: dict[str, Any] = {}
-    for name in sorted(str(n) for n in await raw.keys("*")):
-        kind = str(await raw.type(name))
-        state[name] = (kind, await raw.ttl(name), await readers[kind](name))
-    return state
 
 
 # -- steps ----------------------------------------------------------------------------------------------------------
@@ -353,7 +278,7 @@ async def test_the_schema_step_indexes_the_dead_letters_of_a_layout_2_database(
     monkeypatch.setattr(migrate, "SCAN_COUNT", 2)  # several SCAN batches, so several upgrade scripts
     failed = await _write_layout_2(raw, prefix, paused=5, healthy=2)
     await raw.hset("keel-unrelated:inst:{loans/loan/9}", mapping={"tok": "1", "paused": "1"})
-    url = redis_url if prefix == "keel:" else f"{redis_url}?prefix={quote(prefix, safe='')}"
+    url = prefixed_url(redis_url, prefix)
     with caplog.at_level(logging.INFO, logger=MIGRATE_LOGGER):
         opened = await open_backend(url, StoreOptions())
     try:
@@ -376,6 +301,5 @@ async def test_the_schema_step_indexes_the_dead_letters_of_a_layout_2_database(
     finally:
         await opened.aclose()
     before = await snapshot(raw)
-    reopened = await open_backend(url, StoreOptions())  # at schema 4 already: no upgrade runs
-    await reopened.aclose()
+    await reopen(url)  # at schema 4 already: no upgrade runs
     assert await snapshot(raw) == before

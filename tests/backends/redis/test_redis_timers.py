@@ -5,101 +5,37 @@ tests/conformance/."""
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import pytest
-from redis.asyncio import Redis
 
 import keel
-from keel.backends import open_backend
-from keel.backends.base import (
-    Backend,
-    Claim,
-    InstanceRef,
-    NewMessage,
-    Pruned,
-    StepRecord,
-    StoreOptions,
-    TurnCommit,
-    TurnFailure,
-)
+from keel.backends.base import Pruned
 from keel.backends.redis import cleanup
-from keel.backends.redis.backend import RedisBackend
+from tests.backends.redis._support import (
+    APP,
+    EPOCH,
+    claim_all,
+    commit_of,
+    failure_of,
+    micros,
+    ref,
+    send,
+    server_now_us,
+    snapshot,
+    step_of,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from redis.asyncio import Redis
+
+    from keel.backends.base import Backend, InstanceRef
 
 pytestmark = pytest.mark.redis
 
-APP = "loans"
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[Redis]:
-    """A plain client on the test DB, to look at what the engine stored."""
-    client = Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def backend(redis_url: str) -> AsyncIterator[RedisBackend]:
-    opened = await open_backend(redis_url, StoreOptions())
-    assert isinstance(opened, RedisBackend)
-    yield opened
-    await opened.aclose()
-
-
-def ref(workflow_id: str = "42", workflow: str = "loan") -> InstanceRef:
-    return InstanceRef(APP, workflow, workflow_id)
-
-
-async def send(
-    backend: Backend, instance: InstanceRef, *, key: str | None = None, delay_s: float = 0.0, message_id: str = ""
-) -> str:
-    return await backend.send(NewMessage(instance, message_id or uuid.uuid4().hex, "{}", key, delay_s))
-
-
-async def claim_all(backend: Backend, *, limit: int = 10, lease_s: float = 5.0) -> list[Claim]:
-    return await backend.claim(APP, ["loan"], worker="w1", lease_s=lease_s, limit=limit)
-
-
-def commit_of(claim: Claim) -> TurnCommit:
-    return TurnCommit(claim, json.dumps({"by": claim.message_id}), "w1", datetime.now(UTC), 0.01)
-
-
-def failure_of(claim: Claim) -> TurnFailure:
-    return TurnFailure(claim, "RuntimeError: boom", "w1", datetime.now(UTC), 0.01)
-
-
-def micros(moment: datetime) -> int:
-    return (moment - EPOCH) // timedelta(microseconds=1)
-
-
-async def server_now_us(raw: Redis) -> int:
-    seconds, micro = await raw.time()
-    return int(seconds) * 1_000_000 + int(micro)
-
-
-async def snapshot(raw: Redis) -> dict[str, Any]:
-    """Everything in the test DB: each key's type, TTL and content."""
-    readers: dict[str, Callable[[str], Awaitable[Any]]] = {
-        "hash": raw.hgetall,
-        "list": lambda name: raw.lrange(name, 0, -1),
-        "zset": lambda name: raw.zrange(name, 0, -1, withscores=True),
-        "stream": raw.xrange,
-        "string": raw.get,
-        "set": raw.smembers,
-    }
-    state: dict[str, Any] = {}
-    for name in sorted(str(n) for n in await raw.keys("*")):
-        kind = str(await raw.type(name))
-        state[name] = (kind, await raw.ttl(name), await readers[kind](name))
-    return state
+#: What a failed turn of these tests reports.
+BOOM = "RuntimeError: boom"
 
 
 # -- timers ---------------------------------------------------------------------------------------------------------
@@ -107,7 +43,7 @@ async def snapshot(raw: Redis) -> dict[str, Any]:
 
 async def test_a_timer_is_scored_by_its_visible_time_on_the_server_clock(backend: Backend, raw: Redis) -> None:
     before = await server_now_us(raw)
-    timer = await send(backend, ref(), delay_s=60)
+    timer = await send(backend, ref(), {}, delay_s=60)
     after = await server_now_us(raw)
     message = await raw.hgetall(f"keel:msg:{{loans/loan/42}}:{timer}")
     sent_at, visible_at = int(message["a"]), int(message["r"])
@@ -117,19 +53,19 @@ async def test_a_timer_is_scored_by_its_visible_time_on_the_server_clock(backend
     ]
     assert await raw.zrange("keel:ready:{loans}:loan", 0, -1, withscores=True) == [("loans/loan/42", visible_at)]
     assert await claim_all(backend) == []  # in the ready set, but not due
-    now_id = await send(backend, ref())  # an undelayed message goes first, and rescores the instance
+    now_id = await send(backend, ref(), {})  # an undelayed message goes first, and rescores the instance
     now_visible = float(await raw.hget(f"keel:msg:{{loans/loan/42}}:{now_id}", "r") or 0)
     assert await raw.zscore("keel:ready:{loans}:loan", "loans/loan/42") == now_visible
     [claim] = await claim_all(backend)
     assert claim.message_id == now_id
-    await backend.commit_turn(commit_of(claim))
+    await backend.commit_turn(commit_of(claim, {"by": claim.message_id}))
     assert await raw.zscore("keel:ready:{loans}:loan", "loans/loan/42") == visible_at  # the timer is next again
 
 
 async def test_equal_visible_times_are_claimed_in_send_order_past_the_limit(backend: Backend, raw: Redis) -> None:
     # Three instances whose next messages became visible at the same microsecond: the set orders them by name
     # (a, m, z), the claim by sequence number (z, m, a), even when it asks for fewer than are tied.
-    ids = {name: await send(backend, ref(name)) for name in ("z", "m", "a")}
+    ids = {name: await send(backend, ref(name), {}) for name in ("z", "m", "a")}
     same = await server_now_us(raw) - 1_000_000
     for seq, (name, message_id) in enumerate(ids.items(), start=1):
         await raw.zadd(f"keel:inbox:{{loans/loan/{name}}}", {f"{seq:016d}:{message_id}": same})
@@ -139,22 +75,22 @@ async def test_equal_visible_times_are_claimed_in_send_order_past_the_limit(back
 
 
 async def test_a_retried_message_keeps_its_place_before_a_timer_due_during_the_hold(backend: Backend) -> None:
-    timer = await send(backend, ref(), delay_s=0.3)
-    first = await send(backend, ref())
+    timer = await send(backend, ref(), {}, delay_s=0.3)
+    first = await send(backend, ref(), {})
     [claim] = await claim_all(backend)
     assert claim.message_id == first
-    await backend.retry_turn(failure_of(claim), delay_s=0.6)
+    await backend.retry_turn(failure_of(claim, BOOM), delay_s=0.6)
     await asyncio.sleep(0.4)
     assert await claim_all(backend) == []  # the timer is due, but the instance is held
     await asyncio.sleep(0.4)
     [again] = await claim_all(backend)
     assert (again.message_id, again.attempt) == (first, 2)
-    await backend.commit_turn(commit_of(again))
+    await backend.commit_turn(commit_of(again, {"by": again.message_id}))
     assert [c.message_id for c in await claim_all(backend)] == [timer]
 
 
 async def test_a_negative_delay_is_no_delay(backend: Backend, raw: Redis) -> None:
-    message_id = await send(backend, ref(), delay_s=-5)
+    message_id = await send(backend, ref(), {}, delay_s=-5)
     fields = await raw.hmget(f"keel:msg:{{loans/loan/42}}:{message_id}", ["a", "r"])
     assert fields[0] == fields[1]
     assert [c.message_id for c in await claim_all(backend)] == [message_id]
@@ -167,10 +103,10 @@ async def _finish(backend: Backend, count: int, *, instance: InstanceRef, key_pr
     """Send ``count`` messages to ``instance`` and commit each, recording a step on the way."""
     done: list[str] = []
     for n in range(count):
-        await send(backend, instance, key=None if key_prefix is None else f"{key_prefix}{n}")
+        await send(backend, instance, {}, key=None if key_prefix is None else f"{key_prefix}{n}")
         [claim] = await claim_all(backend, limit=1)
-        await backend.record_step(StepRecord(claim, "s", "1", "w1", 0.01))
-        await backend.commit_turn(commit_of(claim))
+        await backend.record_step(step_of(claim, "s", 1))
+        await backend.commit_turn(commit_of(claim, {"by": claim.message_id}))
         done.append(claim.message_id)
     return done
 
@@ -181,7 +117,7 @@ async def test_prune_goes_through_its_indexes_in_batches(
     monkeypatch.setattr(cleanup, "PRUNE_BATCH", 2)
     plain = await _finish(backend, 3, instance=ref("a"))
     keyed = await _finish(backend, 4, instance=ref("b"), key_prefix="k")
-    await send(backend, ref("a"))  # pending: never pruned
+    await send(backend, ref("a"), {})  # pending: never pruned
     assert await raw.zcard("keel:finished:{loans}") == 3 and await raw.zcard("keel:finkeyed:{loans}") == 4
     # The first three keyed messages were sent an hour ago and are recently finished; the fourth is old on
     # both counts. With batches of 2 the prune must step over the three it keeps to reach the fourth.
@@ -217,12 +153,12 @@ async def test_prune_trims_turn_lists_from_their_oldest_end(
     backend: Backend, raw: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cleanup, "PRUNE_BATCH", 2)
-    await send(backend, ref())
+    await send(backend, ref(), {})
     for _ in range(4):
         [claim] = await claim_all(backend)
         await backend.release(claim)
         [claim] = await claim_all(backend)
-        await backend.retry_turn(failure_of(claim), delay_s=0)
+        await backend.retry_turn(failure_of(claim, BOOM), delay_s=0)
     turns = await backend.turns(ref(), limit=10)
     assert len(turns) == 4
     oldest = float(micros(turns[-1].started_at))
@@ -254,10 +190,10 @@ async def test_delete_leaves_nothing_of_the_instance_and_fences_its_claims(backe
     await _finish(backend, 1, instance=ref("kept"), key_prefix="k")
     empty = await snapshot(raw)
     await _finish(backend, 2, instance=ref("gone"), key_prefix="k")
-    await send(backend, ref("gone"), delay_s=3600)
-    await send(backend, ref("gone"))
+    await send(backend, ref("gone"), {}, delay_s=3600)
+    await send(backend, ref("gone"), {})
     [held] = await claim_all(backend)
-    await backend.record_step(StepRecord(held, "s", "1", "w1", 0.01))
+    await backend.record_step(step_of(held, "s", 1))
     assert await backend.delete_instance(ref("gone")) is True
     after = await snapshot(raw)
     assert after.pop("keel:tokfloor:{loans}") == ("string", -1, str(held.fencing_token))
@@ -269,10 +205,10 @@ async def test_delete_leaves_nothing_of_the_instance_and_fences_its_claims(backe
 
     before = await snapshot(raw)
     for refused in (
-        backend.commit_turn(commit_of(held)),
-        backend.fail_turn(failure_of(held)),
-        backend.retry_turn(failure_of(held), delay_s=1),
-        backend.record_step(StepRecord(held, "t", "2", "w1", 0.01)),
+        backend.commit_turn(commit_of(held, {"by": held.message_id})),
+        backend.fail_turn(failure_of(held, BOOM)),
+        backend.retry_turn(failure_of(held, BOOM), delay_s=1),
+        backend.record_step(step_of(held, "t", 2)),
     ):
         with pytest.raises(keel.LeaseLostError, match="the instance was deleted"):
             await refused
@@ -280,22 +216,22 @@ async def test_delete_leaves_nothing_of_the_instance_and_fences_its_claims(backe
     await backend.release(held)
     assert await snapshot(raw) == before
 
-    again = await send(backend, ref("gone"), key="k0")  # a fresh instance: its keys went with the old one
+    again = await send(backend, ref("gone"), {}, key="k0")  # a fresh instance: its keys went with the old one
     [claim] = await claim_all(backend)
     assert (claim.message_id, claim.state_version, claim.steps) == (again, 0, {})
     assert claim.fencing_token == held.fencing_token + 1  # above every token of the deleted instance
     with pytest.raises(keel.LeaseLostError, match="fencing token"):
-        await backend.commit_turn(commit_of(held))
+        await backend.commit_turn(commit_of(held, {"by": held.message_id}))
 
 
 async def test_deleting_a_paused_or_held_instance_clears_the_app_sets(backend: Backend, raw: Redis) -> None:
-    await send(backend, ref("dead"))
-    await send(backend, ref("held"))
+    await send(backend, ref("dead"), {})
+    await send(backend, ref("held"), {})
     for claim in await claim_all(backend):
         if claim.instance == ref("dead"):
-            await backend.fail_turn(failure_of(claim))
+            await backend.fail_turn(failure_of(claim, BOOM))
         else:
-            await backend.retry_turn(failure_of(claim), delay_s=60)
+            await backend.retry_turn(failure_of(claim, BOOM), delay_s=60)
     assert await raw.zcard("keel:dead:{loans}") == 1 and await raw.zcard("keel:leased:{loans}:loan") == 1
     assert await backend.delete_instance(ref("dead")) is True
     assert await backend.delete_instance(ref("held")) is True

@@ -7,10 +7,8 @@ import json
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import quote
 
 import pytest
-from redis.asyncio import Redis
 
 from keel.backends import open_backend
 from keel.backends.base import InstanceRef, NewMessage, StoreOptions, TurnCommit
@@ -18,40 +16,17 @@ from keel.backends.redis import migrate
 from keel.backends.redis.keys import RedisKeys, instance_member
 from keel.backends.redis.migrate import upgrade_layout
 from keel.backends.redis.store import STORE_SCHEMA_VERSION
+from tests.backends.redis._support import MIGRATE_LOGGER, micros, prefixed_url, reopen, server_now, snapshot
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from redis.asyncio import Redis
 
 pytestmark = pytest.mark.redis
 
-MIGRATE_LOGGER = "keel.backends.redis.migrate"
 STARTED_US = 1_700_000_000_000_000
 #: Done messages of one more instance, enough that the app's message index is a real hash table, which HSCAN
 #: reads in several batches (a small hash, up to hash-max-listpack-entries, comes back whole).
 BULK = 600
-
-
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-async def snapshot(raw: Redis) -> dict[str, Any]:
-    readers: dict[str, Callable[[str], Awaitable[Any]]] = {
-        "hash": raw.hgetall,
-        "list": lambda name: raw.lrange(name, 0, -1),
-        "zset": lambda name: raw.zrange(name, 0, -1, withscores=True),
-        "stream": raw.xrange,
-        "string": raw.get,
-        "set": raw.smembers,
-    }
-    state: dict[str, Any] = {}
-    for name in sorted(str(n) for n in await raw.keys("*")):
-        kind = str(await raw.type(name))
-        state[name] = (kind, await raw.ttl(name), await readers[kind](name))
-    return state
 
 
 class Layout3:
@@ -157,11 +132,11 @@ async def test_the_schema_step_dates_and_indexes_a_layout_3_database(
     old = Layout3(raw, keys, app)
     await old.write()
     await raw.hset("keel-unrelated:msgindex:{loans}", "m1", "loans/loan/p")
-    url = redis_url if prefix == "keel:" else f"{redis_url}?prefix={quote(prefix, safe='')}"
-    before_us = _micros(await _server_now(raw))
+    url = prefixed_url(redis_url, prefix)
+    before_us = micros(await server_now(raw))
     with caplog.at_level(logging.INFO, logger=MIGRATE_LOGGER):
         opened = await open_backend(url, StoreOptions())
-    after_us = _micros(await _server_now(raw))
+    after_us = micros(await server_now(raw))
     try:
         assert await raw.hget(keys.schema, "store") == str(STORE_SCHEMA_VERSION) == "4"
         assert any(f"{8 + BULK} message(s) upgraded for schema 4" in r.getMessage() for r in caplog.records)
@@ -232,19 +207,9 @@ async def test_the_schema_step_dates_and_indexes_a_layout_3_database(
     finally:
         await opened.aclose()
     before = await snapshot(raw)
-    reopened = await open_backend(url, StoreOptions())  # at schema 4 already: no upgrade runs
-    await reopened.aclose()
+    await reopen(url)  # at schema 4 already: no upgrade runs
     assert await snapshot(raw) == before
 
 
 def _owner(message_id: str) -> str:
     return {"m1": "p", "m2": "q", "m3": "d", "m4": "p", "m5": "d", "m6": "x", "m7": "x", "m8": "l"}[message_id]
-
-
-async def _server_now(raw: Redis) -> datetime:
-    seconds, micro = await raw.time()
-    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=micro)
-
-
-def _micros(moment: datetime) -> int:
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)

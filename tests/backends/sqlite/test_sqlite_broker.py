@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sqlite3
 import subprocess
@@ -13,30 +12,27 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 import keel
 from keel.backends import open_backend
-from keel.backends.base import (
-    STATE_HISTORY_LIMIT,
-    Backend,
-    Claim,
-    InstanceRef,
-    MessageStatus,
-    NewMessage,
-    StoreOptions,
-    TurnCommit,
-)
+from keel.backends.base import STATE_HISTORY_LIMIT, InstanceRef, MessageStatus, NewMessage, StoreOptions
 from keel.backends.sqlite import broker
 from keel.backends.sqlite.backend import SqliteBackend
 from keel.backends.sqlite.database import SCHEMA_VERSION
-
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
-APP = "loans"
+from tests.backends.sqlite._support import (
+    APP,
+    claim_one,
+    commit_of,
+    open_sqlite,
+    opened,
+    ref,
+    send,
+    sql,
+    timed_wait,
+    write_file,
+)
 
 #: What keel's first SQLite schema (version 1, the store alone) created; a file written by that release.
 SCHEMA_V1 = """
@@ -52,37 +48,6 @@ INSERT INTO keel_schema VALUES ('store', 1);
 INSERT INTO keel_kv VALUES ('loan:1', 3, '{"step": 3}', '2025-01-01T00:00:00+00:00', 'old-worker');
 INSERT INTO keel_kv_history VALUES ('loan:1', 3, '{"step": 3}', '2025-01-01T00:00:00+00:00', 'old-worker');
 """
-
-
-@pytest.fixture
-async def backend(sqlite_url: str) -> AsyncIterator[SqliteBackend]:
-    opened = await open_backend(sqlite_url, StoreOptions())
-    assert isinstance(opened, SqliteBackend)
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
-def ref(workflow_id: str = "42") -> InstanceRef:
-    return InstanceRef(APP, "loan", workflow_id)
-
-
-async def send(backend: Backend, instance: InstanceRef, key: str | None = None) -> str:
-    return await backend.send(NewMessage(instance, uuid.uuid4().hex, "{}", key))
-
-
-def commit_of(claim: Claim, state: object) -> TurnCommit:
-    return TurnCommit(claim, json.dumps(state), "w1", datetime.now(UTC), 0.01)
-
-
-def sql(url: str, query: str) -> list[tuple[object, ...]]:
-    """Run one statement on a connection of the test's own, as another process would."""
-    conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
-    try:
-        return conn.execute(query).fetchall()
-    finally:
-        conn.close()
 
 
 # --- Opening and the schema ---------------------------------------------------------------------------------
@@ -104,8 +69,7 @@ async def test_backend_shares_one_database_with_its_store_and_closes_it_once(sql
 
 async def test_a_version_1_file_is_upgraded_in_place_keeping_its_store(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    with sqlite3.connect(path) as conn:
-        conn.executescript(SCHEMA_V1)
+    write_file(path, SCHEMA_V1)
     async with keel.open_store(f"sqlite:///{path}") as store:  # the store alone migrates too
         old = await store.get("loan:1")
         assert old is not None and (old.value, old.version) == ({"step": 3}, 3)
@@ -113,7 +77,7 @@ async def test_a_version_1_file_is_upgraded_in_place_keeping_its_store(tmp_path:
     backend = await open_backend(f"sqlite:///{path}", StoreOptions())
     try:
         await send(backend, ref())
-        [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)
+        claim = await claim_one(backend)
         assert await backend.commit_turn(commit_of(claim, {"ok": True})) == 1
         assert [r.version for r in await backend.store.history("loan:1", limit=10)] == [3]
     finally:
@@ -122,8 +86,7 @@ async def test_a_version_1_file_is_upgraded_in_place_keeping_its_store(tmp_path:
 
 async def test_a_failed_migration_leaves_the_file_at_its_old_version(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    with sqlite3.connect(path) as conn:
-        conn.executescript(SCHEMA_V1 + "CREATE TABLE keel_turns (clash INTEGER);")
+    write_file(path, SCHEMA_V1 + "CREATE TABLE keel_turns (clash INTEGER);")
     with pytest.raises(keel.BackendUnavailable, match="keel_turns"):
         await open_backend(f"sqlite:///{path}", StoreOptions())
     url = f"sqlite:///{path}"
@@ -143,7 +106,7 @@ async def test_processes_opening_a_new_file_together_migrate_it_once(sqlite_url:
 
 async def test_a_refused_commit_rolls_back_what_it_had_already_written(backend: SqliteBackend) -> None:
     message_id = await send(backend, ref())
-    [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)
+    claim = await claim_one(backend)
     # Someone moved the state on behind the lease's back: the state CAS, after the message update, must refuse.
     sql(backend.url, "UPDATE keel_instances SET state_version = 7")
     with pytest.raises(keel.LeaseLostError, match="no longer at version 0"):
@@ -157,7 +120,7 @@ async def test_a_refused_commit_rolls_back_what_it_had_already_written(backend: 
 async def test_state_history_is_trimmed_to_the_limit(backend: SqliteBackend) -> None:
     for n in range(STATE_HISTORY_LIMIT + 3):
         await send(backend, ref())
-        [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)
+        claim = await claim_one(backend)
         await backend.commit_turn(commit_of(claim, {"n": n}))
     kept = sql(backend.url, "SELECT version FROM keel_state_history ORDER BY version")
     assert [v for (v,) in kept] == list(range(4, STATE_HISTORY_LIMIT + 4))
@@ -166,7 +129,7 @@ async def test_state_history_is_trimmed_to_the_limit(backend: SqliteBackend) -> 
 async def test_leases_are_integer_microseconds_of_the_machine_clock(backend: SqliteBackend) -> None:
     await send(backend, ref())
     before_us = time.time_ns() // 1000
-    [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=2, limit=1)
+    claim = await claim_one(backend, lease_s=2)
     [(expires_us,)] = sql(backend.url, "SELECT lease_expires_us FROM keel_instances")
     assert isinstance(expires_us, int)
     assert before_us + 2_000_000 <= expires_us <= before_us + 3_000_000
@@ -177,7 +140,7 @@ async def test_everything_survives_closing_and_reopening(sqlite_url: str) -> Non
     async with opened(sqlite_url) as first:
         done = await send(first, ref())
         waiting = await send(first, ref())
-        [claim] = await first.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)
+        claim = await claim_one(first)
         await first.commit_turn(commit_of(claim, {"n": 1}))
     async with opened(sqlite_url) as second:
         state = await second.state(ref())
@@ -198,7 +161,7 @@ async def test_a_resent_message_id_is_appended_once(backend: SqliteBackend) -> N
 
 
 async def test_one_idempotency_key_sent_through_many_connections_enqueues_once(sqlite_url: str) -> None:
-    backends = [await _open(sqlite_url) for _ in range(4)]
+    backends = [await open_sqlite(sqlite_url) for _ in range(4)]
     try:
         ids = await asyncio.gather(*(send(b, ref(), key="req-1") for b in backends for _ in range(3)))
     finally:
@@ -209,7 +172,7 @@ async def test_one_idempotency_key_sent_through_many_connections_enqueues_once(s
 
 
 async def test_claims_through_many_connections_never_share_an_instance(sqlite_url: str) -> None:
-    backends = [await _open(sqlite_url) for _ in range(4)]
+    backends = [await open_sqlite(sqlite_url) for _ in range(4)]
     try:
         for n in range(30):
             await send(backends[0], ref(str(n)))
@@ -271,7 +234,7 @@ async def test_a_send_through_the_same_backend_wakes_a_waiter_at_once(
     backend: SqliteBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(broker, "POLL_INTERVAL_S", 30.0)  # no poll could explain an early return
-    waiting = asyncio.create_task(_timed_wait(backend, 10))
+    waiting = asyncio.create_task(timed_wait(backend, 10))
     await asyncio.sleep(0.1)
     await send(backend, ref())
     assert await waiting < 1.0
@@ -279,7 +242,7 @@ async def test_a_send_through_the_same_backend_wakes_a_waiter_at_once(
 
 async def test_a_send_from_another_connection_wakes_a_waiter_by_polling(sqlite_url: str) -> None:
     async with opened(sqlite_url) as waiter, opened(sqlite_url) as sender:
-        waiting = asyncio.create_task(_timed_wait(waiter, 10))
+        waiting = asyncio.create_task(timed_wait(waiter, 10))
         await asyncio.sleep(0.2)
         started = time.monotonic()
         await send(sender, ref())
@@ -294,14 +257,14 @@ async def test_a_send_between_an_empty_claim_and_the_wait_is_not_slept_through(
     async with opened(sqlite_url) as worker, opened(sqlite_url) as sender:
         assert await worker.claim(APP, ["loan"], worker="w1", lease_s=5, limit=2) == []
         await send(sender, ref())  # another process, between the claim and the wait
-        assert await _timed_wait(worker, 10) < 1.0
+        assert await timed_wait(worker, 10) < 1.0
 
 
 async def test_a_claim_that_filled_its_limit_makes_the_next_wait_return_at_once(backend: SqliteBackend) -> None:
     await send(backend, ref("a"))
     await send(backend, ref("b"))
     assert len(await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)) == 1
-    assert await _timed_wait(backend, 10) < 1.0
+    assert await timed_wait(backend, 10) < 1.0
 
 
 async def test_messages_under_another_workers_lease_do_not_wake_a_waiter(sqlite_url: str) -> None:
@@ -310,11 +273,11 @@ async def test_messages_under_another_workers_lease_do_not_wake_a_waiter(sqlite_
         await send(owner, ref())
         assert len(await owner.claim(APP, ["loan"], worker="owner", lease_s=5, limit=5)) == 1
         assert await idle.claim(APP, ["loan"], worker="idle", lease_s=5, limit=5) == []
-        assert await _timed_wait(idle, 0.4) >= 0.35  # pending work it cannot take is no reason to spin
+        assert await timed_wait(idle, 0.4) >= 0.35  # pending work it cannot take is no reason to spin
 
 
 async def test_sends_to_another_app_do_not_wake_a_waiter(backend: SqliteBackend) -> None:
-    waiting = asyncio.create_task(_timed_wait(backend, 0.4))
+    waiting = asyncio.create_task(timed_wait(backend, 0.4))
     await asyncio.sleep(0.05)
     await backend.send(NewMessage(InstanceRef("other-app", "loan", "1"), uuid.uuid4().hex, "{}"))
     assert await waiting >= 0.35
@@ -337,34 +300,12 @@ async def test_a_wait_stuck_behind_a_locked_write_still_ends_on_time(backend: Sq
     try:
         sending = asyncio.create_task(send(backend, ref()))  # occupies the backend's thread, waiting for the lock
         await asyncio.sleep(0.05)
-        assert await _timed_wait(backend, 0.3) < 1.0
+        assert await timed_wait(backend, 0.3) < 1.0
     finally:
         release.set()
         holder.join()
     await sending
 
 
-async def _timed_wait(backend: SqliteBackend, timeout_s: float) -> float:
-    started = time.monotonic()
-    await backend.wait_for_work(APP, timeout_s=timeout_s)
-    return time.monotonic() - started
-
-
-@contextlib.asynccontextmanager
-async def opened(url: str) -> AsyncIterator[SqliteBackend]:
-    """A backend on a connection of its own, as another process would have, closed at the end."""
-    backend = await _open(url)
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
-
-
-async def _open(url: str) -> SqliteBackend:
-    opened = await open_backend(url, StoreOptions())
-    assert isinstance(opened, SqliteBackend)
-    return opened
-
-
 async def _open_and_close(url: str) -> None:
-    await (await _open(url)).aclose()
+    await (await open_sqlite(url)).aclose()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -13,29 +11,24 @@ import pytest
 
 import keel
 from keel.backends import open_backend
-from keel.backends._sql import load_queries
-from keel.backends.base import (
-    Backend,
-    Claim,
-    InstanceRef,
-    MessageStatus,
-    NewMessage,
-    StepRecord,
-    StoreOptions,
-    TurnCommit,
-    TurnFailure,
-)
-from keel.backends.sqlite.backend import SqliteBackend
+from keel.backends.base import MessageStatus, NewMessage, StoreOptions
 from keel.backends.sqlite.database import SCHEMA_VERSION
+from tests.backends.sqlite._support import (
+    APP,
+    claim_one,
+    commit_of,
+    failure_of,
+    ref,
+    send,
+    sql,
+    step_of,
+    write_version_file,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
     from pathlib import Path
 
-APP = "loans"
-
-#: The released schema sections, exactly as keel wrote version 2 files (released sections are never edited).
-_SECTIONS = load_queries("keel.backends.sqlite", "schema.sql")
+    from keel.backends.sqlite.backend import SqliteBackend
 
 #: A version 2 file's data: instance a paused by failed message m2 (m3 waiting behind it), b with a pending
 #: message, c paused by m5; the seq counter is ahead of the rows, as if newer messages had been deleted.
@@ -60,60 +53,12 @@ INSERT INTO keel_instances (app, workflow, workflow_id, fencing_token, paused, s
 """
 
 
-def write_v2_file(path: Path, extra: str = "") -> None:
-    """A file as keel's schema version 2 left it, with ``V2_DATA`` in it."""
-    with sqlite3.connect(path) as conn:
-        for section in ("bootstrap", "store_v1", "runtime_v2"):
-            conn.executescript(_SECTIONS[section])
-        conn.executescript(V2_DATA + extra)
-
-
-def sql(url: str, query: str) -> list[tuple[object, ...]]:
-    """Run one statement on a connection of the test's own, as another process would."""
-    conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
-    try:
-        return conn.execute(query).fetchall()
-    finally:
-        conn.close()
-
-
-def ref(workflow_id: str = "42") -> InstanceRef:
-    return InstanceRef(APP, "loan", workflow_id)
-
-
-async def send(backend: Backend, instance: InstanceRef) -> str:
-    return await backend.send(NewMessage(instance, uuid.uuid4().hex, "{}"))
-
-
-async def claim_one(backend: Backend, *, lease_s: float = 5) -> Claim:
-    [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=lease_s, limit=1)
-    return claim
-
-
-def failure_of(claim: Claim) -> TurnFailure:
-    return TurnFailure(claim, "RuntimeError: flaky", "w1", datetime.now(UTC), 0.01)
-
-
-def step_of(claim: Claim, name: str, result: object) -> StepRecord:
-    return StepRecord(claim, name, json.dumps(result), "w1", 0.01)
-
-
-@pytest.fixture
-async def backend(sqlite_url: str) -> AsyncIterator[SqliteBackend]:
-    opened = await open_backend(sqlite_url, StoreOptions())
-    assert isinstance(opened, SqliteBackend)
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
 # --- Upgrading a version 2 file -----------------------------------------------------------------------------
 
 
 async def test_a_version_2_file_is_upgraded_in_place_keeping_its_inboxes_and_dead_letters(tmp_path: Path) -> None:
     path = tmp_path / "v2.db"
-    write_v2_file(path)
+    write_version_file(path, 2, V2_DATA)
     url = f"sqlite:///{path}"
     backend = await open_backend(url, StoreOptions())
     try:
@@ -146,7 +91,7 @@ async def test_a_version_2_file_is_upgraded_in_place_keeping_its_inboxes_and_dea
         again = await claim_one(backend)
         assert (again.instance, again.message_id, again.attempt, again.state_version) == (ref("a"), "m2", 1, 1)
         await backend.record_step(step_of(again, "score", 0.5))
-        await backend.commit_turn(TurnCommit(again, '{"n": 2}', "w1", datetime.now(UTC), 0.01))
+        await backend.commit_turn(commit_of(again, {"n": 2}))
         assert (await claim_one(backend)).message_id == "m3"
         info = await backend.message(APP, "m5")
         assert info is not None and info.status is MessageStatus.skipped
@@ -156,7 +101,7 @@ async def test_a_version_2_file_is_upgraded_in_place_keeping_its_inboxes_and_dea
 
 async def test_a_failed_upgrade_from_version_2_leaves_the_file_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "v2.db"
-    write_v2_file(path, "CREATE TABLE keel_steps (clash INTEGER);")
+    write_version_file(path, 2, V2_DATA + "CREATE TABLE keel_steps (clash INTEGER);")
     url = f"sqlite:///{path}"
     with pytest.raises(keel.BackendUnavailable, match="keel_steps"):
         await open_backend(url, StoreOptions())
@@ -230,7 +175,7 @@ async def test_step_results_survive_closing_and_reopening(sqlite_url: str) -> No
     first = await open_backend(sqlite_url, StoreOptions())
     try:
         await first.send(NewMessage(ref(), "m1", "{}"))
-        [claim] = await first.claim(APP, ["loan"], worker="w1", lease_s=0.2, limit=1)
+        claim = await claim_one(first, lease_s=0.2)
         await first.record_step(step_of(claim, "charge", {"id": "ch_1"}))
     finally:
         await first.aclose()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import sqlite3
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
@@ -15,32 +12,30 @@ import pytest
 
 import keel
 from keel.backends import open_backend
-from keel.backends._sql import load_queries
-from keel.backends.base import (
-    Backend,
-    Claim,
-    InstanceRef,
-    NewMessage,
-    Pruned,
-    StepRecord,
-    StoreOptions,
-    TurnCommit,
-    TurnFailure,
-)
+from keel.backends.base import Pruned, StoreOptions
 from keel.backends.sqlite import broker
-from keel.backends.sqlite.backend import SqliteBackend
 from keel.backends.sqlite.database import SCHEMA_VERSION
+from tests.backends.sqlite._support import (
+    APP,
+    claim_one,
+    commit_of,
+    failure_of,
+    opened,
+    ref,
+    send,
+    sql,
+    step_of,
+    timed_wait,
+    write_version_file,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import Callable
     from pathlib import Path
 
-APP = "loans"
+    from keel.backends.sqlite.backend import SqliteBackend
 
 T = TypeVar("T")
-
-#: The released schema sections, exactly as keel wrote version 3 files (released sections are never edited).
-_SECTIONS = load_queries("keel.backends.sqlite", "schema.sql")
 
 #: A version 3 file's data. Instance a: m1 done (with a step), m2 pending. Instance b: m3 skipped, m4 failed
 #: (pausing b), m5 waiting behind it. Instance c: m6 pending, sent before m2 though its seq is higher (sent_at
@@ -81,64 +76,12 @@ def us(text: str) -> int:
     return (datetime.fromisoformat(text) - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
-def write_v3_file(path: Path, extra: str = "") -> None:
-    """A file as keel's schema version 3 left it, with ``V3_DATA`` in it."""
-    with sqlite3.connect(path) as conn:
-        for section in ("bootstrap", "store_v1", "runtime_v2", "runtime_v3"):
-            conn.executescript(_SECTIONS[section])
-        conn.executescript(V3_DATA + extra)
-
-
-def sql(url: str, query: str) -> list[tuple[object, ...]]:
-    """Run one statement on a connection of the test's own, as another process would."""
-    conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
-    try:
-        return conn.execute(query).fetchall()
-    finally:
-        conn.close()
-
-
-def ref(workflow_id: str = "42") -> InstanceRef:
-    return InstanceRef(APP, "loan", workflow_id)
-
-
-async def send(backend: Backend, instance: InstanceRef, *, delay_s: float = 0.0, key: str | None = None) -> str:
-    return await backend.send(NewMessage(instance, uuid.uuid4().hex, "{}", key, delay_s))
-
-
-async def claim_one(backend: Backend, *, lease_s: float = 5) -> Claim:
-    [claim] = await backend.claim(APP, ["loan"], worker="w1", lease_s=lease_s, limit=1)
-    return claim
-
-
-def commit_of(claim: Claim, state: object = None) -> TurnCommit:
-    return TurnCommit(claim, json.dumps(state or {}), "w1", datetime.now(UTC), 0.01)
-
-
-def failure_of(claim: Claim) -> TurnFailure:
-    return TurnFailure(claim, "RuntimeError: flaky", "w1", datetime.now(UTC), 0.01)
-
-
-def step_of(claim: Claim, name: str) -> StepRecord:
-    return StepRecord(claim, name, "1", "w1", 0.01)
-
-
-@pytest.fixture
-async def backend(sqlite_url: str) -> AsyncIterator[SqliteBackend]:
-    opened = await open_backend(sqlite_url, StoreOptions())
-    assert isinstance(opened, SqliteBackend)
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
 # --- Upgrading a version 3 file -----------------------------------------------------------------------------
 
 
 async def test_a_version_3_file_is_upgraded_with_messages_visible_from_when_they_were_sent(tmp_path: Path) -> None:
     path = tmp_path / "v3.db"
-    write_v3_file(path)
+    write_version_file(path, 3, V3_DATA)
     url = f"sqlite:///{path}"
     backend = await open_backend(url, StoreOptions())
     try:
@@ -190,7 +133,7 @@ async def test_a_version_3_file_is_upgraded_with_messages_visible_from_when_they
 
 async def test_a_failed_upgrade_from_version_3_leaves_the_file_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "v3.db"
-    write_v3_file(path, "CREATE INDEX keel_turns_started ON keel_turns (id);")
+    write_version_file(path, 3, V3_DATA + "CREATE INDEX keel_turns_started ON keel_turns (id);")
     url = f"sqlite:///{path}"
     with pytest.raises(keel.BackendUnavailable, match="keel_turns_started"):
         await open_backend(url, StoreOptions())
@@ -217,7 +160,7 @@ V3_WRITES = (
 @pytest.mark.parametrize("write", V3_WRITES)
 async def test_a_process_still_running_version_3_code_is_refused_its_writes(tmp_path: Path, write: str) -> None:
     path = tmp_path / "v3.db"
-    write_v3_file(path)
+    write_version_file(path, 3, V3_DATA)
     url = f"sqlite:///{path}"
     await (await open_backend(url, StoreOptions())).aclose()
     sql(url, "UPDATE keel_instances SET next_seq = NULL, next_visible_us = NULL")  # as after this code's writes
@@ -382,20 +325,3 @@ async def test_deleting_a_paused_instance_removes_its_dead_letter(backend: Sqlit
     assert await backend.resolve_dead_letter(ref(), skip=True) is None
     await send(backend, ref())
     assert (await claim_one(backend)).state_version == 0  # not paused any more
-
-
-async def timed_wait(backend: SqliteBackend, timeout_s: float) -> float:
-    started = time.monotonic()
-    await backend.wait_for_work(APP, timeout_s=timeout_s)
-    return time.monotonic() - started
-
-
-@contextlib.asynccontextmanager
-async def opened(url: str) -> AsyncIterator[SqliteBackend]:
-    """A backend on a connection of its own, as another process would have, closed at the end."""
-    backend = await open_backend(url, StoreOptions())
-    assert isinstance(backend, SqliteBackend)
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
