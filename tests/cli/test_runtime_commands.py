@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import TYPE_CHECKING
@@ -115,3 +116,13 @@ def test_dead_letters_are_listed_skipped_and_retried_from_the_command_line(url: 
         assert keel("dead", APP_PATH, "--url", url).stdout.strip() == "no dead letters"
     finally:
         assert worker.stop() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_worker_stops_cleanly_on_sigterm_and_ctrl_c(url: str, tmp_path: Path, sig: signal.Signals) -> None:
+    worker = WorkerProcess(url, tmp_path / "worker.log", lease_s=2.0)
+    worker.wait_for_log("started for app process-tests")
+    worker.signal(sig)
+    assert worker.proc.wait(20) == 0
+    worker.stop()
+    assert "stopped" in worker.log()
