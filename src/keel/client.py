@@ -125,7 +125,7 @@ class Client:
 
         Raises:
             MessageNotFoundError: No such message was sent to this instance.
-            TurnFailedError: The turn raised; the error carries its traceback.
+            TurnFailedError: The turn failed for good (its traceback in the error), or was skipped after that.
             WaitTimeoutError: Not committed within ``timeout_s``; the message stays queued.
             BackendUnavailable: The backend cannot be reached.
         """
@@ -142,6 +142,9 @@ class Client:
                 return info.state_version
             if info.status is MessageStatus.failed:
                 raise TurnFailedError(f"{workflow}/{workflow_id}", message_id, info.error or "")
+            if info.status is MessageStatus.skipped:
+                error = (info.error or "").rstrip() + "\nthe dead letter was skipped (keel skip): it will never run"
+                raise TurnFailedError(f"{workflow}/{workflow_id}", message_id, error.lstrip())
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise WaitTimeoutError(f"{workflow}/{workflow_id}", message_id, timeout_s)

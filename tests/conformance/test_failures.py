@@ -230,6 +230,8 @@ async def test_attempts_run_out_then_retry_resumes_the_instance_in_order(
         await client.wait("job", "a", later, timeout_s=0.3)
     assert await client.skip("job", "a") == dead
     assert await client.wait("job", "a", later, timeout_s=15) == 1
+    with pytest.raises(keel.TurnFailedError, match="skipped"):
+        await client.wait("job", "a", dead, timeout_s=1)
     state = await client.state("job", "a")
     assert state is not None
     assert state.value.done == ["ok"]
