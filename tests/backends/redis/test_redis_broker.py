@@ -358,7 +358,9 @@ async def test_the_schema_step_upgrades_a_store_only_database(
     try:
         assert await raw.hgetall("keel:schema") == {"store": str(STORE_SCHEMA_VERSION)}
         assert any(
-            f"schema 1 -> {STORE_SCHEMA_VERSION}" in r.getMessage() for r in caplog.records if r.name == STORE_LOGGER
+            f"upgraded from schema 1 to {STORE_SCHEMA_VERSION}" in r.getMessage()
+            for r in caplog.records
+            if r.name == STORE_LOGGER
         )
         record = await opened.store.get("k")
         assert record is not None and (record.version, record.value_json) == (1, '{"n": 1}')

@@ -213,8 +213,12 @@ class RedisStore:
         before, now = await self._schema_script(
             keys=[self._keys.schema], args=[SCHEMA_COMPONENT, str(STORE_SCHEMA_VERSION)]
         )
-        if before != now:
-            logger.info("keel data at %s (prefix %r): schema %s -> %s", self.url, self._keys.prefix, before or "-", now)
+        if before != now and not before:
+            logger.info("keel data created at %s (prefix %r), schema version %s", self.url, self._keys.prefix, now)
+        elif before != now:
+            logger.info(
+                "keel data at %s (prefix %r) upgraded from schema %s to %s", self.url, self._keys.prefix, before, now
+            )
         # Loaded now, the first write is a single EVALSHA instead of EVALSHA, NOSCRIPT, SCRIPT LOAD, EVALSHA.
         await self._client.script_load(self._write_script.script)
         return str(now)
