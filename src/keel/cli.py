@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 
 from keel.app import load_app
-from keel.commands import InstanceNotFoundError, list_dead_letters, read_state, resolve_dead_letter, send_message
+from keel.commands import InstanceNotFoundError, list_dead_letters, read_state, resolve_dead_letter, send_message, trace
 from keel.demo import DemoError, DemoSettings, Verdict, run_demo
 from keel.errors import (
     BackendUnavailable,
@@ -251,6 +251,18 @@ def retry(app_path: str, workflow: str, workflow_id: str, url: str | None) -> No
 def skip(app_path: str, workflow: str, workflow_id: str, url: str | None) -> None:
     """Drop the dead message of a paused instance (recorded as skipped) and let the instance go on."""
     click.echo(_run(resolve_dead_letter(_load(app_path), url, workflow, workflow_id, skip=True)))
+
+
+@main.command("trace")
+@click.argument("app_path", metavar="MODULE:APP")
+@click.argument("workflow")
+@click.argument("workflow_id")
+@_url_option
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="The last N turns.")
+@click.option("--json", "as_json", is_flag=True, help="Print the turn records as JSON.")
+def trace_command(app_path: str, workflow: str, workflow_id: str, url: str | None, limit: int, as_json: bool) -> None:
+    """Rebuild the timeline of instance WORKFLOW_ID of WORKFLOW: every turn, who ran it, how it ended."""
+    click.echo(_run(trace(_load(app_path), url, workflow, workflow_id, limit, as_json=as_json)))
 
 
 def _run(coroutine: Coroutine[Any, Any, str]) -> str:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from keel.app import App
-    from keel.backends.base import Backend, DeadLetter
+    from keel.backends.base import Backend, DeadLetter, TurnRecordRow
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,23 @@ class Client:
                 raise WaitTimeoutError(f"{workflow}/{workflow_id}", message_id, timeout_s)
             await asyncio.sleep(min(pause_s, remaining))
             pause_s = min(pause_s * 2, WAIT_POLL_MAX_S)
+
+    async def turns(self, workflow: str, workflow_id: str, *, limit: int = 100) -> list[TurnRecordRow]:
+        """Return the instance's last ``limit`` turn records, oldest first.
+
+        Each says who ran the attempt, under which fencing token, from which state version to which, how long
+        it took and how it ended (committed, retry, failed), with the error of a failed one.
+
+        Raises:
+            UnknownWorkflowError: No such workflow.
+            ConfigurationError: ``limit`` is not a positive integer.
+            BackendUnavailable: The backend cannot be reached.
+        """
+        self.app.spec(workflow)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigurationError(f"limit must be a positive integer, not {limit!r}")
+        ref = InstanceRef(self.app.name, workflow, validate_key(workflow_id, what="workflow_id"))
+        return list(reversed(await self._open().turns(ref, limit=limit)))
 
     async def delete(self, workflow: str, workflow_id: str) -> bool:
         """Delete an instance and everything it owns: state, history, messages (queued ones too), records.

@@ -9,6 +9,7 @@ from keel.errors import KeelError
 
 if TYPE_CHECKING:
     from keel.app import App
+    from keel.backends.base import TurnRecordRow
 
 
 class InstanceNotFoundError(KeelError, LookupError):
@@ -94,3 +95,46 @@ async def resolve_dead_letter(app: App, url: str | None, workflow: str, workflow
             return f"skipped message {message_id}; {workflow} {workflow_id} goes on with its next message"
         message_id = await client.retry(workflow, workflow_id)
         return f"message {message_id} of {workflow} {workflow_id} will run again, before the messages after it"
+
+
+async def trace(app: App, url: str | None, workflow: str, workflow_id: str, limit: int, *, as_json: bool) -> str:
+    """Rebuild an instance's timeline from the backend: its turns, oldest first, and its current state version."""
+    async with app.client(url=url) as client:
+        turns = await client.turns(workflow, workflow_id, limit=limit)
+        current = await client.state(workflow, workflow_id) if turns else None
+    if as_json:
+        return json.dumps([_turn_document(t) for t in turns], indent=2, ensure_ascii=False)
+    if not turns:
+        return f"{workflow} {workflow_id}: no turn recorded (never sent to, pruned, or deleted)"
+    version = "no committed state" if current is None else f"state version {current.version}"
+    lines = [f"{workflow} {workflow_id}: {len(turns)} turn record(s), {version}"]
+    for turn in turns:
+        written = "-" if turn.version_written is None else f"v{turn.version_written}"
+        lines.append(
+            f"{turn.started_at.isoformat(timespec='milliseconds')}  {turn.outcome:<9}  "
+            f"message {turn.message_id}  attempt {turn.attempt}  token {turn.fencing_token}  "
+            f"v{turn.version_read} -> {written}  {turn.duration_s:.3f}s  worker {turn.worker}"
+        )
+        if turn.error:
+            lines.append(f"    {_last_line(turn.error)}")
+    return "\n".join(lines)
+
+
+def _turn_document(turn: TurnRecordRow) -> dict[str, Any]:
+    return {
+        "started_at": turn.started_at.isoformat(),
+        "outcome": turn.outcome,
+        "message_id": turn.message_id,
+        "attempt": turn.attempt,
+        "fencing_token": turn.fencing_token,
+        "version_read": turn.version_read,
+        "version_written": turn.version_written,
+        "duration_s": turn.duration_s,
+        "worker": turn.worker,
+        "error": turn.error,
+    }
+
+
+def _last_line(error: str) -> str:
+    lines = error.strip().splitlines()
+    return lines[-1] if lines else ""

@@ -126,3 +126,26 @@ def test_a_worker_stops_cleanly_on_sigterm_and_ctrl_c(url: str, tmp_path: Path, 
     assert worker.proc.wait(20) == 0
     worker.stop()
     assert "stopped" in worker.log()
+
+
+def test_trace_rebuilds_an_instances_timeline(url: str, tmp_path: Path) -> None:
+    worker = WorkerProcess(url, tmp_path / "worker.log", lease_s=2.0)
+    try:
+        worker.wait_for_log("started for app process-tests")
+        assert keel("send", APP_PATH, "counter", "tr", '{"seq": 1}', "--url", url, "--wait", "30").returncode == 0
+        failed = keel("send", APP_PATH, "counter", "tr", '{"seq": 2, "fail": true}', "--url", url, "--wait", "30")
+        assert failed.returncode == 4
+        shown = keel("trace", APP_PATH, "counter", "tr", "--url", url)
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert lines[0] == "counter tr: 2 turn record(s), state version 1"
+        assert "committed" in lines[1] and "v0 -> v1" in lines[1] and worker.identity in lines[1]
+        assert "failed" in lines[2] and "v1 -> -" in lines[2]
+        assert "told to fail" in lines[3]
+        as_json = json.loads(keel("trace", APP_PATH, "counter", "tr", "--url", url, "--json").stdout)
+        assert [t["outcome"] for t in as_json] == ["committed", "failed"]
+        assert as_json[0]["fencing_token"] < as_json[1]["fencing_token"]
+        nothing = keel("trace", APP_PATH, "counter", "nobody", "--url", url)
+        assert nothing.returncode == 0 and "no turn recorded" in nothing.stdout
+    finally:
+        assert worker.stop() == 0

@@ -223,3 +223,19 @@ async def test_stopping_lets_a_running_turn_finish(app: keel.App, backend_url: s
 async def test_a_worker_refuses_memory_urls(app: keel.App) -> None:
     with pytest.raises(keel.ConfigurationError, match="memory:// lives inside one process"):
         await serve(app, "memory://anything")
+
+
+async def test_turn_records_rebuild_the_timeline_oldest_first(app: keel.App, backend_url: str) -> None:
+    async with app.client() as client, running_worker(app, backend_url):
+        first = await client.send("loan", "42", {"amount": 1})
+        second = await client.send("loan", "42", {"amount": 2})
+        await client.wait("loan", "42", second, timeout_s=10)
+        turns = await client.turns("loan", "42")
+        assert [(t.message_id, t.outcome, t.version_read, t.version_written) for t in turns] == [
+            (first, "committed", 0, 1),
+            (second, "committed", 1, 2),
+        ]
+        assert turns[0].fencing_token < turns[1].fencing_token
+        assert [t.message_id for t in await client.turns("loan", "42", limit=1)] == [second]
+        with pytest.raises(keel.ConfigurationError, match="limit"):
+            await client.turns("loan", "42", limit=0)
