@@ -163,8 +163,7 @@ class Client:
             BackendUnavailable: The backend cannot be reached.
         """
         self.app.spec(workflow)
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ConfigurationError(f"limit must be a positive integer, not {limit!r}")
+        _check_limit(limit)
         ref = InstanceRef(self.app.name, workflow, validate_key(workflow_id, what="workflow_id"))
         return list(reversed(await self._open().turns(ref, limit=limit)))
 
@@ -197,8 +196,10 @@ class Client:
         """Return the app's dead-lettered messages, newest first, each with its error, attempts and time.
 
         Raises:
+            ConfigurationError: ``limit`` is not a positive integer.
             BackendUnavailable: The backend cannot be reached.
         """
+        _check_limit(limit)
         return await self._open().dead_letters(self.app.name, limit=limit)
 
     async def retry(self, workflow: str, workflow_id: str) -> str:
@@ -258,3 +259,8 @@ def _check_delay(delay_s: object) -> None:
         raise ConfigurationError(
             f"delay_s must be a number of seconds from 0 to {MAX_DELAY_S:g} (ten years), not {delay_s!r}"
         )
+
+
+def _check_limit(limit: object) -> None:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigurationError(f"limit must be a positive integer, not {limit!r}")

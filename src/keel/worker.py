@@ -62,13 +62,28 @@ CLAIM_RETRY_MAX_S = 5.0
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """How a worker runs."""
+    """How a worker runs.
+
+    Raises:
+        ConfigurationError: A setting is out of range (a worker that could never claim, or never renew).
+    """
 
     concurrency: int = DEFAULT_CONCURRENCY
     lease_s: float = DEFAULT_LEASE_S
     grace_s: float = DEFAULT_GRACE_S
     idle_poll_s: float = IDLE_POLL_S
     max_state_bytes: int = DEFAULT_MAX_VALUE_BYTES
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.concurrency, int) and self.concurrency >= 1):
+            raise ConfigurationError(f"concurrency must be an integer of at least 1, not {self.concurrency!r}")
+        for name in ("lease_s", "idle_poll_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{name} must be a positive number of seconds, not {getattr(self, name)!r}")
+        if not self.grace_s >= 0:
+            raise ConfigurationError(f"grace_s must be 0 or more seconds, not {self.grace_s!r}")
+        if not (isinstance(self.max_state_bytes, int) and self.max_state_bytes >= 1):
+            raise ConfigurationError(f"max_state_bytes must be a positive integer, not {self.max_state_bytes!r}")
 
 
 @dataclass

@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import TYPE_CHECKING
 
+import pytest
 from pydantic import BaseModel
 
 import keel
 from keel.backends import memory
 from keel.backends.base import StoreOptions, TurnCommit
 from keel.worker import Worker, WorkerSettings
-
-if TYPE_CHECKING:
-    import pytest
 
 
 class Msg(BaseModel):
@@ -62,3 +59,27 @@ async def test_an_unexpected_failure_is_logged_and_the_turn_runs_again(caplog: p
     [failure] = [r for r in caplog.records if "turn runner failed" in r.getMessage()]
     assert failure.exc_info is not None and "unexpected failure" in str(failure.exc_info[1])
     assert failure.workflow_id == "r"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("concurrency", 0), ("lease_s", 0), ("idle_poll_s", -1), ("grace_s", -1), ("max_state_bytes", 0)],
+)
+def test_worker_settings_out_of_range_are_refused(option: str, value: float) -> None:
+    with pytest.raises(keel.ConfigurationError, match=option):
+        WorkerSettings(**{option: value})  # type: ignore[arg-type]
+
+
+async def test_list_limits_are_checked(memory_url: str) -> None:
+    app = keel.App("limits", backend=memory_url)
+
+    @app.workflow(state=State, message=Msg)
+    async def record(ctx: keel.TurnContext[State], msg: Msg) -> None:
+        return None
+
+    async with app.client() as client:
+        for bad in (0, -1, True):
+            with pytest.raises(keel.ConfigurationError, match="limit"):
+                await client.dead_letters(limit=bad)
+            with pytest.raises(keel.ConfigurationError, match="limit"):
+                await client.turns("record", "x", limit=bad)
