@@ -12,50 +12,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from bench import engines
 from bench.turns_app import Tick, app
+from bench.workers import run_engines, start_workers, stop_workers
 from keel.backends import open_backend
 from keel.backends.base import InstanceRef, StoreOptions
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_workers(url: str, count: int) -> list[subprocess.Popen[bytes]]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [
-        sys.executable,
-        "-m",
-        "keel.cli",
-        "worker",
-        "bench.turns_app:app",
-        "--url",
-        url,
-        "--concurrency",
-        "32",
-        "--log-level",
-        "WARNING",
-    ]
-    workers = [subprocess.Popen(command, cwd=ROOT, env=env) for _ in range(count)]
-    time.sleep(2.0)  # imports and connections; the figures below start at the first send
-    return workers
-
-
-def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
-    for worker in workers:
-        worker.send_signal(signal.SIGTERM)
-    for worker in workers:
-        worker.wait(30)
 
 
 async def throughput(url: str, tag: str, instances: int, turns: int) -> float:
@@ -94,14 +62,14 @@ def run_engine(engine: str, args: argparse.Namespace) -> dict[str, object]:
         raw = baselines["raw"](url, "bench:raw-commit", time.time() + args.seconds) / args.seconds
         row: dict[str, object] = {"engine": engine, "raw_commits_per_s": round(raw, 1)}
         for count in (1, 2):
-            workers = start_workers(url, count)
+            workers = start_workers("bench.turns_app:app", url, count)
             try:
                 rate = asyncio.run(throughput(url, f"w{count}", args.instances, args.turns))
             finally:
                 stop_workers(workers)
             row[f"turns_per_s_{count}w"] = round(rate, 1)
             row[f"ratio_{count}w"] = round(rate / raw, 3)
-        workers = start_workers(url, 1)
+        workers = start_workers("bench.turns_app:app", url, 1)
         try:
             sample = asyncio.run(latencies(url, args.samples))
         finally:
@@ -121,22 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/turns.json"))
     args = parser.parse_args(argv)
-    rows = []
-    for engine in args.engines.split(","):
-        row = run_engine(engine, args)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "turns",
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()},
-        "instances": args.instances,
-        "turns": args.turns,
-        "rows": rows,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return run_engines("turns", args, run_engine)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
     keel send examples.loans:app loan 42 '{"amount": 1000}' --wait 10
     keel state examples.loans:app loan 42
 
+    keel events examples.loans:app                    # the Decided events and their delivery to `notify`
+
 Or from Python: `python examples/loans.py`, which runs a worker in the background and sends three messages.
 """
 
@@ -31,6 +33,12 @@ class LoanState(BaseModel):
     approved: bool = False
 
 
+class Decided(keel.Event):
+    loan_id: str
+    requested: int
+    approved: bool
+
+
 app = keel.App("loans")
 
 
@@ -41,6 +49,15 @@ async def loan(ctx: keel.TurnContext[LoanState], msg: LoanRequest) -> None:
     ctx.state.requested += msg.amount
     ctx.state.approved = ctx.state.requested <= 5000
     ctx.logger.info("loan now at %d requested (token %d)", ctx.state.requested, ctx.fencing_token)
+    # Published with the commit, and only if the turn commits; delivered to `notify` on whichever worker is free.
+    ctx.emit(Decided(loan_id=ctx.workflow_id, requested=ctx.state.requested, approved=ctx.state.approved))
+
+
+@app.on(Decided)
+async def notify(event: Decided, ctx: keel.HandlerContext) -> None:
+    """Runs once per event in effect: pass ctx.idempotency_key to any outside API that deduplicates."""
+    verdict = "approved" if event.approved else "declined"
+    print(f"notified: loan {event.loan_id} {verdict} at {event.requested} (key {ctx.idempotency_key[:20]}...)")
 
 
 async def main(url: str) -> None:
@@ -54,6 +71,8 @@ async def main(url: str) -> None:
         state = await client.state("loan", "42")
         assert state is not None
         print(f"loan 42 at version {state.version}: {state.value!r}")
+        for event in await client.events():
+            await client.wait_event(event.event_id, timeout_s=30)
     stop.set()  # as SIGTERM would: finish running turns, release leases
     await worker
 

@@ -43,6 +43,9 @@ def test_loans_example_runs_a_worker_and_commits_three_turns() -> None:
     assert result.returncode == 0, result.stderr
     assert "committed state version 3" in result.stdout
     assert "requested=6500" in result.stdout
+    for line in ("loan 42 approved at 1000", "loan 42 approved at 3500", "loan 42 declined at 6500"):
+        assert f"notified: {line}" in result.stdout
+    assert result.stdout.count("notified:") == 3  # each turn's event reached the handler once
 
 
 def test_readme_workflow_example_registers(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from keel.app import App
 from keel.client import Client
-from keel.context import TurnContext
+from keel.context import HandlerContext, TurnContext
 from keel.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -37,6 +37,7 @@ from keel.errors import (
     UpdateContentionError,
     WaitTimeoutError,
 )
+from keel.events import Event
 from keel.retention import Retention
 from keel.retry import RetryPolicy
 from keel.store import Store, open_store
@@ -48,6 +49,8 @@ __all__ = [
     "BackendUnavailable",
     "Client",
     "ConfigurationError",
+    "Event",
+    "HandlerContext",
     "InvalidKeyError",
     "KeelError",
     "KeyNotFoundError",

@@ -1,9 +1,9 @@
-"""The app: a registry of workflows, built once at import time and frozen when a worker or client starts.
+"""The app: a registry of workflows and event handlers, built at import time, frozen when a worker or client starts.
 
 Registering at start-up, never per request, is the point: the second article's callbacks stopped firing
 because each request registered its own, in its own process. A registration after the app has started
-raises ``RegistrationError``, and a workflow whose signature does not fit its declared models raises at
-the decorator, not on some worker in production.
+raises ``RegistrationError``, and a workflow or handler whose signature does not fit its declared models
+raises at the decorator, not on some worker in production.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
+from keel.backends.base import DELIVERY_PREFIX
 from keel.config import resolve_url
-from keel.context import TurnContext
+from keel.context import HandlerContext, TurnContext
 from keel.errors import ConfigurationError, RegistrationError, UnknownWorkflowError
+from keel.events import Event, delivery_workflow, event_type_name
 from keel.payload import validate_key
 from keel.retention import DEFAULT_RETENTION, Retention
 from keel.retry import DEFAULT_RETRY_POLICY, RetryPolicy
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
 StateT = TypeVar("StateT", bound=BaseModel)
 MessageT = TypeVar("MessageT", bound=BaseModel)
+EventT = TypeVar("EventT", bound=Event)
 
 
 #: How long one turn may run, unless the app or workflow says otherwise.
@@ -54,8 +57,25 @@ class WorkflowSpec:
     migrate: Callable[[Any], Any] | None = None
 
 
+@dataclass(frozen=True)
+class HandlerSpec:
+    """A registered event handler: its name, the event type it takes, its function and failure handling."""
+
+    name: str
+    event_type: type[Event]
+    fn: Callable[[Any, HandlerContext], Awaitable[None]]
+    retry: RetryPolicy = DEFAULT_RETRY_POLICY
+    timeout_s: float = DEFAULT_TURN_TIMEOUT_S
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+
+    @property
+    def workflow(self) -> str:
+        """The pseudo-workflow whose instances are this handler's deliveries: ``on/NAME``."""
+        return delivery_workflow(self.name)
+
+
 class App:
-    """The registry of an application's workflows, identical in every process that imports it.
+    """The registry of an application's workflows and event handlers, identical in every process that imports it.
 
     Args:
         name: Namespaces everything the app stores, so several apps can share one backend.
@@ -88,6 +108,8 @@ class App:
         self.turn_timeout_s = _positive(turn_timeout_s, "turn_timeout_s")
         self.step_timeout_s = _positive(step_timeout_s, "step_timeout_s")
         self._workflows: dict[str, WorkflowSpec] = {}
+        self._handlers: dict[str, HandlerSpec] = {}
+        self._event_types: dict[str, type[Event]] = {}
         self._frozen = False
 
     @property
@@ -99,6 +121,16 @@ class App:
     def workflows(self) -> dict[str, WorkflowSpec]:
         """The registered workflows by name (a copy)."""
         return dict(self._workflows)
+
+    @property
+    def handlers(self) -> dict[str, HandlerSpec]:
+        """The registered event handlers by name (a copy)."""
+        return dict(self._handlers)
+
+    def handlers_of(self, event_type: type[Event]) -> list[HandlerSpec]:
+        """The handlers registered for ``event_type``, in registration order."""
+        name = event_type_name(event_type)
+        return [spec for spec in self._handlers.values() if event_type_name(spec.event_type) == name]
 
     @property
     def frozen(self) -> bool:
@@ -147,7 +179,7 @@ class App:
         ) -> Callable[[TurnContext[StateT], MessageT], Awaitable[None]]:
             workflow_name = name if name is not None else getattr(fn, "__name__", "")
             self._check_open(f"workflow {workflow_name!r}")
-            _check_name(workflow_name)
+            _check_name(workflow_name, what="workflow name")
             if workflow_name in self._workflows:
                 raise RegistrationError(f"app {self.name!r} already has a workflow named {workflow_name!r}")
             _check_signature(fn, workflow_name, state, message)
@@ -166,6 +198,107 @@ class App:
             return fn
 
         return register
+
+    def on(
+        self,
+        event_type: type[EventT],
+        *,
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout_s: float | None = None,
+        step_timeout_s: float | None = None,
+    ) -> Callable[
+        [Callable[[EventT, HandlerContext], Awaitable[None]]], Callable[[EventT, HandlerContext], Awaitable[None]]
+    ]:
+        """Register an async function ``(event: EventType, ctx: keel.HandlerContext) -> None`` as a handler.
+
+        Every event of ``event_type`` published or emitted from then on is delivered to it, at least once, on
+        whichever worker is free, with ``ctx.idempotency_key`` the same on every redelivery; its sends and
+        publishes are committed with its success, once. Register handlers at import time, in the module every
+        process imports: the publishing process fans events out to the handlers it knows.
+
+        Args:
+            event_type: A ``keel.Event`` subclass.
+            name: The handler's name (it names its deliveries: ``on/NAME``); the function's name when None.
+            retry: How its failing deliveries are retried; the app's policy when None.
+            timeout_s: How long one delivery may run; the app's ``turn_timeout_s`` when None.
+            step_timeout_s: How long one of its steps may run; the app's ``step_timeout_s`` when None.
+
+        Raises:
+            RegistrationError: The app has started, the name is taken, ``event_type`` is not a ``keel.Event``
+                subclass (or another class already has its name), or the function is not async, takes other
+                parameters, or is annotated with other types.
+        """
+        if not (isinstance(event_type, type) and issubclass(event_type, Event)):
+            raise RegistrationError(f"@app.on() takes a keel.Event subclass, not {event_type!r}")
+
+        def register(
+            fn: Callable[[EventT, HandlerContext], Awaitable[None]],
+        ) -> Callable[[EventT, HandlerContext], Awaitable[None]]:
+            handler_name = name if name is not None else getattr(fn, "__name__", "")
+            self._check_open(f"handler {handler_name!r}")
+            _check_name(handler_name, what="handler name")
+            if handler_name in self._handlers:
+                raise RegistrationError(
+                    f"app {self.name!r} already has a handler named {handler_name!r}; pass name= to tell them apart"
+                )
+            type_name = event_type_name(event_type)
+            known = self._event_types.get(type_name)
+            if known is not None and known is not event_type:
+                raise RegistrationError(
+                    f"two event types are named {type_name!r} ({known.__module__} and {event_type.__module__}): "
+                    "events are stored by type name, so rename one"
+                )
+            _check_handler_signature(fn, handler_name, event_type)
+            self._event_types[type_name] = event_type
+            self._handlers[handler_name] = HandlerSpec(
+                handler_name,
+                event_type,
+                fn,
+                retry=retry or self.retry,
+                timeout_s=_positive(timeout_s or self.turn_timeout_s, "timeout_s"),
+                step_timeout_s=_positive(step_timeout_s or self.step_timeout_s, "step_timeout_s"),
+            )
+            return fn
+
+        return register
+
+    def event_type(self, name: str) -> type[Event]:
+        """Return the event type named ``name`` among those the app's handlers take.
+
+        Raises:
+            UnknownWorkflowError: No handler takes an event type of that name; the error lists those that do.
+        """
+        found = self._event_types.get(name)
+        if found is None:
+            raise UnknownWorkflowError(self.name, name, sorted(self._event_types), kind="event type")
+        return found
+
+    def handler(self, name: str) -> HandlerSpec:
+        """Return the registered handler named ``name``, or ``on/NAME`` (its deliveries' pseudo-workflow).
+
+        Raises:
+            UnknownWorkflowError: No such handler; the error lists the registered ones.
+        """
+        found = self._handlers.get(name.removeprefix(DELIVERY_PREFIX))
+        if found is None:
+            raise UnknownWorkflowError(self.name, name, sorted(map(delivery_workflow, self._handlers)))
+        return found
+
+    def job(self, workflow: str) -> WorkflowSpec | HandlerSpec:
+        """Return what runs the messages of ``workflow``: a workflow, or a handler for ``on/NAME``.
+
+        Raises:
+            UnknownWorkflowError: Neither is registered; the error lists both.
+        """
+        if workflow.startswith(DELIVERY_PREFIX):
+            found: WorkflowSpec | HandlerSpec | None = self._handlers.get(workflow.removeprefix(DELIVERY_PREFIX))
+        else:
+            found = self._workflows.get(workflow)
+        if found is None:
+            registered = sorted([*self._workflows, *map(delivery_workflow, self._handlers)])
+            raise UnknownWorkflowError(self.name, workflow, registered)
+        return found
 
     def spec(self, workflow: str) -> WorkflowSpec:
         """Return the registered workflow named ``workflow``.
@@ -234,13 +367,13 @@ def _require_model(model: object, role: str) -> None:
         raise RegistrationError(f"{role}= must be a pydantic model class, not {model!r}")
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str, *, what: str) -> None:
     try:
-        validate_key(name, what="workflow name")
+        validate_key(name, what=what)
     except ValueError as exc:
         raise RegistrationError(str(exc)) from exc
     if "/" in name:
-        raise RegistrationError(f"workflow name {name!r} must not contain '/'")
+        raise RegistrationError(f"{what} {name!r} must not contain '/'")
 
 
 def _check_signature(fn: object, name: str, state: type[BaseModel], message: type[BaseModel]) -> None:
@@ -280,3 +413,40 @@ def _check_context_hint(hint: object, where: str, state: type[BaseModel]) -> Non
             f"{where} annotates its context as TurnContext[{getattr(args[0], '__name__', args[0])}], "
             f"but state={state.__name__}"
         )
+
+
+def _check_handler_signature(fn: object, name: str, event_type: type[Event]) -> None:
+    """Catch at registration what would otherwise be a TypeError on some worker: the second article's bug."""
+    event_name = event_type.__name__
+    where = f"handler {name!r} ({getattr(fn, '__qualname__', fn)!r})"
+    expected = f"async def {name}(event: {event_name}, ctx: keel.HandlerContext) -> None"
+    if not inspect.iscoroutinefunction(fn):
+        raise RegistrationError(f"{where} must be an async function: {expected}")
+    params = list(inspect.signature(fn).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(params) != 2 or any(p.kind not in positional for p in params):
+        raise RegistrationError(
+            f"{where} must take exactly two positional parameters: {expected}; "
+            f"it takes ({', '.join(str(p) for p in params)})"
+        )
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError) as exc:
+        raise RegistrationError(f"{where} has annotations that cannot be resolved: {exc}") from exc
+    event_hint = hints.get(params[0].name)
+    fits = (
+        event_hint is None or event_hint is Any or (isinstance(event_hint, type) and issubclass(event_type, event_hint))
+    )
+    if not fits:
+        raise RegistrationError(
+            f"{where} is registered for {event_name} but annotates its event as {_type_label(event_hint)}: {expected}"
+        )
+    ctx_hint = hints.get(params[1].name)
+    if ctx_hint is not None and ctx_hint is not Any and ctx_hint is not HandlerContext:
+        raise RegistrationError(f"{where} annotates its context as {_type_label(ctx_hint)}: {expected}")
+    if "return" in hints and hints["return"] is not type(None):
+        raise RegistrationError(f"{where} must return None, not {_type_label(hints['return'])}")
+
+
+def _type_label(hint: object) -> str:
+    return getattr(hint, "__name__", None) or repr(hint)

@@ -14,7 +14,16 @@ import click
 from rich.console import Console
 
 from keel.app import load_app
-from keel.commands import InstanceNotFoundError, list_dead_letters, read_state, resolve_dead_letter, send_message, trace
+from keel.commands import (
+    InstanceNotFoundError,
+    list_dead_letters,
+    list_events,
+    publish_event,
+    read_state,
+    resolve_dead_letter,
+    send_message,
+    trace,
+)
 from keel.demo import DemoError, DemoSettings, Verdict, run_demo
 from keel.errors import (
     BackendUnavailable,
@@ -152,17 +161,35 @@ def _load(app_path: str) -> App:
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
+@click.option(
+    "--only",
+    metavar="NAME",
+    multiple=True,
+    help="Run only this workflow or handler (repeatable); all of the app's by default.",
+)
 def worker(
-    app_path: str, url: str | None, concurrency: int, lease_s: float, grace_s: float, log_level: str, log_json: bool
+    app_path: str,
+    url: str | None,
+    concurrency: int,
+    lease_s: float,
+    grace_s: float,
+    log_level: str,
+    log_json: bool,
+    only: tuple[str, ...],
 ) -> None:
-    """Run the turns of MODULE:APP's workflow instances, e.g. `keel worker myproject.workflows:app`.
+    """Run MODULE:APP's turns and event handlers, e.g. `keel worker myproject.workflows:app`.
 
-    Any number of workers on any machines can share one backend; each instance runs on one at a time.
-    SIGTERM or Ctrl-C stops claiming, lets running turns finish within --grace-s, and exits 0.
+    Any number of workers on any machines can share one backend; each instance runs on one at a time, and each
+    event reaches each handler on whichever worker is free. SIGTERM or Ctrl-C stops claiming, lets running turns
+    finish within --grace-s, and exits 0.
     """
     app = _load(app_path)
     configure_logging(log_level, json_lines=log_json)
-    settings = WorkerSettings(concurrency=concurrency, lease_s=lease_s, grace_s=grace_s)
+    try:
+        settings = WorkerSettings(concurrency=concurrency, lease_s=lease_s, grace_s=grace_s, only=only)
+        settings.check_names(app)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--only'") from None
     try:
         asyncio.run(serve(app, url or app.backend_url, settings))
     except ConfigurationError as exc:
@@ -215,6 +242,31 @@ def send(
 
 @main.command()
 @click.argument("app_path", metavar="MODULE:APP")
+@click.argument("event_type", metavar="EVENT_TYPE")
+@click.argument("payload", metavar="JSON")
+@_url_option
+@click.option("--idempotency-key", metavar="KEY", help="Publishing again with this key publishes nothing new.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Wait up to this long for every handler of the event to succeed.",
+)
+def publish(
+    app_path: str, event_type: str, payload: str, url: str | None, idempotency_key: str | None, wait_s: float | None
+) -> None:
+    """Publish a JSON event of EVENT_TYPE to every handler of it in MODULE:APP; print its event id."""
+    app = _load(app_path)
+    try:
+        document = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="'JSON'") from None
+    click.echo(_run(publish_event(app, url, event_type, document, idempotency_key, wait_s)))
+
+
+@main.command()
+@click.argument("app_path", metavar="MODULE:APP")
 @click.argument("workflow")
 @click.argument("workflow_id")
 @_url_option
@@ -263,6 +315,16 @@ def skip(app_path: str, workflow: str, workflow_id: str, url: str | None) -> Non
 def trace_command(app_path: str, workflow: str, workflow_id: str, url: str | None, limit: int, as_json: bool) -> None:
     """Rebuild the timeline of instance WORKFLOW_ID of WORKFLOW: every turn, who ran it, how it ended."""
     click.echo(_run(trace(_load(app_path), url, workflow, workflow_id, limit, as_json=as_json)))
+
+
+@main.command("events")
+@click.argument("app_path", metavar="MODULE:APP")
+@_url_option
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="The last N events.")
+@click.option("--json", "as_json", is_flag=True, help="Print the events as JSON.")
+def events_command(app_path: str, url: str | None, limit: int, as_json: bool) -> None:
+    """List MODULE:APP's recent events, newest first, with each handler's delivery status."""
+    click.echo(_run(list_events(_load(app_path), url, limit, as_json=as_json)))
 
 
 def _run(coroutine: Coroutine[Any, Any, str]) -> str:

@@ -1,28 +1,35 @@
-"""The client: send messages to workflow instances, read their state, wait for their turns, from any process."""
+"""The client: send messages and publish events, read states and event deliveries, wait for turns, from any process."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from keel.backends import open_backend
-from keel.backends.base import InstanceRef, MessageStatus, NewMessage, StoreOptions
+from keel.backends.base import InstanceRef, MessageStatus, StoreOptions
 from keel.errors import ConfigurationError, MessageNotFoundError, NotPausedError, TurnFailedError, WaitTimeoutError
-from keel.payload import DEFAULT_MAX_VALUE_BYTES, coerce, decode, encode, validate_key
+from keel.events import Delivery, EventInfo, delivery_message_id
+from keel.outbox import build_message, build_published_event
+from keel.payload import DEFAULT_MAX_VALUE_BYTES, decode, validate_key
 from keel.types import Versioned
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from pydantic import BaseModel
 
     from keel.app import App
-    from keel.backends.base import Backend, DeadLetter, TurnRecordRow
+    from keel.backends.base import Backend, DeadLetter, EventRow, MessageInfo, TurnRecordRow
+    from keel.events import Event
 
 logger = logging.getLogger(__name__)
 
 #: The longest pause between two looks at a message's status in ``wait()``.
 WAIT_POLL_MAX_S = 0.1
+
+T = TypeVar("T")
 
 
 class Client:
@@ -81,14 +88,16 @@ class Client:
             InvalidKeyError, PayloadTooLargeError: Bad id, key or size. Nothing is enqueued on any error.
             BackendUnavailable: The backend cannot be reached.
         """
-        spec = self.app.spec(workflow)
-        ref = InstanceRef(self.app.name, workflow, validate_key(workflow_id, what="workflow_id"))
-        if idempotency_key is not None:
-            validate_key(idempotency_key, what="idempotency key")
-        _check_delay(delay_s)
-        what = f"message to {workflow}/{workflow_id}"
-        payload = encode(coerce(message, spec.message, what=what), what=what, max_bytes=self._max_message_bytes)
-        new = NewMessage(ref, uuid.uuid4().hex, payload, idempotency_key, float(delay_s))
+        new = build_message(
+            self.app,
+            workflow,
+            workflow_id,
+            message,
+            message_id=uuid.uuid4().hex,
+            idempotency_key=idempotency_key,
+            delay_s=delay_s,
+            max_bytes=self._max_message_bytes,
+        )
         message_id = await self._open().send(new)
         logger.debug(
             "message %s sent to %s/%s",
@@ -98,6 +107,99 @@ class Client:
             extra={"workflow": workflow, "workflow_id": workflow_id, "message_id": message_id},
         )
         return message_id
+
+    async def publish(self, event: Event, *, idempotency_key: str | None = None) -> str:
+        """Publish ``event`` to every handler registered for its type (``@app.on``), durably, at once.
+
+        Handlers run on whichever worker is free, at least once each, with a stable ``ctx.idempotency_key``.
+        The handlers are the ones this process's app registers: publish from a process that imports the same
+        app module as the workers.
+
+        Args:
+            event: An instance of a ``keel.Event`` subclass.
+            idempotency_key: Publishing again with the same key (anywhere in the app) returns the first event's
+                id and publishes nothing, for as long as the app's retention keeps keys (7 days).
+
+        Returns:
+            The event's id, for ``wait_event()`` and ``keel events``.
+
+        Raises:
+            TypeError: ``event`` is not a ``keel.Event``.
+            InvalidKeyError, NotSerializableError, PayloadTooLargeError: Bad key, not JSON, or too large; nothing
+                is published.
+            BackendUnavailable: The backend cannot be reached.
+        """
+        new = build_published_event(
+            self.app,
+            event,
+            event_id=uuid.uuid4().hex,
+            max_bytes=self._max_message_bytes,
+            idempotency_key=idempotency_key,
+        )
+        event_id = await self._open().publish(new)
+        logger.debug(
+            "event %s (%s) published to %s",
+            event_id,
+            new.type,
+            ", ".join(new.handlers) or "no handler",
+            extra={"event_id": event_id, "event_type": new.type},
+        )
+        return event_id
+
+    async def events(self, *, limit: int = 20) -> list[EventInfo]:
+        """Return the app's last ``limit`` events, newest first, each with where each handler's delivery stands.
+
+        Raises:
+            ConfigurationError: ``limit`` is not a positive integer.
+            BackendUnavailable: The backend cannot be reached.
+        """
+        _check_limit(limit)
+        backend = self._open()
+        return [await self._event_info(backend, row) for row in await backend.events(self.app.name, limit=limit)]
+
+    async def wait_event(self, event_id: str, *, timeout_s: float) -> None:
+        """Wait until every delivery of event ``event_id`` has succeeded.
+
+        Raises:
+            MessageNotFoundError: No delivery of this event to a handler this app registers exists (unknown
+                event, one without handlers, or one whose deliveries were pruned).
+            TurnFailedError: A delivery was dead-lettered (its traceback in the error), or skipped after that.
+            WaitTimeoutError: Not all done within ``timeout_s``; the deliveries stay queued.
+            BackendUnavailable: The backend cannot be reached.
+        """
+        backend = self._open()
+
+        async def all_done() -> bool | None:
+            infos = [
+                (spec.name, info)
+                for spec in self.app.handlers.values()
+                if (info := await backend.message(self.app.name, delivery_message_id(event_id, spec.name))) is not None
+            ]
+            if not infos:
+                raise MessageNotFoundError(self.app.name, event_id)
+            for handler, info in infos:
+                _raise_if_dead(info, f"handler {handler} on event {event_id}")
+            return True if all(info.status is MessageStatus.done for _, info in infos) else None
+
+        await _poll(all_done, timeout_s, lambda: WaitTimeoutError(f"event {event_id}", event_id, timeout_s))
+
+    async def _event_info(self, backend: Backend, row: EventRow) -> EventInfo:
+        deliveries = []
+        for handler in row.handlers:
+            info = await backend.message(self.app.name, delivery_message_id(row.event_id, handler))
+            deliveries.append(
+                Delivery(handler, None if info is None else info.status, None if info is None else info.error)
+            )
+        return EventInfo(
+            row.event_id,
+            row.type,
+            decode(row.payload_json),
+            row.published_at,
+            row.source,
+            row.source_message_id,
+            row.idempotency_key,
+            tuple(deliveries),
+        )
 
     async def state(self, workflow: str, workflow_id: str) -> Versioned[Any] | None:
         """Return the instance's committed state, typed by the workflow's state model, or None before its first turn.
@@ -131,38 +233,30 @@ class Client:
         """
         self.app.spec(workflow)
         ref = InstanceRef(self.app.name, workflow, workflow_id)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        pause_s = 0.005
-        while True:
+        where = f"{workflow}/{workflow_id}"
+
+        async def committed() -> int | None:
             info = await self._open().message(self.app.name, message_id)
             if info is None or info.instance != ref:
                 raise MessageNotFoundError(self.app.name, message_id)
-            if info.status is MessageStatus.done and info.state_version is not None:
-                return info.state_version
-            if info.status is MessageStatus.failed:
-                raise TurnFailedError(f"{workflow}/{workflow_id}", message_id, info.error or "")
-            if info.status is MessageStatus.skipped:
-                error = (info.error or "").rstrip() + "\nthe dead letter was skipped (keel skip): it will never run"
-                raise TurnFailedError(f"{workflow}/{workflow_id}", message_id, error.lstrip())
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise WaitTimeoutError(f"{workflow}/{workflow_id}", message_id, timeout_s)
-            await asyncio.sleep(min(pause_s, remaining))
-            pause_s = min(pause_s * 2, WAIT_POLL_MAX_S)
+            _raise_if_dead(info, where)
+            return info.state_version if info.status is MessageStatus.done else None
+
+        return await _poll(committed, timeout_s, lambda: WaitTimeoutError(where, message_id, timeout_s))
 
     async def turns(self, workflow: str, workflow_id: str, *, limit: int = 100) -> list[TurnRecordRow]:
         """Return the instance's last ``limit`` turn records, oldest first.
 
         Each says who ran the attempt, under which fencing token, from which state version to which, how long
-        it took and how it ended (committed, retry, failed), with the error of a failed one.
+        it took and how it ended (committed, retry, failed), with the error of a failed one. A handler's
+        delivery of an event has its records too: ``turns("on/HANDLER", EVENT_ID)``.
 
         Raises:
             UnknownWorkflowError: No such workflow.
             ConfigurationError: ``limit`` is not a positive integer.
             BackendUnavailable: The backend cannot be reached.
         """
-        self.app.spec(workflow)
+        self.app.job(workflow)
         _check_limit(limit)
         ref = InstanceRef(self.app.name, workflow, validate_key(workflow_id, what="workflow_id"))
         return list(reversed(await self._open().turns(ref, limit=limit)))
@@ -205,6 +299,9 @@ class Client:
     async def retry(self, workflow: str, workflow_id: str) -> str:
         """Run the dead message of a paused instance again (attempts start afresh) and un-pause the instance.
 
+        A dead-lettered handler delivery is retried the same way: ``retry("on/HANDLER", EVENT_ID)``, as
+        ``dead_letters()`` lists it.
+
         Returns:
             The message id, for ``wait()``.
 
@@ -218,6 +315,8 @@ class Client:
     async def skip(self, workflow: str, workflow_id: str) -> str:
         """Drop the dead message of a paused instance (recorded as skipped) and let the instance go on.
 
+        ``skip("on/HANDLER", EVENT_ID)`` drops a dead-lettered handler delivery.
+
         Returns:
             The skipped message's id.
 
@@ -229,7 +328,7 @@ class Client:
         return await self._resolve(workflow, workflow_id, skip=True)
 
     async def _resolve(self, workflow: str, workflow_id: str, *, skip: bool) -> str:
-        self.app.spec(workflow)
+        self.app.job(workflow)
         ref = InstanceRef(self.app.name, workflow, validate_key(workflow_id, what="workflow_id"))
         message_id = await self._open().resolve_dead_letter(ref, skip=skip)
         if message_id is None:
@@ -250,15 +349,31 @@ class Client:
         return self._backend
 
 
-#: The longest timer a message may carry.
-MAX_DELAY_S = 10 * 365 * 24 * 3600.0
+async def _poll(check: Callable[[], Awaitable[T | None]], timeout_s: float, timed_out: Callable[[], Exception]) -> T:
+    """Call ``check`` until it returns something other than None, pausing longer each time (up to 0.1 s).
+
+    Raises:
+        Exception: ``timed_out()`` once ``timeout_s`` has passed.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pause_s = 0.005
+    while (result := await check()) is None:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise timed_out()
+        await asyncio.sleep(min(pause_s, remaining))
+        pause_s = min(pause_s * 2, WAIT_POLL_MAX_S)
+    return result
 
 
-def _check_delay(delay_s: object) -> None:
-    if not isinstance(delay_s, int | float) or isinstance(delay_s, bool) or not 0 <= delay_s <= MAX_DELAY_S:
-        raise ConfigurationError(
-            f"delay_s must be a number of seconds from 0 to {MAX_DELAY_S:g} (ten years), not {delay_s!r}"
-        )
+def _raise_if_dead(info: MessageInfo, where: str) -> None:
+    """Raise ``TurnFailedError`` if the message was dead-lettered, or skipped after that."""
+    if info.status is MessageStatus.failed:
+        raise TurnFailedError(where, info.message_id, info.error or "")
+    if info.status is MessageStatus.skipped:
+        error = (info.error or "").rstrip() + "\nthe dead letter was skipped (keel skip): it will never run"
+        raise TurnFailedError(where, info.message_id, error.lstrip())
 
 
 def _check_limit(limit: object) -> None:

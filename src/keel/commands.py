@@ -1,15 +1,21 @@
-"""What ``keel send`` and ``keel state`` do, as functions returning the text to print."""
+"""What the runtime commands (``keel send``, ``state``, ``dead``, ``retry``, ``skip``, ``trace``, ``events``) do.
+
+Each is a function returning the text to print, so the CLI stays a thin layer of options over them.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
 
+from keel.backends.base import is_delivery
 from keel.errors import KeelError
+from keel.payload import coerce
 
 if TYPE_CHECKING:
     from keel.app import App
-    from keel.backends.base import TurnRecordRow
+    from keel.backends.base import DeadLetter, TurnRecordRow
+    from keel.events import EventInfo
 
 
 class InstanceNotFoundError(KeelError, LookupError):
@@ -44,6 +50,24 @@ async def send_message(
         return f"{message_id}\n{await _state_text(client, workflow, workflow_id)}"
 
 
+async def publish_event(
+    app: App, url: str | None, type_name: str, payload: Any, idempotency_key: str | None, wait_s: float | None
+) -> str:
+    """Publish an event of the type named ``type_name``; return its id, after its handlers ran with ``wait_s``.
+
+    Raises:
+        UnknownWorkflowError: No handler of the app takes an event type of that name.
+        PayloadValidationError: The payload does not fit the event type; the error names the field.
+    """
+    event_type = app.event_type(type_name)
+    event = coerce(payload, event_type, what=f"event {type_name}")
+    async with app.client(url=url) as client:
+        event_id = await client.publish(event, idempotency_key=idempotency_key)
+        if wait_s is not None:
+            await client.wait_event(event_id, timeout_s=wait_s)
+    return event_id
+
+
 async def read_state(app: App, url: str | None, workflow: str, workflow_id: str) -> str:
     """Return the instance's state and version as JSON text.
 
@@ -75,16 +99,23 @@ async def list_dead_letters(app: App, url: str | None, limit: int) -> str:
         letters = await client.dead_letters(limit=limit)
     if not letters:
         return "no dead letters"
-    blocks = []
-    for letter in letters:
-        lines = letter.error.strip().splitlines() or ["(no error text)"]
-        blocks.append(
-            f"{letter.instance.workflow} {letter.instance.workflow_id}  message {letter.message_id}\n"
-            f"  failed at {letter.failed_at.isoformat(timespec='seconds')} after {letter.attempts} attempt(s)\n"
-            f"  {lines[-1]}\n"
-            "  keel retry MODULE:APP WORKFLOW WORKFLOW_ID runs it again; keel skip drops it"
-        )
-    return "\n\n".join(blocks)
+    return "\n\n".join(_dead_letter_block(letter) for letter in letters)
+
+
+def _dead_letter_block(letter: DeadLetter) -> str:
+    workflow, workflow_id = letter.instance.workflow, letter.instance.workflow_id
+    lines = letter.error.strip().splitlines() or ["(no error text)"]
+    what = (
+        f"handler {workflow.split('/', 1)[1]}  event {workflow_id}"
+        if is_delivery(workflow)
+        else f"{workflow} {workflow_id}"
+    )
+    return (
+        f"{what}  message {letter.message_id}\n"
+        f"  failed at {letter.failed_at.isoformat(timespec='seconds')} after {letter.attempts} attempt(s)\n"
+        f"  {lines[-1]}\n"
+        f"  keel retry MODULE:APP {workflow} {workflow_id} runs it again; keel skip drops it"
+    )
 
 
 async def resolve_dead_letter(app: App, url: str | None, workflow: str, workflow_id: str, *, skip: bool) -> str:
@@ -94,14 +125,16 @@ async def resolve_dead_letter(app: App, url: str | None, workflow: str, workflow
             message_id = await client.skip(workflow, workflow_id)
             return f"skipped message {message_id}; {workflow} {workflow_id} goes on with its next message"
         message_id = await client.retry(workflow, workflow_id)
-        return f"message {message_id} of {workflow} {workflow_id} will run again, before the messages after it"
+    if is_delivery(workflow):
+        return f"event {workflow_id} will be delivered to handler {workflow.split('/', 1)[1]} again"
+    return f"message {message_id} of {workflow} {workflow_id} will run again, before the messages after it"
 
 
 async def trace(app: App, url: str | None, workflow: str, workflow_id: str, limit: int, *, as_json: bool) -> str:
     """Rebuild an instance's timeline from the backend: its turns, oldest first, and its current state version."""
     async with app.client(url=url) as client:
         turns = await client.turns(workflow, workflow_id, limit=limit)
-        current = await client.state(workflow, workflow_id) if turns else None
+        current = await client.state(workflow, workflow_id) if turns and not is_delivery(workflow) else None
     if as_json:
         return json.dumps([_turn_document(t) for t in turns], indent=2, ensure_ascii=False)
     if not turns:
@@ -118,6 +151,48 @@ async def trace(app: App, url: str | None, workflow: str, workflow_id: str, limi
         if turn.error:
             lines.append(f"    {_last_line(turn.error)}")
     return "\n".join(lines)
+
+
+async def list_events(app: App, url: str | None, limit: int, *, as_json: bool) -> str:
+    """Return the app's recent events, newest first, each with the status of its delivery to every handler."""
+    async with app.client(url=url) as client:
+        events = await client.events(limit=limit)
+    if as_json:
+        return json.dumps([_event_document(e) for e in events], indent=2, ensure_ascii=False)
+    if not events:
+        return "no events (none published yet, or all pruned)"
+    blocks = []
+    for event in events:
+        source = "published by a client"
+        if event.source is not None:
+            source = f"emitted by {event.source.workflow} {event.source.workflow_id}"
+        lines = [f"{event.published_at.isoformat(timespec='milliseconds')}  {event.type}  {event.event_id}  {source}"]
+        if not event.deliveries:
+            lines.append("    no handler")
+        for delivery in event.deliveries:
+            status = "pruned (finished long ago)" if delivery.status is None else delivery.status.value
+            error = f": {_last_line(delivery.error)}" if delivery.error else ""
+            lines.append(f"    {delivery.handler:<24} {status}{error}")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
+
+
+def _event_document(event: EventInfo) -> dict[str, Any]:
+    return {
+        "event_id": event.event_id,
+        "type": event.type,
+        "published_at": event.published_at.isoformat(),
+        "source": None
+        if event.source is None
+        else {"workflow": event.source.workflow, "workflow_id": event.source.workflow_id},
+        "source_message_id": event.source_message_id,
+        "idempotency_key": event.idempotency_key,
+        "payload": event.payload,
+        "deliveries": {
+            d.handler: {"status": None if d.status is None else d.status.value, "error": d.error}
+            for d in event.deliveries
+        },
+    }
 
 
 def _turn_document(turn: TurnRecordRow) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""What a workflow function sees during one turn: a private copy of the state, and who and where it runs."""
+"""What user code sees while it runs: a turn's private state, a handler's event, and who and where it runs.
+
+Both contexts hold an outbox: what they send and publish is committed with the turn's state (or the handler's
+acknowledgement), all or nothing, and proposes the same ids when the run is repeated, so it happens once.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,11 @@ from keel.errors import StepError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
+    from datetime import datetime
 
+    from keel.backends.base import InstanceRef
+    from keel.events import Event
+    from keel.outbox import Outbox
     from keel.steps import StepRunner
 
 StateT = TypeVar("StateT", bound=BaseModel)
@@ -19,7 +27,66 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class TurnContext(Generic[StateT]):
+class _Effects:
+    """What turns and handlers share: durable steps, and sends committed with the run."""
+
+    _steps: StepRunner | None = None
+    _outbox: Outbox | None = None
+
+    def send(
+        self,
+        workflow: str,
+        workflow_id: str,
+        message: BaseModel | dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        delay_s: float = 0.0,
+    ) -> str:
+        """Send a message to a workflow instance when this turn (or handler) commits, and only then.
+
+        Arguments as ``keel.Client.send``. Returns the message's id, the same on every rerun of this call.
+
+        Raises:
+            UnknownWorkflowError, PayloadValidationError, InvalidKeyError, PayloadTooLargeError,
+                ConfigurationError: As ``Client.send``; nothing is queued.
+        """
+        return _require_outbox(self._outbox, "send").send(
+            workflow, workflow_id, message, idempotency_key=idempotency_key, delay_s=delay_s
+        )
+
+    @overload
+    async def step(self, name: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+    @overload
+    async def step(self, name: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    async def step(self, name: str, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Run a side effect once per message: ``fn(*args, **kwargs)``, recorded before the run goes on.
+
+        When the turn (or handler delivery) runs again (after a crash, a lost lease or a retry) the recorded
+        result is returned and ``fn`` is not called. Either way the result has been through JSON and comes back
+        typed by ``fn``'s return annotation. A sync ``fn`` runs in a thread, so it cannot stall the lease's heartbeat.
+
+        Args:
+            name: Unique within the run (1-255 printable characters); it names the record.
+            fn: The side effect, sync or async.
+            *args: Positional arguments for ``fn``.
+            **kwargs: Keyword arguments for ``fn``.
+
+        Returns:
+            ``fn``'s result, or the one recorded for this message.
+
+        Raises:
+            StepError: ``name`` was already used in this run.
+            StepTimeoutError: ``fn`` ran past the step timeout (a failed attempt).
+            NotSerializableError, PayloadTooLargeError: The result is not JSON, or too large.
+            LeaseLostError: The lease was lost: nothing is recorded, and the run cannot commit.
+        """
+        if self._steps is None:
+            raise StepError(f"this {type(self).__name__} runs no steps: steps run inside a worker (or keel.testing)")
+        return await self._steps.run(name, fn, args, kwargs)
+
+
+class TurnContext(_Effects, Generic[StateT]):
     """One turn of one workflow instance.
 
     Attributes:
@@ -57,38 +124,24 @@ class TurnContext(Generic[StateT]):
         self.state_version = state_version
         self.worker = worker
         self.logger = TurnLogger(logging.getLogger("keel.turn"), self.log_fields())
-        self._steps: StepRunner | None = None
 
-    @overload
-    async def step(self, name: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
-    @overload
-    async def step(self, name: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+    def emit(self, event: Event, *, idempotency_key: str | None = None) -> str:
+        """Publish ``event`` when this turn commits, and only then: a turn that fails emitted nothing.
 
-    async def step(self, name: str, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> Any:
-        """Run a side effect once per message: ``fn(*args, **kwargs)``, recorded before the turn goes on.
-
-        When the turn runs again (after a crash, a lost lease or a retry) the recorded result is returned and
-        ``fn`` is not called. Either way the result has been through JSON and comes back typed by ``fn``'s
-        return annotation. A sync ``fn`` runs in a thread, so it cannot stall the lease's heartbeat.
+        Every handler registered for the event's type receives it (``@app.on``), on whichever worker is free.
 
         Args:
-            name: Unique within the turn (1-255 printable characters); it names the record.
-            fn: The side effect, sync or async.
-            *args: Positional arguments for ``fn``.
-            **kwargs: Keyword arguments for ``fn``.
+            event: An instance of a ``keel.Event`` subclass.
+            idempotency_key: Publishing again with the same key, anywhere in the app, publishes nothing new.
 
         Returns:
-            ``fn``'s result, or the one recorded for this message.
+            The event's id; a rerun of this turn proposes the same id, and the event is appended once.
 
         Raises:
-            StepError: ``name`` was already used in this turn.
-            StepTimeoutError: ``fn`` ran past the step timeout (a failed attempt of the turn).
-            NotSerializableError, PayloadTooLargeError: The result is not JSON, or too large.
-            LeaseLostError: The lease was lost: nothing is recorded, and the turn cannot commit.
+            TypeError: ``event`` is not a ``keel.Event``.
+            NotSerializableError, PayloadTooLargeError, InvalidKeyError: The event cannot be stored as it is.
         """
-        if self._steps is None:
-            raise StepError("this TurnContext runs no steps: steps run inside a worker's turn (or keel.testing)")
-        return await self._steps.run(name, fn, args, kwargs)
+        return _require_outbox(self._outbox, "emit").publish(event, idempotency_key=idempotency_key)
 
     def log_fields(self) -> dict[str, Any]:
         """The fields every log record about this turn carries (G9)."""
@@ -104,6 +157,85 @@ class TurnContext(Generic[StateT]):
 
     def __repr__(self) -> str:
         return f"<TurnContext {self.workflow}/{self.workflow_id} v{self.state_version} token={self.fencing_token}>"
+
+
+class HandlerContext(_Effects):
+    """One delivery of one event to one handler.
+
+    Attributes:
+        handler: The handler's name.
+        event_id: The event's id: the same on every redelivery.
+        event_type: The event's type name.
+        idempotency_key: ``HANDLER:EVENT_ID``, the same on every redelivery of this event to this handler: pass
+            it to outside APIs that deduplicate (payments, mail) so a rerun does not repeat the effect.
+        published_at: When the event was published (the publishing process's clock).
+        source_workflow: The workflow whose turn emitted the event, or None when it was published by a client.
+        source_workflow_id: That turn's instance, or None.
+        attempt: 1 on the first delivery, more on redeliveries (after a failure, a crash or a lost lease).
+        fencing_token: Grows with every lease on this delivery; outside systems can refuse a zombie's writes.
+        worker: The worker running the handler, as ``host:pid``.
+        logger: A logger whose records carry the handler, event, worker, token and attempt.
+    """
+
+    def __init__(
+        self,
+        *,
+        handler: str,
+        event_id: str,
+        event_type: str,
+        idempotency_key: str,
+        published_at: datetime,
+        source: InstanceRef | None,
+        message_id: str,
+        attempt: int,
+        fencing_token: int,
+        worker: str,
+    ) -> None:
+        self.handler = handler
+        self.event_id = event_id
+        self.event_type = event_type
+        self.idempotency_key = idempotency_key
+        self.published_at = published_at
+        self.source_workflow = None if source is None else source.workflow
+        self.source_workflow_id = None if source is None else source.workflow_id
+        self.message_id = message_id
+        self.attempt = attempt
+        self.fencing_token = fencing_token
+        self.worker = worker
+        self.logger = TurnLogger(logging.getLogger("keel.handler"), self.log_fields())
+
+    def publish(self, event: Event, *, idempotency_key: str | None = None) -> str:
+        """Publish ``event`` when this handler succeeds, and only then; a failed run published nothing.
+
+        Returns:
+            The event's id; a redelivery proposes the same id, and the event is appended once.
+
+        Raises:
+            TypeError: ``event`` is not a ``keel.Event``.
+            NotSerializableError, PayloadTooLargeError, InvalidKeyError: The event cannot be stored as it is.
+        """
+        return _require_outbox(self._outbox, "publish").publish(event, idempotency_key=idempotency_key)
+
+    def log_fields(self) -> dict[str, Any]:
+        """The fields every log record about this delivery carries (G9)."""
+        return {
+            "handler": self.handler,
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "worker": self.worker,
+            "fencing_token": self.fencing_token,
+            "attempt": self.attempt,
+            "message_id": self.message_id,
+        }
+
+    def __repr__(self) -> str:
+        return f"<HandlerContext {self.handler} event={self.event_id} attempt={self.attempt}>"
+
+
+def _require_outbox(outbox: Outbox | None, verb: str) -> Outbox:
+    if outbox is None:
+        raise StepError(f"this context cannot {verb}: it is not running inside a worker (or keel.testing)")
+    return outbox
 
 
 class TurnLogger(logging.LoggerAdapter[logging.Logger]):

@@ -258,16 +258,16 @@ class RegistrationError(KeelError):
 
 
 class UnknownWorkflowError(KeelError, LookupError):
-    """Raised when a workflow name is not registered in the app."""
+    """Raised when a workflow (or handler, or event type) name is not registered in the app."""
 
     code = ErrorCode.not_found
 
-    def __init__(self, app: str, workflow: str, registered: list[str]) -> None:
+    def __init__(self, app: str, workflow: str, registered: list[str], *, kind: str = "workflow") -> None:
         self.app = app
         self.workflow = workflow
         self.registered = registered
         known = ", ".join(registered) if registered else "none"
-        super().__init__(f"app {app!r} has no workflow {workflow!r}; registered workflows: {known}")
+        super().__init__(f"app {app!r} has no {kind} {workflow!r}; registered {kind}s: {known}")
 
 
 class MessageNotFoundError(KeelError, LookupError):
@@ -318,12 +318,15 @@ class StepError(NonRetryable):
 
 
 class TurnTimeoutError(KeelError, TimeoutError):
-    """Raised when a turn runs past its timeout; it counts as a failed attempt."""
+    """Raised when a turn (or a handler) runs past its timeout; it counts as a failed attempt.
+
+    ``instance`` says what ran: ``the turn of WORKFLOW/ID``, or ``handler NAME on event ID``.
+    """
 
     def __init__(self, instance: str, timeout_s: float) -> None:
         self.instance = instance
         self.timeout_s = timeout_s
-        super().__init__(f"the turn of {instance} ran past its timeout of {timeout_s:g} s and was cancelled")
+        super().__init__(f"{instance} ran past its timeout of {timeout_s:g} s and was cancelled")
 
 
 class StepTimeoutError(KeelError, TimeoutError):

@@ -23,9 +23,10 @@ class Retention:
 
     Attributes:
         finished_s: Completed (or skipped) messages and turn records are pruned this long after they finished
-            (1 day). The instance's state and its state history are not touched.
-        idempotency_s: A message sent with an idempotency key is kept at least this long (7 days) after it
-            was sent, so the key keeps deduplicating; after that, the same key sends a new message.
+            (1 day), and events this long after they were published; a handler's finished delivery goes whole.
+            The instance's state and its state history are not touched.
+        idempotency_s: A message or event sent with an idempotency key is kept at least this long (7 days)
+            after it was sent, so the key keeps deduplicating; after that, the same key sends a new one.
         interval_s: How often each worker prunes (10 minutes); pruning is idempotent, so several workers
             doing it is harmless.
 
@@ -55,8 +56,13 @@ async def prune_once(backend: Backend, app: str, retention: Retention) -> None:
         finished_before=now - timedelta(seconds=retention.finished_s),
         keys_before=now - timedelta(seconds=retention.idempotency_s),
     )
-    if pruned.messages or pruned.turns:
-        logger.info("pruned %d finished messages and %d turn records", pruned.messages, pruned.turns)
+    if pruned.messages or pruned.turns or pruned.events:
+        logger.info(
+            "pruned %d finished messages (handler deliveries included), %d turn records and %d events",
+            pruned.messages,
+            pruned.turns,
+            pruned.events,
+        )
 
 
 async def prune_forever(backend: Backend, app: str, retention: Retention, worker: str) -> None:

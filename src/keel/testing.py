@@ -3,6 +3,7 @@
     async with keel.testing.WorkflowTester(app) as tester:
         state = await tester.run("loan", "42", LoanRequest(amount=1000))
         assert state.value.step == 1
+        await tester.deliver(Decided(loan_id="42", approved=True))  # every handler of Decided has succeeded
 
 The tester uses a private ``memory://`` backend and a real ``keel.worker.Worker`` in the same event loop,
 so turns go through exactly what production runs: validation, steps, timeouts, retries, dead letters.
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from keel.app import App
     from keel.backends.base import Backend
     from keel.client import Client
+    from keel.events import Event, EventInfo
     from keel.types import Versioned
 
 
@@ -93,3 +95,19 @@ class WorkflowTester:
     async def state(self, workflow: str, workflow_id: str) -> Versioned[Any] | None:
         """The instance's committed state, or None before its first turn."""
         return await self.client.state(workflow, workflow_id)
+
+    async def deliver(self, event: Event, *, timeout_s: float = 10.0) -> str:
+        """Publish ``event`` and wait until every handler registered for its type has succeeded; return its id.
+
+        Raises:
+            TurnFailedError: A handler failed for good (dead-lettered), with its traceback.
+            WaitTimeoutError: Not all handlers succeeded within ``timeout_s`` (retries may still be waiting).
+            MessageNotFoundError: No handler is registered for the event's type.
+        """
+        event_id = await self.client.publish(event)
+        await self.client.wait_event(event_id, timeout_s=timeout_s)
+        return event_id
+
+    async def events(self, *, limit: int = 20) -> list[EventInfo]:
+        """The app's last events, newest first (emitted ones included), with each handler's delivery status."""
+        return await self.client.events(limit=limit)

@@ -1,5 +1,9 @@
 """The worker: claims the next turn of any instance of its app, runs it, and commits it, under a lease.
 
+Handler deliveries are claimed and run the same way: each is the one message of an instance ``on/HANDLER`` /
+``EVENT_ID``, so any worker whose app registers the handler runs it, under a lease, and commits its
+acknowledgement with its sends and publishes (G5).
+
 Map of the design:
 
 - Claiming: ``backend.claim`` leases instances that have a pending message and no live lease, raising each
@@ -73,6 +77,9 @@ class WorkerSettings:
     grace_s: float = DEFAULT_GRACE_S
     idle_poll_s: float = IDLE_POLL_S
     max_state_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    #: Names of the workflows and handlers this worker runs; empty runs all of the app's. Handlers the worker
+    #: does not run still receive the events it publishes: the fan-out follows the app, not the worker.
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.concurrency, int) and self.concurrency >= 1):
@@ -84,6 +91,24 @@ class WorkerSettings:
             raise ConfigurationError(f"grace_s must be 0 or more seconds, not {self.grace_s!r}")
         if not (isinstance(self.max_state_bytes, int) and self.max_state_bytes >= 1):
             raise ConfigurationError(f"max_state_bytes must be a positive integer, not {self.max_state_bytes!r}")
+
+    def check_names(self, app: App) -> None:
+        """Raise unless every name in ``only`` is one of the app's workflows or handlers.
+
+        Raises:
+            ConfigurationError: A name is neither; the error lists the registered ones.
+        """
+        known = {*app.workflows, *app.handlers}
+        unknown = [name for name in self.only if name not in known]
+        if unknown:
+            raise ConfigurationError(
+                f"--only {', '.join(unknown)}: app {app.name!r} has no such workflow or handler; it has "
+                f"{', '.join(sorted(known)) or 'none'}"
+            )
+
+    def runs(self, name: str) -> bool:
+        """True if this worker runs the workflow or handler ``name``."""
+        return not self.only or name in self.only
 
 
 @dataclass
@@ -107,13 +132,19 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run turns until ``stop`` is set, then shut down gracefully."""
         self.app.freeze()
-        workflows = sorted(self.app.workflows)
+        self.settings.check_names(self.app)
+        own = sorted(name for name in self.app.workflows if self.settings.runs(name))
+        handlers = sorted(
+            (spec for spec in self.app.handlers.values() if self.settings.runs(spec.name)), key=lambda s: s.name
+        )
+        workflows = own + [spec.workflow for spec in handlers]
         logger.info(
-            "worker %s started for app %s on %s: workflows %s, concurrency %d, lease %gs",
+            "worker %s started for app %s on %s: workflows %s, handlers %s, concurrency %d, lease %gs",
             self.identity,
             self.app.name,
             self.backend.url,
-            ", ".join(workflows) or "(none)",
+            ", ".join(own) or "(none)",
+            ", ".join(f"{spec.name} ({spec.event_type.__name__})" for spec in handlers) or "(none)",
             self.settings.concurrency,
             self.settings.lease_s,
             extra={"worker": self.identity},
@@ -221,7 +252,8 @@ class Worker:
                 logger.error("renewing leases failed: %s", exc, extra={"worker": self.identity})
                 continue
             for entry, ok in zip(running, held, strict=True):
-                if not ok and not entry.task.done():
+                # A run whose outcome is being written released its lease itself (a commit does): not lost.
+                if not ok and not entry.task.done() and entry.claim.message_id not in self._turns.settling:
                     logger.warning(
                         "lease lost (expired, or another worker took the instance over): cancelling the turn",
                         extra=self._extra(entry.claim),

@@ -77,6 +77,12 @@ def test_state_of_an_instance_without_a_turn(url: str) -> None:
         (["send", "no-colon", "counter", "c1", "{}"], "is not MODULE:APP"),
         (["worker", APP_PATH, "--url", "memory://"], "memory:// lives inside one process"),
         (["worker", APP_PATH, "--url", "mongodb://x"], "supported schemes"),
+        (["worker", APP_PATH, "--only", "confirm", "--only", "nope"], "--only nope: app 'process-tests' has no such"),
+        (["events", APP_PATH, "--limit", "0"], "--limit"),
+        (["publish", APP_PATH, "Nope", "{}"], "registered event types: Placed, Relay, Relayed"),
+        (["publish", APP_PATH, "Placed", '{"order_id": "p1"}'], "ledger: Field required"),
+        (["publish", APP_PATH, "Placed", "{oops"], "not JSON"),
+        (["retry", APP_PATH, "on/nobody", "e1"], "on/confirm"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_no_traceback(url: str, args: list[str], message: str) -> None:

@@ -62,12 +62,14 @@ async def running_worker(app: keel.App, url: str, **settings: Any) -> AsyncItera
     backend = await open_backend(url, StoreOptions())
     stop = asyncio.Event()
     options = {"concurrency": 4, "lease_s": 3.0, "grace_s": 5.0, "idle_poll_s": 0.2, **settings}
-    task = asyncio.create_task(Worker(app, backend, WorkerSettings(**options)).run(stop))
     try:
-        yield stop
+        task = asyncio.create_task(Worker(app, backend, WorkerSettings(**options)).run(stop))
+        try:
+            yield stop
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
         await backend.aclose()
 
 

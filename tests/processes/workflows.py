@@ -60,3 +60,89 @@ async def payment(ctx: keel.TurnContext[Receipt], msg: Charge) -> None:
     ctx.state.charged_by_token = await ctx.step("charge", charge_card, msg.ledger, ctx.fencing_token)
     if ctx.attempt == 1:
         await asyncio.sleep(msg.pause_after_step_s)
+
+
+# --- Events and handlers (issue #6) -------------------------------------------------------------------------
+
+
+class Placed(keel.Event):
+    order_id: str
+    ledger: str
+    #: The attempt of the turn that emitted it: a failed attempt's event must never reach a handler.
+    emitted_by_attempt: int
+    handler_sleep_s: float = 0.0
+
+
+class Order(BaseModel):
+    ledger: str
+    handler_sleep_s: float = 0.0
+    #: Fail the first attempt after emitting (retried: only the second attempt's event may be delivered).
+    flaky_after_emit: bool = False
+    #: Fail for good after emitting (dead-lettered: its event must never be delivered).
+    fail_after_emit: bool = False
+
+
+class OrderState(BaseModel):
+    placed: int = 0
+
+
+@app.workflow(state=OrderState, message=Order, retry=keel.RetryPolicy(initial_delay_s=0.2, max_delay_s=0.5))
+async def order(ctx: keel.TurnContext[OrderState], msg: Order) -> None:
+    ctx.emit(
+        Placed(
+            order_id=ctx.workflow_id,
+            ledger=msg.ledger,
+            emitted_by_attempt=ctx.attempt,
+            handler_sleep_s=msg.handler_sleep_s,
+        )
+    )
+    if msg.fail_after_emit:
+        raise keel.NonRetryable("told to fail after emitting")
+    if msg.flaky_after_emit and ctx.attempt == 1:
+        raise RuntimeError("told to fail the first attempt after emitting")
+    ctx.state.placed += 1
+
+
+def append_line(path: str, line: str) -> None:
+    """The outside world of the handlers: one line per effect, written with a single append."""
+    with open(path, "a") as out:
+        out.write(line + "\n")
+
+
+@app.on(Placed)
+async def confirm(event: Placed, ctx: keel.HandlerContext) -> None:
+    await asyncio.sleep(event.handler_sleep_s)
+    append_line(event.ledger, f"confirm {ctx.event_id} {ctx.idempotency_key} {ctx.worker} {event.emitted_by_attempt}")
+
+
+@app.on(Placed)
+async def bill(event: Placed, ctx: keel.HandlerContext) -> None:
+    await asyncio.sleep(event.handler_sleep_s)
+    append_line(event.ledger, f"bill {ctx.event_id} {ctx.idempotency_key} {ctx.worker} {event.emitted_by_attempt}")
+
+
+class Relay(keel.Event):
+    target: str
+    seq: int
+    ledger: str
+    pause_first_attempt_s: float = 0.0
+
+
+class Relayed(keel.Event):
+    target: str
+    ledger: str
+
+
+@app.on(Relay)
+async def relay(event: Relay, ctx: keel.HandlerContext) -> None:
+    """Sends a turn and publishes an event, then (first attempt only) stalls: a test kills it there."""
+    ctx.send("counter", event.target, Step(seq=event.seq))
+    ctx.publish(Relayed(target=event.target, ledger=event.ledger))
+    append_line(event.ledger, f"relay {ctx.attempt} {ctx.worker}")
+    if ctx.attempt == 1:
+        await asyncio.sleep(event.pause_first_attempt_s)
+
+
+@app.on(Relayed)
+async def relayed(event: Relayed, ctx: keel.HandlerContext) -> None:
+    append_line(event.ledger, f"relayed {ctx.event_id} {ctx.worker}")

@@ -83,3 +83,36 @@ async def test_list_limits_are_checked(memory_url: str) -> None:
                 await client.dead_letters(limit=bad)
             with pytest.raises(keel.ConfigurationError, match="limit"):
                 await client.turns("record", "x", limit=bad)
+
+
+class SlowReplyBackend(memory.MemoryBackend):
+    """The memory backend whose commit replies arrive late: the commit is applied, the answer takes a while."""
+
+    async def commit_turn(self, commit: TurnCommit, /) -> int:
+        version = await super().commit_turn(commit)
+        await asyncio.sleep(0.5)  # the lease is already released; heartbeats run meanwhile
+        return version
+
+
+async def test_a_heartbeat_during_a_slow_commit_reply_is_not_a_lost_lease(caplog: pytest.LogCaptureFixture) -> None:
+    url = f"memory://robust-{uuid.uuid4().hex}"
+    app = keel.App("robust", backend=url)
+
+    @app.workflow(state=State, message=Msg)
+    async def record(ctx: keel.TurnContext[State], msg: Msg) -> None:
+        ctx.state.seen.append(msg.n)
+
+    backend = SlowReplyBackend(url, StoreOptions())
+    stop = asyncio.Event()
+    settings = WorkerSettings(lease_s=0.3, idle_poll_s=0.05)  # a heartbeat every 0.1 s, during the reply
+    with caplog.at_level(logging.INFO, logger="keel"):
+        worker = asyncio.create_task(Worker(app, backend, settings).run(stop))
+        async with app.client(url=url) as client:
+            message_id = await client.send("record", "a", Msg(n=1))
+            assert await client.wait("record", "a", message_id, timeout_s=5) == 1
+            await asyncio.sleep(0.6)
+        stop.set()
+        await worker
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("turn committed") for m in messages), messages
+    assert not [m for m in messages if "lease lost" in m or "cancelled" in m], messages

@@ -148,6 +148,7 @@ class Pruned:
 
     messages: int = 0
     turns: int = 0
+    events: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,18 +192,75 @@ class DeadLetter:
     failed_at: datetime
 
 
+#: Workflow names starting with this hold handler deliveries: instance ``on/HANDLER`` / ``EVENT_ID`` has one message,
+#: the event for that handler, and no state. User workflow names cannot contain ``/``, so the two never collide.
+DELIVERY_PREFIX = "on/"
+
+
+def is_delivery(workflow: str) -> bool:
+    """True if ``workflow`` names a handler's deliveries rather than a user workflow."""
+    return workflow.startswith(DELIVERY_PREFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append to its app's log, together with one delivery message per handler of its type.
+
+    The engine stores the event row (for ``events()`` and the publish idempotency key) and sends each of
+    ``deliveries`` as it would send any message; all in one transaction. An event whose id is already in the log
+    is ignored with its deliveries: a repeated commit or publish appends nothing.
+    """
+
+    app: str
+    event_id: str
+    type: str
+    payload_json: str
+    #: The handlers it is delivered to, in the order of ``deliveries``.
+    handlers: tuple[str, ...]
+    #: One message per handler, to instance ``on/HANDLER`` / ``event_id`` (see ``DELIVERY_PREFIX``).
+    deliveries: tuple[NewMessage, ...]
+    #: The instance whose turn (or handler delivery) emitted it, and that turn's message; None when published.
+    source: InstanceRef | None = None
+    source_message_id: str | None = None
+    #: Publishing again with the same key in the same app returns the first event's id and appends nothing.
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """An event as the log keeps it; ``seq`` grows with every event appended to the app's log."""
+
+    app: str
+    seq: int
+    event_id: str
+    type: str
+    payload_json: str
+    handlers: tuple[str, ...]
+    source: InstanceRef | None
+    source_message_id: str | None
+    idempotency_key: str | None
+    published_at: datetime
+
+
 @dataclass(frozen=True, slots=True)
 class TurnCommit:
-    """What one successful turn writes, all or nothing: the new state, the message's completion, the turn record.
+    """What one successful turn writes, all or nothing.
 
-    Later issues add the turn's step records and emitted events here, so that they join the same transaction.
+    That is the new state, the message's completion, the turn record, the messages the turn sends and the
+    events it emits (each with its deliveries). ``state_json`` None is a handler delivery's acknowledgement: no
+    state is written, and the message's ``state_version`` and the turn record's ``version_written`` are the
+    claim's ``state_version``.
     """
 
     claim: Claim
-    state_json: str
+    state_json: str | None
     worker: str
     started_at: datetime
     duration_s: float
+    #: Sent with the commit exactly as ``send()`` sends: deduplicated by message id and idempotency key.
+    sends: Sequence[NewMessage] = ()
+    #: Appended with the commit exactly as ``publish()`` appends.
+    events: Sequence[NewEvent] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +332,10 @@ class Broker(Protocol):
         ...
 
     async def commit_turn(self, commit: TurnCommit, /) -> int:
-        """Commit a turn atomically and release its lease; return the new state version.
+        """Commit a turn atomically (state, completion, record, sends, events) and release its lease.
+
+        Returns:
+            The new state version (the claim's own when ``state_json`` is None).
 
         Raises:
             LeaseLostError: The claim's token is no longer the instance's, or its lease has expired; nothing
@@ -352,8 +413,24 @@ class Broker(Protocol):
 
         Removes messages that are done or skipped and finished before ``finished_before`` (with their step
         records), except those with an idempotency key sent at or after ``keys_before``, which stay so that
-        the key keeps deduplicating; and turn records started before ``finished_before``.
+        the key keeps deduplicating; turn records started before ``finished_before``; events published before
+        ``finished_before`` (but those whose idempotency key was used at or after ``keys_before``); and the
+        instance rows of handler deliveries (``is_delivery``) whose one message was removed here, whole: their
+        ids are never reused, so nothing (no fencing token) needs to outlive them.
         """
+        ...
+
+    async def publish(self, event: NewEvent, /) -> str:
+        """Append ``event`` to its app's log and send its deliveries, atomically; wake idle workers.
+
+        Returns:
+            The event's id; when ``idempotency_key`` was used before in the app (or the id is already in the
+            log), the first event's id, and nothing is appended.
+        """
+        ...
+
+    async def events(self, app: str, /, *, limit: int) -> list[EventRow]:
+        """Return the app's last ``limit`` events, newest first."""
         ...
 
     async def delete_instance(self, instance: InstanceRef, /) -> bool:

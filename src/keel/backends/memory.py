@@ -18,9 +18,11 @@ from keel.backends.base import (
     STATE_HISTORY_LIMIT,
     Claim,
     DeadLetter,
+    EventRow,
     InstanceRef,
     MessageInfo,
     MessageStatus,
+    NewEvent,
     NewMessage,
     Pruned,
     StepRecord,
@@ -30,6 +32,7 @@ from keel.backends.base import (
     TurnCommit,
     TurnFailure,
     TurnRecordRow,
+    is_delivery,
 )
 from keel.errors import LeaseLostError, StaleWriteError
 
@@ -133,6 +136,9 @@ class _Runtime:
         self.messages: dict[tuple[str, str], _Message] = {}
         self.idempotency: dict[tuple[InstanceRef, str], str] = {}
         self.seq = 0
+        self.events: dict[tuple[str, str], EventRow] = {}
+        self.event_keys: dict[tuple[str, str], str] = {}
+        self.event_seq = 0
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
 
 
@@ -146,6 +152,54 @@ class MemoryBackend(MemoryStore):
 
     async def send(self, message: NewMessage, /) -> str:
         """Append ``message`` to its instance's inbox, or return the first id sent under its idempotency key."""
+        message_id = self._send(message)
+        self._wake(message.instance.app)
+        return message_id
+
+    async def publish(self, event: NewEvent, /) -> str:
+        """Append ``event`` and send its deliveries, or return the first id published under its key."""
+        event_id = self._publish(event)
+        self._wake(event.app)
+        return event_id
+
+    async def events(self, app: str, /, *, limit: int) -> list[EventRow]:
+        """Return the app's last ``limit`` events, newest first."""
+        rows = [row for (a, _), row in self._rt.events.items() if a == app]
+        rows.sort(key=lambda row: row.seq, reverse=True)
+        return rows[:limit]
+
+    def _publish(self, event: NewEvent) -> str:
+        rt = self._rt
+        if (event.app, event.event_id) in rt.events:
+            return event.event_id
+        if event.idempotency_key is not None:
+            first = rt.event_keys.get((event.app, event.idempotency_key))
+            if first is not None:
+                return first
+            rt.event_keys[(event.app, event.idempotency_key)] = event.event_id
+        rt.event_seq += 1
+        rt.events[(event.app, event.event_id)] = EventRow(
+            event.app,
+            rt.event_seq,
+            event.event_id,
+            event.type,
+            event.payload_json,
+            event.handlers,
+            event.source,
+            event.source_message_id,
+            event.idempotency_key,
+            _now(),
+        )
+        for delivery in event.deliveries:
+            self._send(delivery)
+        return event.event_id
+
+    def _wake(self, app: str) -> None:
+        for waiter in self._rt.waiters.pop(app, []):
+            if not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.set_result(None)
+
+    def _send(self, message: NewMessage) -> str:
         rt = self._rt
         if (message.instance.app, message.message_id) in rt.messages:
             return message.message_id  # a resend of the same message (a retry after a lost reply) appends nothing
@@ -166,9 +220,6 @@ class MemoryBackend(MemoryStore):
             idempotency_key=message.idempotency_key,
         )
         self._instance(message.instance).pending.append(message.message_id)
-        for waiter in rt.waiters.pop(message.instance.app, []):
-            if not waiter.done() and not waiter.get_loop().is_closed():
-                waiter.set_result(None)
         return message.message_id
 
     async def claim(
@@ -206,14 +257,22 @@ class MemoryBackend(MemoryStore):
         """Write the new state, complete the message, record the turn and release the lease."""
         claim = commit.claim
         inst, message = self._fenced(claim)
-        version = claim.state_version + 1
-        inst.state = StoredRecord(_state_key(claim.instance), version, commit.state_json, _now(), commit.worker)
-        inst.history.append(inst.state)
+        version = claim.state_version
+        if commit.state_json is not None:
+            version += 1
+            inst.state = StoredRecord(_state_key(claim.instance), version, commit.state_json, _now(), commit.worker)
+            inst.history.append(inst.state)
         inst.pending.remove(claim.message_id)
         message.info = replace(message.info, status=MessageStatus.done, state_version=version)
         message.finished_at = _now()
         self._record(commit, claim, version_written=version, outcome="committed", error=None)
         self._release(inst)
+        for sent in commit.sends:
+            self._send(sent)
+        for event in commit.events:
+            self._publish(event)
+        if commit.sends or commit.events:
+            self._wake(claim.instance.app)
         return version
 
     async def fail_turn(self, failure: TurnFailure, /) -> None:
@@ -309,13 +368,26 @@ class MemoryBackend(MemoryStore):
             message = self._rt.messages.pop(key)
             if message.idempotency_key is not None:
                 self._rt.idempotency.pop((message.info.instance, message.idempotency_key), None)
+            if is_delivery(message.info.instance.workflow):
+                self._rt.instances.pop(message.info.instance, None)
         turns = 0
         for inst in self._rt.instances.values():
             if inst.ref.app == app:
                 kept = [t for t in inst.turns if t.started_at >= finished_before]
                 turns += len(inst.turns) - len(kept)
                 inst.turns = kept
-        return Pruned(messages=len(doomed), turns=turns)
+        old_events = [
+            key
+            for key, row in self._rt.events.items()
+            if key[0] == app
+            and row.published_at < finished_before
+            and (row.idempotency_key is None or row.published_at < keys_before)
+        ]
+        for key in old_events:
+            row = self._rt.events.pop(key)
+            if row.idempotency_key is not None:
+                self._rt.event_keys.pop((app, row.idempotency_key), None)
+        return Pruned(messages=len(doomed), turns=turns, events=len(old_events))
 
     async def delete_instance(self, instance: InstanceRef, /) -> bool:
         """Delete an instance with its state, messages, steps, turn records and idempotency keys."""

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 APP = "loans"
 
 #: The runtime's tables, each holding rows of instances.
-RUNTIME_TABLES = ("keel_instances", "keel_messages", "keel_state_history", "keel_turns", "keel_steps")
+RUNTIME_TABLES = ("keel_instances", "keel_messages", "keel_state_history", "keel_turns", "keel_steps", "keel_events")
 
 
 # --- Opening stores and backends ---------------------------------------------------------------------------
@@ -96,8 +96,11 @@ def snapshot(url: str, tables: Sequence[str] = RUNTIME_TABLES) -> list[list[tupl
 
 
 def send_params(backend: PostgresBackend, message_id: str = "late") -> dict[str, object]:
-    """The parameters of the broker's two send statements (``lock_inbox``, ``append``) for a message to ``ref()``."""
+    """The parameters of the broker's two send statements (``lock_inboxes``, ``append``) for a message to ``ref()``."""
     return {
+        "apps": [APP],
+        "workflows": ["loan"],
+        "workflow_ids": ["42"],
         "app": APP,
         "workflow": "loan",
         "workflow_id": "42",

@@ -16,10 +16,10 @@ import psycopg
 import pytest
 
 import keel
-from keel.backends.base import STATE_HISTORY_LIMIT, MessageStatus, NewMessage, StoreOptions
+from keel.backends.base import STATE_HISTORY_LIMIT, InstanceRef, MessageStatus, NewMessage, StoreOptions
 from keel.backends.postgres import store as pg_store
 from keel.backends.postgres.backend import open_backend
-from keel.backends.postgres.broker import BROKER_QUERIES, channel_for
+from keel.backends.postgres.transactions import BROKER_QUERIES, channel_for
 from tests.backends.postgres._support import (
     APP,
     backends_opened_together,
@@ -34,7 +34,7 @@ from tests.backends.postgres._support import (
 )
 
 if TYPE_CHECKING:
-    from keel.backends.base import Backend, InstanceRef
+    from keel.backends.base import Backend
     from keel.backends.postgres.backend import PostgresBackend
 
 pytestmark = pytest.mark.postgres
@@ -95,6 +95,47 @@ async def test_leased_and_paused_instances_are_not_work_for_a_new_listener(
     started = time.monotonic()
     await backend.wait_for_work(APP, timeout_s=0.4)
     assert time.monotonic() - started >= 0.3
+
+
+async def test_a_waiter_wakes_only_for_the_workflows_its_backend_claims(
+    backend: PostgresBackend, other: PostgresBackend
+) -> None:
+    assert await claims(backend) == []  # from now on it waits for "loan" only
+    waiter = asyncio.create_task(_timed_wait(backend, APP, 0.5))
+    await _listening(backend, APP)
+    started = time.monotonic()
+    await send(other, InstanceRef(APP, "audit", "1"), {})  # a workflow of the app that this backend never claims
+    assert await waiter - started >= 0.4
+    waiter = asyncio.create_task(_timed_wait(backend, APP, 10))
+    await asyncio.sleep(0.05)
+    await send(other, ref(), {})
+    sent = time.monotonic()
+    assert await waiter - sent < 0.3
+
+
+async def test_a_send_noticed_while_no_one_waits_returns_the_next_wait_at_once(
+    backend: PostgresBackend, other: PostgresBackend
+) -> None:
+    await backend.wait_for_work(APP, timeout_s=0.2)  # the listener is up; nobody waits any more
+    assert await claims(backend) == []
+    await send(other, ref(), {})  # notified while the worker would be busy claiming or running turns
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    await backend.wait_for_work(APP, timeout_s=10)  # its commit may have come after the claim's snapshot
+    assert time.monotonic() - started < 0.1
+    assert len(await claims(backend)) == 1
+
+
+async def test_a_send_noticed_before_the_last_claim_does_not_return_the_next_wait(
+    backend: PostgresBackend, other: PostgresBackend
+) -> None:
+    await backend.wait_for_work(APP, timeout_s=0.2)
+    await send(other, ref(), {})
+    await asyncio.sleep(0.3)  # noticed by the listener before the claim below starts
+    assert len(await claims(backend)) == 1
+    started = time.monotonic()
+    await backend.wait_for_work(APP, timeout_s=0.5)  # that claim saw it: nothing to look at again
+    assert time.monotonic() - started >= 0.4
 
 
 async def test_the_listener_reconnects_after_its_connection_is_terminated(
@@ -294,11 +335,12 @@ async def test_a_store_only_database_at_schema_version_1_is_migrated(postgres_ur
 
 
 def test_the_broker_sql_holds_every_statement_it_runs() -> None:
-    expected = {"lock_inbox", "append", "lock_ready", "lease", "renew", "lock_instance", "commit_turn"}
+    expected = {"lock_inboxes", "append", "lock_ready", "lease", "renew", "lock_instance", "commit_turn"}
     expected |= {"fail_turn", "release", "message", "state", "turns", "has_work", "listen"}
     expected |= {"record_step", "retry_turn", "dead_letters", "resolve_dead_letter", "prune", "delete_instance"}
+    expected |= {"log_events", "logged_event", "events"}
     assert expected <= set(BROKER_QUERIES)
-    assert pg_store.SCHEMA_VERSION == 4
+    assert pg_store.SCHEMA_VERSION == 5
 
 
 async def test_state_history_keeps_the_last_versions(backend: PostgresBackend, postgres_url: str) -> None:
@@ -358,7 +400,7 @@ async def test_a_message_sent_while_a_commit_waits_for_the_row_is_queued_next(
     # A send caught between its two statements holds the instance row; the commit must wait for it, then see it.
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
         async with conn.transaction():
-            await conn.execute(BROKER_QUERIES["lock_inbox"], params)
+            await conn.execute(BROKER_QUERIES["lock_inboxes"], params)
             committing = asyncio.create_task(backend.commit_turn(commit_of(claim, {"n": 1})))
             await asyncio.sleep(0.3)
             assert not committing.done()

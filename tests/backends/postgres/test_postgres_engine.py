@@ -88,7 +88,7 @@ async def test_tables_live_in_the_schema_of_the_search_path(engine: PostgresStor
     rows = db_rows(postgres_url, "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", schema)
     store_tables = ["keel_kv", "keel_kv_history", "keel_schema"]
     runtime_tables = ["keel_instances", "keel_messages", "keel_state_history", "keel_turns", "keel_steps"]
-    runtime_tables += ["keel_instance_tombstones"]
+    runtime_tables += ["keel_instance_tombstones", "keel_events"]
     assert sorted(r[0] for r in rows) == sorted(store_tables + runtime_tables)
 
 

@@ -17,7 +17,7 @@ import keel
 from keel.backends.base import MessageStatus, StepRecord
 from keel.backends.postgres import broker as pg_broker
 from keel.backends.postgres import store as pg_store
-from keel.backends.postgres.broker import BROKER_QUERIES
+from keel.backends.postgres.transactions import BROKER_QUERIES
 from tests.backends.postgres._support import (
     APP,
     backends_opened_together,
@@ -82,7 +82,9 @@ def _at_schema_version_3(url: str) -> datetime:
 async def test_a_database_at_schema_version_3_is_upgraded_in_place(postgres_url: str) -> None:
     sent_at = _at_schema_version_3(postgres_url)
     async with backends_opened_together(postgres_url, 3) as opened:
-        assert db_rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", 4)]
+        assert db_rows(postgres_url, "SELECT component, version FROM keel_schema") == [
+            ("store", pg_store.SCHEMA_VERSION)
+        ]
         assert db_rows(postgres_url, "SELECT count(*) FROM keel_messages WHERE visible_at <> sent_at") == [(0,)]
         next_of = dict(
             db_rows(
@@ -236,7 +238,7 @@ async def test_a_delete_waits_for_a_send_in_progress_and_takes_its_message_too(
     params = send_params(backend)
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
         async with conn.transaction():
-            await conn.execute(BROKER_QUERIES["lock_inbox"], params)
+            await conn.execute(BROKER_QUERIES["lock_inboxes"], params)
             deleting = asyncio.create_task(backend.delete_instance(ref()))
             await asyncio.sleep(0.3)
             assert not deleting.done()

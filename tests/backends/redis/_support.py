@@ -14,6 +14,7 @@ from keel.backends.base import (
     Backend,
     Claim,
     InstanceRef,
+    NewEvent,
     NewMessage,
     StepRecord,
     StoreOptions,
@@ -62,8 +63,15 @@ async def claim_all(backend: Backend, *, limit: int = 10, lease_s: float = 5.0) 
     return await backend.claim(APP, ["loan"], worker="w1", lease_s=lease_s, limit=limit)
 
 
-def commit_of(claim: Claim, state: object = None, worker: str = "w1") -> TurnCommit:
-    return TurnCommit(claim, json.dumps(state), worker, datetime.now(UTC), 0.01)
+def commit_of(
+    claim: Claim,
+    state: object = None,
+    worker: str = "w1",
+    *,
+    sends: tuple[NewMessage, ...] = (),
+    events: tuple[NewEvent, ...] = (),
+) -> TurnCommit:
+    return TurnCommit(claim, json.dumps(state), worker, datetime.now(UTC), 0.01, sends, events)
 
 
 def failure_of(claim: Claim, error: str = "RuntimeError: flaky") -> TurnFailure:

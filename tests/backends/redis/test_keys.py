@@ -103,6 +103,11 @@ def test_default_runtime_layout() -> None:
     assert keys.turn_index("loans") == "keel:turnidx:{loans}"
     assert keys.token_floor("loans") == "keel:tokfloor:{loans}"
     assert keys.wake("loans") == "keel:wake:{loans}"
+    assert keys.event("loans", "e1") == "keel:event:{loans}:e1" == keys.event_stem("loans") + "e1"
+    assert keys.events("loans") == "keel:events:{loans}"
+    assert keys.event_times("loans") == "keel:evtime:{loans}"
+    assert keys.event_times_keyed("loans") == "keel:evkeyed:{loans}"
+    assert keys.event_keys("loans") == "keel:evidem:{loans}"
 
 
 @pytest.mark.parametrize("part", TRICKY_PARTS)
@@ -150,5 +155,10 @@ def test_every_key_of_an_app_shares_its_slot(app: str) -> None:
         keys.turn_index(app),
         keys.token_floor(app),
         keys.wake(app),
+        keys.event(app, "e{1}"),
+        keys.events(app),
+        keys.event_times(app),
+        keys.event_times_keyed(app),
+        keys.event_keys(app),
     ]
     assert {key_slot(name.encode()) for name in names} == {key_slot(hash_tag(app)[1:-1].encode())}

@@ -27,18 +27,18 @@ async def test_database_is_wal_with_full_sync_by_default(tmp_path: Path) -> None
         await store.put("k", 1, expected_version=None)
         engine = store._engine  # the engine's own connection reports its pragmas
         sync = await engine.database.run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])  # type: ignore[attr-defined]
-        busy = await engine.database.run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()[0])  # type: ignore[attr-defined]
+        busy_s = engine.database.busy_timeout_s  # type: ignore[attr-defined]
     assert _pragma(path, "journal_mode") == "wal"
     assert sync == 2  # FULL
-    assert busy == 30_000
+    assert busy_s == 30.0
 
 
 async def test_synchronous_and_busy_timeout_come_from_the_url(tmp_path: Path) -> None:
     async with keel.open_store(f"sqlite:///{tmp_path / 'k.db'}?synchronous=normal&busy_timeout_s=2") as store:
         engine = store._engine
         sync = await engine.database.run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])  # type: ignore[attr-defined]
-        busy = await engine.database.run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()[0])  # type: ignore[attr-defined]
-    assert (sync, busy) == (1, 2000)
+        busy_s = engine.database.busy_timeout_s  # type: ignore[attr-defined]
+    assert (sync, busy_s) == (1, 2.0)
 
 
 @pytest.mark.parametrize(

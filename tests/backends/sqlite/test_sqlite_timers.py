@@ -6,7 +6,7 @@ import asyncio
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
@@ -249,10 +249,10 @@ async def test_prune_works_in_batches_until_nothing_is_left(
     writes = 0
     real = backend.database.write
 
-    async def counted(fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def counted(fn: Callable[[sqlite3.Connection], T], **options: Any) -> T:
         nonlocal writes
         writes += 1
-        return await real(fn)
+        return await real(fn, **options)
 
     monkeypatch.setattr(backend.database, "write", counted)
     soon = datetime.now(UTC) + timedelta(seconds=5)

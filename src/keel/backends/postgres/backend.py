@@ -9,7 +9,9 @@ from keel.backends.postgres.listener import PostgresListener
 from keel.backends.postgres.store import QUERIES, PostgresSettings, PostgresStore, _fetch_one
 
 if TYPE_CHECKING:
-    from keel.backends.base import StoreEngine, StoreOptions
+    from collections.abc import Collection
+
+    from keel.backends.base import Claim, StoreEngine, StoreOptions
 
 
 class PostgresBackend(PostgresBroker):
@@ -22,8 +24,19 @@ class PostgresBackend(PostgresBroker):
         self.store: StoreEngine = store
         self._listener = PostgresListener(store, schema)
 
+    async def claim(
+        self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
+    ) -> list[Claim]:
+        """Lease up to ``limit`` claimable instances of ``app`` in ``workflows``, earliest visible message first.
+
+        The listener notes the workflows and the moment: the next ``wait_for_work`` for ``app`` wakes for them only,
+        and at once if one was sent meanwhile.
+        """
+        self._listener.claiming(app, workflows)
+        return await super().claim(app, workflows, worker=worker, lease_s=lease_s, limit=limit)
+
     async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
-        """Return when a message may have been sent to ``app``, or after ``timeout_s``.
+        """Return when a workflow of ``app`` this backend claims may have work, or after ``timeout_s``.
 
         Raises:
             BackendUnavailable: The listener connection cannot be opened, or the backend is closed.

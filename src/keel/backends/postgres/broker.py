@@ -1,13 +1,14 @@
-"""The PostgreSQL broker: inboxes, leases with fencing tokens, and the atomic turn commit (G2, G3).
+"""The PostgreSQL broker: inboxes, leases with fencing tokens, the atomic turn commit (G2, G3) and the event log.
 
-Tables (``schema.sql``, steps ``runtime_v1`` to ``runtime_v3``): ``keel_instances`` holds one row per workflow
+Tables (``schema.sql``, steps ``runtime_v1`` to ``runtime_v4``): ``keel_instances`` holds one row per workflow
 instance with its lease, fencing token, committed state and its next message, ``(next_visible_at, next_seq)``: the
 pending message with the smallest ``(visible_at, seq)`` (NULL when its inbox is empty; a failed message stays next
 while it pauses the instance); ``keel_messages`` the inboxes, each message with the seq it was sent under and the
 time it becomes visible (``sent_at`` plus the send's ``delay_s``, by the server's clock: a durable timer);
 ``keel_state_history`` the last states; ``keel_turns`` one record per turn; ``keel_steps`` the step results recorded
-per message; ``keel_instance_tombstones`` the last fencing token of each deleted instance. Statements are in
-``broker.sql``.
+per message; ``keel_instance_tombstones`` the last fencing token of each deleted instance; ``keel_events`` each
+app's event log, ordered by ``seq``. Statements are in ``broker.sql``; the writes that share a transaction (sends,
+events, commits) in ``transactions.py``, which also says in which order a transaction locks several instances.
 
 A lease is live while the instance's ``fencing_token`` is the claim's, ``lease_owner`` is set and
 ``lease_expires_at`` is after ``clock_timestamp()``. Commit, fail and release clear both; a retry clears the owner
@@ -28,13 +29,24 @@ How each operation stays atomic and fenced:
 - ``claim``: one transaction. ``FOR UPDATE SKIP LOCKED`` locks claimable instance rows (next message visible by the
   server's clock, not paused, lease absent or expired by ``clock_timestamp()``) in ``(next_visible_at, next_seq)``
   order, so concurrent claimers in any process take disjoint rows; a second statement raises their tokens, sets the
-  leases and counts the attempts. A retried message (a ``retry_turn`` hold) and a dead letter sent back keep their
-  ``(visible_at, seq)``, so they stay first.
+  leases and counts the attempts. The first hands the second the rows it locked through a transaction-local setting
+  (``keel.claimed``), so both go out together: a claim takes one round trip. A retried message (a ``retry_turn``
+  hold) and a dead letter sent back keep their ``(visible_at, seq)``, so they stay first.
 - ``commit_turn``, ``fail_turn``, ``record_step`` and ``retry_turn``: one transaction. It locks the instance row,
   then one statement writes everything under the condition that the lease is live (by the server's clock, read
   after the lock is held); when that condition fails nothing is written and ``LeaseLostError`` says why, from the
-  locked row. ``_commit_in``/``_fail_in`` take an open transaction, so that several commits, and later a turn's
-  events, can share one. A step keeps its first result: the insert does nothing on a name already recorded.
+  locked row. A commit also locks the inboxes of the messages it sends (in lock order: those that sort before the
+  instance's row are locked before it), and after the fenced statement appends them as ``send`` does and its
+  events as ``publish`` does, in the same transaction: a refused commit rolls back everything. A commit with a
+  NULL state (a handler delivery's acknowledgement) writes no state and keeps the claim's version. A step keeps
+  its first result: the insert does nothing on a name already recorded. A refused statement writes nothing, so a
+  write with nothing else in its transaction (all but a commit that sends or emits) is committed without waiting
+  for its answer, and refused (``LeaseLostError``) after the COMMIT: one round trip.
+- ``publish``: one transaction. One statement appends the event unless the log holds its id or (in its app) its
+  idempotency key; a concurrent append of either makes it wait for that transaction to end, then do nothing. An
+  appended event's deliveries are sent as ``send`` sends them; otherwise a second statement finds the event that
+  stands for it (or, if that event was pruned meanwhile, it tries again). Every appended message with no delay
+  notifies its app's channel at commit, naming its workflow (``listener.py``).
 - ``resolve_dead_letter``: one transaction. It locks the instance row (so sends, claims and other resolves of it
   wait), then one statement finds the failed message at ``next_seq`` of the paused instance, makes it pending
   again (attempts 0) or skipped, recomputes the instance's next message, un-pauses the instance and notifies
@@ -43,27 +55,28 @@ How each operation stays atomic and fenced:
   then one statement deletes the instance, its messages (their steps by cascade), state history and turn records
   and records its fencing token in a tombstone. A fenced write waiting on the row then finds no row and raises
   ``LeaseLostError`` ("the instance was deleted"); a later send starts the instance afresh at state version 0.
-- ``prune``: batches of ``PRUNE_BATCH`` messages and turn records, each batch one statement (its own transaction),
-  repeated until a batch finds less than a full one, so one call prunes everything that is due. Only done or
-  skipped messages are deleted, which nothing ever changes again, and rows another pruner holds are skipped.
-- ``renew``, ``release``: one fenced statement each.
+- ``prune``: batches of ``PRUNE_BATCH`` messages, turn records and events, each batch one statement (its own
+  transaction), repeated until a batch finds less than a full one, so one call prunes everything that is due. Only
+  done or skipped messages are deleted, which nothing ever changes again, and rows another pruner holds are
+  skipped. A handler delivery's instance goes with its last message, whole and without a tombstone.
+- ``renew``, ``release``: one fenced statement each; ``renew`` locks its rows in lock order before it writes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from keel.backends._sql import load_queries
 from keel.backends.base import (
-    STATE_HISTORY_LIMIT,
+    DELIVERY_PREFIX,
     Claim,
     DeadLetter,
+    EventRow,
     InstanceRef,
     MessageInfo,
     MessageStatus,
+    NewEvent,
     NewMessage,
     Pruned,
     StepRecord,
@@ -73,38 +86,31 @@ from keel.backends.base import (
     TurnRecordRow,
 )
 from keel.backends.postgres.store import _fetch_one
-from keel.errors import LeaseLostError
+from keel.backends.postgres.transactions import (
+    BROKER_QUERIES,
+    channel_for,
+    commit_in,
+    fail_in,
+    instance_params,
+    publish_in,
+    queue_fenced,
+    send_in,
+    turn_params,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Sequence
-    from typing import LiteralString
+    from collections.abc import AsyncIterator, Collection, Sequence
 
     import psycopg
     from psycopg.rows import TupleRow
 
     from keel.backends.postgres.store import PostgresStore
 
-#: The broker's statements, by name (``broker.sql``).
-BROKER_QUERIES = load_queries(__package__ or __name__, "broker.sql")
-
-#: How many messages, and how many turn records, one statement of ``prune`` deletes at most; it repeats until done.
+#: How many messages, turn records and events one statement of ``prune`` deletes at most; it repeats until done.
 PRUNE_BATCH = 1000
 
-#: How much of an app's name its channel name shows, to make it recognisable in ``pg_listening_channels()``.
-_READABLE_CHARS = 24
-
-_UNSAFE = re.compile(r"[^a-z0-9_]")
-
-
-def channel_for(schema: str, app: str) -> str:
-    """Return the NOTIFY channel of ``app``'s messages in ``schema``: a lower-case identifier under 63 bytes.
-
-    A digest of both names keeps apart names that differ only in what the readable part drops, and keeps apps
-    (or tests) in different schemas of one database from waking each other.
-    """
-    readable = _UNSAFE.sub("_", app.lower())[:_READABLE_CHARS]
-    digest = hashlib.blake2b(f"{schema}\0{app}".encode(), digest_size=8).hexdigest()
-    return f"keel_{readable}_{digest}"
+#: How many times ``publish`` looks again for the event in its way when that event is pruned meanwhile.
+_PUBLISH_ATTEMPTS = 3
 
 
 class PostgresBroker:
@@ -113,6 +119,23 @@ class PostgresBroker:
     def __init__(self, store: PostgresStore, schema: str) -> None:
         self._store = store
         self._schema = schema
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
+        """Lend a pooled connection inside one transaction, in pipeline mode.
+
+        Statements go out as they are queued and their results are read only when needed, so a write waits for
+        the server only when it needs an answer to go on, and once more for its COMMIT: once for a claim, a handler
+        delivery's acknowledgement or another fenced write whose answer is read after the block (its cursor holds
+        the rows that came back with the COMMIT), twice for a send or a commit that sends or emits. The transaction
+        is opened and closed with plain statements, because psycopg's transaction blocks wait for the server as they
+        start and as they end in pipeline mode. When the block raises (``LeaseLostError``, a failed statement), the
+        pool's connection block rolls back.
+        """
+        async with self._store._connection() as conn, conn.pipeline():
+            await conn.execute(BROKER_QUERIES["begin"])
+            yield conn
+            await conn.execute(BROKER_QUERIES["commit"])
 
     async def send(self, message: NewMessage, /) -> str:
         """Append ``message`` to its inbox and wake the app's listeners, unless its id or idempotency key was used.
@@ -123,19 +146,37 @@ class PostgresBroker:
         Raises:
             BackendUnavailable: The server cannot be reached; the message may or may not have been appended.
         """
-        params = {
-            **_instance_params(message.instance),
-            "message_id": message.message_id,
-            "payload": message.payload_json,
-            "idempotency_key": message.idempotency_key,
-            "delay_s": float(message.delay_s),
-            "channel": channel_for(self._schema, message.instance.app),
-        }
-        async with self._store._connection() as conn, conn.transaction():
-            await conn.execute(BROKER_QUERIES["lock_inbox"], params)
-            row = await _fetch_one(conn, BROKER_QUERIES["append"], params)
-        assert row is not None  # the statement always returns its one row
-        return str(row[0])
+        async with self._transaction() as conn:
+            [message_id] = await send_in(conn, self._schema, [message])
+        return message_id
+
+    async def publish(self, event: NewEvent, /) -> str:
+        """Append ``event`` to its app's log and send its deliveries, unless its id or idempotency key was used.
+
+        Returns:
+            The event's id, or the id of the event first published under the same idempotency key.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached; the event may or may not have been appended.
+        """
+        params = {"app": event.app, "event_id": event.event_id, "idempotency_key": event.idempotency_key}
+        async with self._transaction() as conn:
+            for _ in range(_PUBLISH_ATTEMPTS):
+                if await publish_in(conn, self._schema, [event]):
+                    return event.event_id
+                # A fresh statement, hence a fresh snapshot: it sees the event whose append this one waited for.
+                row = await _fetch_one(conn, BROKER_QUERIES["logged_event"], params)
+                if row is not None:
+                    return str(row[0])
+        # Pruned under our feet each time: what stood in the way has left the log, as this event would have.
+        return event.event_id
+
+    async def events(self, app: str, /, *, limit: int) -> list[EventRow]:
+        """Return the app's last ``limit`` events, newest first."""
+        async with self._store._connection() as conn:
+            cursor = await conn.execute(BROKER_QUERIES["events"], {"app": app, "limit": max(limit, 0)})
+            rows = await cursor.fetchall()
+        return [_event(app, row) for row in rows]
 
     async def claim(
         self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
@@ -144,31 +185,25 @@ class PostgresBroker:
         if limit <= 0 or not workflows:
             return []
         wanted = {"app": app, "workflows": list(workflows), "limit": limit}
-        async with self._store._connection() as conn, conn.transaction():
-            cursor = await conn.execute(BROKER_QUERIES["lock_ready"], wanted)
-            picked = await cursor.fetchall()
-            if not picked:
-                return []
-            lease = {
-                "app": app,
-                "workflows": [row[0] for row in picked],
-                "workflow_ids": [row[1] for row in picked],
-                "worker": worker,
-                "lease_s": lease_s,
-            }
-            cursor = await conn.execute(BROKER_QUERIES["lease"], lease)
-            rows = await cursor.fetchall()
+        lease = {"app": app, "worker": worker, "lease_s": lease_s}
+        async with self._transaction() as conn:
+            await conn.execute(BROKER_QUERIES["lock_ready"], wanted)
+            leased = await conn.execute(BROKER_QUERIES["lease"], lease)
+        # Read once the block is over: the leases came back with its COMMIT, in the same round trip.
+        rows = await leased.fetchall()
         return [_claim(app, row) for row in rows]
 
     async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
         """Extend each lease still live under its claim's token, by ``lease_s`` from the server's now."""
         if not claims:
             return []
+        # In lock order (see transactions.py): a commit of one of these instances may be locking others of them.
+        ordered = sorted(claims, key=lambda c: (c.instance.app, c.instance.workflow, c.instance.workflow_id))
         params = {
-            "apps": [c.instance.app for c in claims],
-            "workflows": [c.instance.workflow for c in claims],
-            "workflow_ids": [c.instance.workflow_id for c in claims],
-            "tokens": [c.fencing_token for c in claims],
+            "apps": [c.instance.app for c in ordered],
+            "workflows": [c.instance.workflow for c in ordered],
+            "workflow_ids": [c.instance.workflow_id for c in ordered],
+            "tokens": [c.fencing_token for c in ordered],
             "lease_s": lease_s,
         }
         async with self._store._connection() as conn:
@@ -177,14 +212,18 @@ class PostgresBroker:
         return [c.instance in renewed for c in claims]
 
     async def commit_turn(self, commit: TurnCommit, /) -> int:
-        """Commit a turn atomically and release its lease; return the new state version.
+        """Commit a turn atomically (state, completion, record, sends, events) and release its lease.
+
+        Returns:
+            The new state version (the claim's own when ``state_json`` is None).
 
         Raises:
             LeaseLostError: The claim's token is no longer the instance's, or its lease expired; nothing was written.
             BackendUnavailable: The server cannot be reached; the commit may or may not have happened.
         """
-        async with self._store._connection() as conn, conn.transaction():
-            return await _commit_in(conn, commit)
+        async with self._transaction() as conn:
+            written = await commit_in(conn, self._schema, commit)
+        return int((await written.row())[0])
 
     async def fail_turn(self, failure: TurnFailure, /) -> None:
         """Mark the message failed, pause the instance, record the turn and release the lease, atomically.
@@ -193,12 +232,13 @@ class PostgresBroker:
             LeaseLostError: The claim's token is no longer the instance's, or its lease expired; nothing was written.
             BackendUnavailable: The server cannot be reached.
         """
-        async with self._store._connection() as conn, conn.transaction():
-            await _fail_in(conn, failure)
+        async with self._transaction() as conn:
+            written = await fail_in(conn, failure)
+        await written.row()
 
     async def release(self, claim: Claim, /) -> None:
         """Give the lease back if the claim's token is still current; otherwise do nothing."""
-        params = {**_instance_params(claim.instance), "fencing_token": claim.fencing_token}
+        params = {**instance_params(claim.instance), "fencing_token": claim.fencing_token}
         async with self._store._connection() as conn:
             await conn.execute(BROKER_QUERIES["release"], params)
 
@@ -211,7 +251,7 @@ class PostgresBroker:
         """
         claim = step.claim
         params = {
-            **_instance_params(claim.instance),
+            **instance_params(claim.instance),
             "message_id": claim.message_id,
             "fencing_token": claim.fencing_token,
             "name": step.name,
@@ -219,8 +259,9 @@ class PostgresBroker:
             "worker": step.worker,
             "duration_s": step.duration_s,
         }
-        async with self._store._connection() as conn, conn.transaction():
-            await _fenced(conn, claim, BROKER_QUERIES["record_step"], params)
+        async with self._transaction() as conn:
+            written = await queue_fenced(conn, claim, BROKER_QUERIES["record_step"], params)
+        await written.row()
 
     async def retry_turn(self, failure: TurnFailure, /, *, delay_s: float) -> None:
         """Record a failed attempt and release the lease, holding the instance for ``delay_s``, atomically.
@@ -231,12 +272,13 @@ class PostgresBroker:
         """
         claim = failure.claim
         params = {
-            **_turn_params(claim, failure.worker, failure.started_at, failure.duration_s),
+            **turn_params(claim, failure.worker, failure.started_at, failure.duration_s),
             "error": failure.error,
             "delay_s": float(delay_s),
         }
-        async with self._store._connection() as conn, conn.transaction():
-            await _fenced(conn, claim, BROKER_QUERIES["retry_turn"], params)
+        async with self._transaction() as conn:
+            written = await queue_fenced(conn, claim, BROKER_QUERIES["retry_turn"], params)
+        await written.row()
 
     async def dead_letters(self, app: str, /, *, limit: int) -> list[DeadLetter]:
         """Return the app's dead-lettered messages (status failed), newest failure first."""
@@ -257,8 +299,8 @@ class PostgresBroker:
         Raises:
             BackendUnavailable: The server cannot be reached; the instance may or may not have been resolved.
         """
-        params = {**_instance_params(instance), "skip": skip, "channel": channel_for(self._schema, instance.app)}
-        async with self._store._connection() as conn, conn.transaction():
+        params = {**instance_params(instance), "skip": skip, "channel": channel_for(self._schema, instance.app)}
+        async with self._transaction() as conn:
             if await _fetch_one(conn, BROKER_QUERIES["lock_instance"], params) is None:
                 return None
             row = await _fetch_one(conn, BROKER_QUERIES["resolve_dead_letter"], params)
@@ -278,7 +320,7 @@ class PostgresBroker:
     async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
         """Return the instance's committed state, or None before its first committed turn."""
         async with self._store._connection() as conn:
-            row = await _fetch_one(conn, BROKER_QUERIES["state"], _instance_params(instance))
+            row = await _fetch_one(conn, BROKER_QUERIES["state"], instance_params(instance))
         if row is None:
             return None
         version, state, written_at, writer = row
@@ -289,29 +331,39 @@ class PostgresBroker:
     async def turns(self, instance: InstanceRef, /, *, limit: int) -> list[TurnRecordRow]:
         """Return the instance's turn records, newest first."""
         async with self._store._connection() as conn:
-            cursor = await conn.execute(BROKER_QUERIES["turns"], {**_instance_params(instance), "limit": limit})
+            cursor = await conn.execute(BROKER_QUERIES["turns"], {**instance_params(instance), "limit": limit})
             rows = await cursor.fetchall()
         return [_turn(instance, row) for row in rows]
 
     async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:
-        """Delete ``app``'s finished messages and turn records older than the cut-offs, batch by batch.
+        """Delete ``app``'s finished messages, turn records and events older than the cut-offs, batch by batch.
 
         Messages done or skipped before ``finished_before`` go with their steps, unless they carry an idempotency
-        key and were sent at or after ``keys_before``; turn records go when started before ``finished_before``.
-        Pending and failed messages, states and state history are never touched.
+        key and were sent at or after ``keys_before``; turn records go when started before ``finished_before``;
+        events when published before ``finished_before``, unless they carry an idempotency key and were published
+        at or after ``keys_before``. A handler delivery's instance goes whole with its last message. Pending and
+        failed messages, the instances of workflows, their states and state history are never touched.
 
         Raises:
             BackendUnavailable: The server cannot be reached; the batches before it stay pruned.
         """
-        params = {"app": app, "finished_before": finished_before, "keys_before": keys_before, "limit": PRUNE_BATCH}
-        messages = turns = 0
+        params = {
+            "app": app,
+            "finished_before": finished_before,
+            "keys_before": keys_before,
+            "limit": PRUNE_BATCH,
+            "delivery_prefix": DELIVERY_PREFIX,
+        }
+        totals = [0, 0, 0]
         while True:
             async with self._store._connection() as conn:
                 row = await _fetch_one(conn, BROKER_QUERIES["prune"], params)
             assert row is not None  # the statement always returns its one row
-            messages, turns = messages + int(row[0]), turns + int(row[1])
-            if int(row[0]) < PRUNE_BATCH and int(row[1]) < PRUNE_BATCH:
-                return Pruned(messages=messages, turns=turns)
+            counts = [int(count) for count in row]
+            totals = [total + count for total, count in zip(totals, counts, strict=True)]
+            if all(count < PRUNE_BATCH for count in counts):
+                messages, turns, events = totals
+                return Pruned(messages=messages, turns=turns, events=events)
 
     async def delete_instance(self, instance: InstanceRef, /) -> bool:
         """Delete ``instance`` with its state, state history, messages, steps, turn records and idempotency keys.
@@ -322,94 +374,12 @@ class PostgresBroker:
         Raises:
             BackendUnavailable: The server cannot be reached; the instance may or may not have been deleted.
         """
-        params = _instance_params(instance)
-        async with self._store._connection() as conn, conn.transaction():
+        params = instance_params(instance)
+        async with self._transaction() as conn:
             if await _fetch_one(conn, BROKER_QUERIES["lock_instance"], params) is None:
                 return False
             row = await _fetch_one(conn, BROKER_QUERIES["delete_instance"], params)
         return row is not None and int(row[0]) > 0
-
-
-async def _commit_in(conn: psycopg.AsyncConnection[TupleRow], commit: TurnCommit) -> int:
-    """Perform one turn commit inside the caller's open transaction; return the new state version.
-
-    Raises:
-        LeaseLostError: The claim is stale; the caller's transaction must roll back (nothing of this was written).
-    """
-    claim = commit.claim
-    params = {
-        **_turn_params(claim, commit.worker, commit.started_at, commit.duration_s),
-        "state": commit.state_json,
-        "history_limit": STATE_HISTORY_LIMIT,
-    }
-    row = await _fenced(conn, claim, BROKER_QUERIES["commit_turn"], params)
-    return int(row[0])
-
-
-async def _fail_in(conn: psycopg.AsyncConnection[TupleRow], failure: TurnFailure) -> None:
-    """Record one failed turn inside the caller's open transaction.
-
-    Raises:
-        LeaseLostError: The claim is stale; the caller's transaction must roll back (nothing of this was written).
-    """
-    claim = failure.claim
-    params = {**_turn_params(claim, failure.worker, failure.started_at, failure.duration_s), "error": failure.error}
-    await _fenced(conn, claim, BROKER_QUERIES["fail_turn"], params)
-
-
-async def _fenced(
-    conn: psycopg.AsyncConnection[TupleRow], claim: Claim, query: LiteralString, params: dict[str, Any]
-) -> tuple[Any, ...]:
-    """Lock the claim's instance row, then run ``query``, a statement that writes only under a live lease.
-
-    Runs inside the caller's open transaction. Locking first makes sends to this inbox wait, so the statement's
-    snapshot (taken after the lock) shows every message sent before it, and its ``clock_timestamp()`` is read
-    with the row held.
-
-    Returns:
-        The statement's row.
-
-    Raises:
-        LeaseLostError: The statement returned no row: the lease was not live, and nothing was written.
-    """
-    held = await _fetch_one(conn, BROKER_QUERIES["lock_instance"], _instance_params(claim.instance))
-    row = await _fetch_one(conn, query, params)
-    if row is None:
-        raise LeaseLostError(_describe(claim.instance), claim.fencing_token, _lease_problem(claim, held))
-    return row
-
-
-def _lease_problem(claim: Claim, held: tuple[Any, ...] | None) -> str:
-    """Say why a fenced write found nothing to write, from the instance row it locked."""
-    if held is None:
-        return "the instance was deleted"
-    token, owner, state_version, first_token = held
-    if claim.fencing_token <= first_token:
-        return "the instance was deleted (and has started afresh since)"
-    if token != claim.fencing_token:
-        return f"the instance moved on to fencing token {token}"
-    if owner is None:
-        return "the lease was released"
-    if state_version != claim.state_version:
-        return f"the state moved on to version {state_version}"
-    return "the lease expired"
-
-
-def _instance_params(ref: InstanceRef) -> dict[str, Any]:
-    return {"app": ref.app, "workflow": ref.workflow, "workflow_id": ref.workflow_id}
-
-
-def _turn_params(claim: Claim, worker: str, started_at: datetime, duration_s: float) -> dict[str, Any]:
-    return {
-        **_instance_params(claim.instance),
-        "message_id": claim.message_id,
-        "fencing_token": claim.fencing_token,
-        "version_read": claim.state_version,
-        "attempt": claim.attempt,
-        "worker": worker,
-        "started_at": started_at,
-        "duration_s": duration_s,
-    }
 
 
 def _claim(app: str, row: tuple[Any, ...]) -> Claim:
@@ -438,9 +408,23 @@ def _turn(instance: InstanceRef, row: tuple[Any, ...]) -> TurnRecordRow:
     )
 
 
+def _event(app: str, row: tuple[Any, ...]) -> EventRow:
+    seq, event_id, type_, payload, handlers, source_app, source_workflow, source_workflow_id, *rest = row
+    source_message_id, idempotency_key, published_at = rest
+    source = None if source_app is None else InstanceRef(source_app, source_workflow, source_workflow_id)
+    return EventRow(
+        app,
+        int(seq),
+        event_id,
+        type_,
+        payload,
+        tuple(handlers),
+        source,
+        source_message_id,
+        idempotency_key,
+        _utc(published_at),
+    )
+
+
 def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
-
-
-def _describe(ref: InstanceRef) -> str:
-    return f"{ref.app}:{ref.workflow}/{ref.workflow_id}"

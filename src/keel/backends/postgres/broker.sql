@@ -1,5 +1,5 @@
 -- The statements of the PostgreSQL broker, loaded by keel.backends._sql; the tables are in schema.sql (runtime_v1 to
--- runtime_v3).
+-- runtime_v4).
 --
 -- Writes that must see every message committed before them run in one transaction of two statements: the first
 -- locks the instance rows, the second (a fresh snapshot under read committed, taken once the locks are held) reads
@@ -14,10 +14,14 @@
 -- while a failed message pauses the instance, that failed message. Claims take instances whose next message is
 -- visible (next_visible_at <= now), in (next_visible_at, next_seq) order.
 
--- lock_inbox --
--- Create the instance if new and lock its row (the no-op update takes the lock), so that one inbox's sends are serial.
+-- lock_inboxes --
+-- Create the instances that are new and lock each one's row (the no-op update takes the lock), so that one inbox's
+-- sends are serial; in the order given (the lock order, see transactions.py), each instance once.
 INSERT INTO keel_instances AS i (app, workflow, workflow_id)
-VALUES (%(app)s, %(workflow)s, %(workflow_id)s)
+SELECT given.app, given.workflow, given.workflow_id
+  FROM unnest(%(apps)s::text[], %(workflows)s::text[], %(workflow_ids)s::text[]) WITH ORDINALITY
+       AS given (app, workflow, workflow_id, n)
+ ORDER BY given.n
 ON CONFLICT (app, workflow, workflow_id) DO UPDATE SET next_seq = i.next_seq
 
 -- append --
@@ -58,31 +62,42 @@ SELECT coalesce(
              WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
                AND idempotency_key = %(idempotency_key)s),
            %(message_id)s),
-       -- Delivered at commit; a repeated send wakes listeners for nothing, which is allowed. A timer wakes nobody:
-       -- nothing is claimable because of it before it is due, and idle workers poll (has_work counts it once due).
-       CASE WHEN %(delay_s)s <= 0 THEN pg_notify(%(channel)s, '') END
+       -- Delivered at commit, naming the workflow (listeners wake only the workers that claim it); a repeated send
+       -- wakes listeners for nothing, which is allowed. A timer wakes nobody: nothing is claimable because of it
+       -- before it is due, and idle workers poll (has_work counts it once due).
+       CASE WHEN %(delay_s)s <= 0 THEN pg_notify(%(channel)s, %(workflow)s) END
 
 -- lock_ready --
--- Lock up to limit claimable instances, earliest visible next message first, skipping rows other claimers hold.
+-- Lock up to limit claimable instances, earliest visible next message first, skipping rows other claimers hold, and
+-- keep their keys for lease, the transaction's next statement, in the transaction-local setting keel.claimed (a JSON
+-- array): both statements go to the server together, one round trip per claim, whether it finds work or not.
 -- The server's now is read once (an InitPlan), so that the index scan on keel_instances_ready stops at it.
-SELECT workflow, workflow_id
-  FROM keel_instances
- WHERE app = %(app)s AND workflow = ANY(%(workflows)s::text[])
-   AND next_seq IS NOT NULL AND NOT paused
-   AND next_visible_at <= (SELECT clock_timestamp())
-   AND (lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp())
- ORDER BY next_visible_at, next_seq
- LIMIT %(limit)s
-   FOR UPDATE SKIP LOCKED
+SELECT set_config(
+           'keel.claimed',
+           coalesce(jsonb_agg(jsonb_build_object('workflow', workflow, 'workflow_id', workflow_id)), '[]')::text,
+           true)
+  FROM (SELECT workflow, workflow_id
+          FROM keel_instances
+         WHERE app = %(app)s AND workflow = ANY(%(workflows)s::text[])
+           AND next_seq IS NOT NULL AND NOT paused
+           AND next_visible_at <= (SELECT clock_timestamp())
+           AND (lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp())
+         ORDER BY next_visible_at, next_seq
+         LIMIT %(limit)s
+           FOR UPDATE SKIP LOCKED) AS ready
 
 -- lease --
--- Lease the locked instances under fresh fencing tokens, count an attempt of each one's next message, read its steps.
-WITH leased AS (
+-- After lock_ready, in a fresh snapshot taken with the rows locked: lease the instances it locked (keel.claimed) under
+-- fresh fencing tokens, count an attempt of each one's next message, read its steps.
+WITH picked AS MATERIALIZED (
+    SELECT workflow, workflow_id
+      FROM jsonb_to_recordset(current_setting('keel.claimed')::jsonb) AS picked (workflow text, workflow_id text)
+), leased AS (
     UPDATE keel_instances AS i
        SET fencing_token = i.fencing_token + 1,
            lease_owner = %(worker)s,
            lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_s)s)
-      FROM unnest(%(workflows)s::text[], %(workflow_ids)s::text[]) AS picked (workflow, workflow_id)
+      FROM picked
      WHERE i.app = %(app)s AND i.workflow = picked.workflow AND i.workflow_id = picked.workflow_id
     RETURNING i.workflow, i.workflow_id, i.fencing_token, i.lease_expires_at, i.next_visible_at, i.next_seq, i.state,
               i.state_version
@@ -107,12 +122,23 @@ SELECT leased.workflow, leased.workflow_id, leased.fencing_token, leased.lease_e
 
 -- renew --
 -- Extend the live leases still held under the given tokens (not released); the instances whose lease was extended.
+-- The rows are locked in the order given (the lock order, see transactions.py) before the update writes them.
+WITH held AS MATERIALIZED (
+    SELECT i.app, i.workflow, i.workflow_id
+      FROM keel_instances AS i
+           JOIN unnest(%(apps)s::text[], %(workflows)s::text[], %(workflow_ids)s::text[], %(tokens)s::bigint[])
+                WITH ORDINALITY AS given (app, workflow, workflow_id, fencing_token, n)
+           ON i.app = given.app AND i.workflow = given.workflow AND i.workflow_id = given.workflow_id
+     WHERE i.fencing_token = given.fencing_token
+     ORDER BY given.n
+       FOR UPDATE OF i
+)
+-- The rows are held now: their tokens are still the ones checked above.
 UPDATE keel_instances AS i
    SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_s)s)
-  FROM unnest(%(apps)s::text[], %(workflows)s::text[], %(workflow_ids)s::text[], %(tokens)s::bigint[])
-       AS held (app, workflow, workflow_id, fencing_token)
+  FROM held
  WHERE i.app = held.app AND i.workflow = held.workflow AND i.workflow_id = held.workflow_id
-   AND i.fencing_token = held.fencing_token AND i.lease_owner IS NOT NULL AND i.lease_expires_at > clock_timestamp()
+   AND i.lease_owner IS NOT NULL AND i.lease_expires_at > clock_timestamp()
 RETURNING i.app, i.workflow, i.workflow_id
 
 -- lock_instance --
@@ -124,31 +150,41 @@ SELECT fencing_token, lease_owner, state_version, first_token
 
 -- commit_turn --
 -- Fenced: new state and history, message done, next message queued, turn recorded, lease released; no row if stale.
-WITH up AS (
-    UPDATE keel_instances
-       SET state = %(state)s, state_version = state_version + 1, state_written_at = clock_timestamp(),
-           state_writer = %(worker)s, lease_owner = NULL, lease_expires_at = NULL,
+-- A NULL state is a handler delivery's acknowledgement: no state and no history are written, the message and the
+-- turn record get the state version the claim read.
+WITH new AS (
+    SELECT %(state)s::text AS state, clock_timestamp() AS now
+), up AS (
+    UPDATE keel_instances AS i
+       SET state = coalesce(new.state, i.state),
+           state_version = i.state_version + CASE WHEN new.state IS NULL THEN 0 ELSE 1 END,
+           state_written_at = CASE WHEN new.state IS NULL THEN i.state_written_at ELSE new.now END,
+           state_writer = CASE WHEN new.state IS NULL THEN i.state_writer ELSE %(worker)s END,
+           lease_owner = NULL, lease_expires_at = NULL,
            (next_visible_at, next_seq) = (
                SELECT visible_at, seq FROM keel_messages
                 WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
                   AND status = 'pending' AND message_id <> %(message_id)s
                 ORDER BY visible_at, seq
                 LIMIT 1)
-     WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
-       AND fencing_token = %(fencing_token)s AND lease_owner IS NOT NULL AND lease_expires_at > clock_timestamp()
-       AND state_version = %(version_read)s
-    RETURNING state_version, state, state_written_at, state_writer
+      FROM new
+     WHERE i.app = %(app)s AND i.workflow = %(workflow)s AND i.workflow_id = %(workflow_id)s
+       AND i.fencing_token = %(fencing_token)s AND i.lease_owner IS NOT NULL
+       AND i.lease_expires_at > clock_timestamp() AND i.state_version = %(version_read)s
+    RETURNING i.state_version, i.state, i.state_written_at, i.state_writer, new.state IS NOT NULL AS written, new.now
 ), kept AS (
     INSERT INTO keel_state_history (app, workflow, workflow_id, version, state, written_at, writer)
-    SELECT %(app)s, %(workflow)s, %(workflow_id)s, state_version, state, state_written_at, state_writer FROM up
+    SELECT %(app)s, %(workflow)s, %(workflow_id)s, state_version, state, state_written_at, state_writer
+      FROM up
+     WHERE written
 ), trimmed AS (
     -- Every statement in a WITH sees the same snapshot, so this never sees (or deletes) the row inserted above.
     DELETE FROM keel_state_history AS h USING up
      WHERE h.app = %(app)s AND h.workflow = %(workflow)s AND h.workflow_id = %(workflow_id)s
-       AND h.version <= up.state_version - %(history_limit)s
+       AND up.written AND h.version <= up.state_version - %(history_limit)s
 ), done AS (
     UPDATE keel_messages AS m
-       SET status = 'done', state_version = up.state_version, finished_at = up.state_written_at
+       SET status = 'done', state_version = up.state_version, finished_at = up.now
       FROM up
      WHERE m.app = %(app)s AND m.message_id = %(message_id)s
 ), recorded AS (
@@ -265,7 +301,7 @@ WITH dead AS (
      WHERE i.app = %(app)s AND i.workflow = %(workflow)s AND i.workflow_id = %(workflow_id)s
 )
 -- Delivered at commit: the instance may be claimable again, so idle workers should look.
-SELECT message_id, pg_notify(%(channel)s, '') FROM dead
+SELECT message_id, pg_notify(%(channel)s, %(workflow)s) FROM dead
 
 -- message --
 -- A message's instance and status.
@@ -300,11 +336,13 @@ SELECT EXISTS (
 )
 
 -- prune --
--- Delete up to limit finished messages (with their steps, by cascade) and up to limit turn records of an app, older
--- than the cut-offs; a message with an idempotency key only once it was sent before keys_before. Rows another
--- pruner has locked are skipped: it deletes them. How many of each went.
+-- Delete up to limit finished messages (with their steps, by cascade), up to limit turn records and up to limit events
+-- of an app, older than the cut-offs; a message or an event with an idempotency key only once it was sent (published)
+-- before keys_before. A handler delivery's instance (its workflow starts with delivery_prefix) goes whole with its
+-- last message, without a tombstone: its id is an event id, never used again. Rows another pruner has locked are
+-- skipped: it deletes them. How many messages, turn records and events went.
 WITH doomed AS (
-    SELECT message_id
+    SELECT message_id, workflow, workflow_id
       FROM keel_messages
      WHERE app = %(app)s AND status IN ('done', 'skipped') AND finished_at < %(finished_before)s
        AND (idempotency_key IS NULL OR sent_at < %(keys_before)s)
@@ -324,8 +362,41 @@ WITH doomed AS (
     DELETE FROM keel_turns AS t USING old_turns
      WHERE t.id = old_turns.id
     RETURNING 1
+), delivered AS (
+    -- Every statement in a WITH sees the same snapshot: the messages deleted above are still there to look at.
+    SELECT DISTINCT d.workflow, d.workflow_id
+      FROM doomed AS d
+     WHERE starts_with(d.workflow, %(delivery_prefix)s)
+       AND NOT EXISTS (
+           SELECT FROM keel_messages AS m
+            WHERE m.app = %(app)s AND m.workflow = d.workflow AND m.workflow_id = d.workflow_id
+              AND m.message_id NOT IN (SELECT message_id FROM doomed))
+), delivery_instances AS (
+    -- The foreign keys are checked at the end of the statement, once the children are gone too. An instance whose
+    -- inbox a send has just filled again (it waited for the row lock, then changed next_seq) stays.
+    DELETE FROM keel_instances AS i USING delivered
+     WHERE i.app = %(app)s AND i.workflow = delivered.workflow AND i.workflow_id = delivered.workflow_id
+       AND i.next_seq IS NULL
+), delivery_history AS (
+    DELETE FROM keel_state_history AS h USING delivered
+     WHERE h.app = %(app)s AND h.workflow = delivered.workflow AND h.workflow_id = delivered.workflow_id
+), delivery_turns AS (
+    DELETE FROM keel_turns AS t USING delivered
+     WHERE t.app = %(app)s AND t.workflow = delivered.workflow AND t.workflow_id = delivered.workflow_id
+       AND t.id NOT IN (SELECT id FROM old_turns)
+), old_events AS (
+    SELECT event_id
+      FROM keel_events
+     WHERE app = %(app)s AND published_at < %(finished_before)s
+       AND (idempotency_key IS NULL OR published_at < %(keys_before)s)
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), events AS (
+    DELETE FROM keel_events AS e USING old_events
+     WHERE e.app = %(app)s AND e.event_id = old_events.event_id
+    RETURNING 1
 )
-SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM turns)
+SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM turns), (SELECT count(*) FROM events)
 
 -- delete_instance --
 -- After lock_instance: delete the instance with its messages (and their steps, by cascade), state history and turn
@@ -351,6 +422,50 @@ WITH gone AS (
        SET fencing_token = greatest(t.fencing_token, excluded.fencing_token), deleted_at = clock_timestamp()
 )
 SELECT count(*) FROM gone
+
+-- log_events --
+-- Append events (a JSON array of objects, one per event) to their apps' logs in the order given, except those whose
+-- id, or idempotency key, the log holds already (or an event before them in the array has); the app and id of each
+-- one appended. A concurrent append of the same id or key makes this one wait for its transaction to end.
+INSERT INTO keel_events (app, event_id, type, payload, handlers, source_app, source_workflow, source_workflow_id,
+                         source_message_id, idempotency_key, published_at)
+SELECT e.app, e.event_id, e.type, e.payload, e.handlers, e.source_app, e.source_workflow, e.source_workflow_id,
+       e.source_message_id, e.idempotency_key, clock_timestamp()
+  FROM ROWS FROM (
+           jsonb_to_recordset(%(events)s::jsonb)
+           AS (app text, event_id text, type text, payload text, handlers jsonb, source_app text, source_workflow text,
+               source_workflow_id text, source_message_id text, idempotency_key text)
+       ) WITH ORDINALITY AS e (app, event_id, type, payload, handlers, source_app, source_workflow, source_workflow_id,
+                               source_message_id, idempotency_key, n)
+ ORDER BY e.n
+ON CONFLICT DO NOTHING
+RETURNING app, event_id
+
+-- logged_event --
+-- The event that stands for one whose append did nothing: itself if its id is in the log, else the one holding its
+-- idempotency key; no row if neither is there (any more).
+SELECT event_id
+  FROM keel_events
+ WHERE app = %(app)s AND (event_id = %(event_id)s OR idempotency_key = %(idempotency_key)s)
+ ORDER BY event_id = %(event_id)s DESC
+ LIMIT 1
+
+-- events --
+-- An app's last events, newest first.
+SELECT seq, event_id, type, payload, handlers, source_app, source_workflow, source_workflow_id, source_message_id,
+       idempotency_key, published_at
+  FROM keel_events
+ WHERE app = %(app)s
+ ORDER BY seq DESC
+ LIMIT %(limit)s
+
+-- begin --
+-- Open the transaction of one write (the pool's connections are in autocommit mode).
+BEGIN
+
+-- commit --
+-- Commit the transaction of one write.
+COMMIT
 
 -- listen --
 -- Subscribe the listener connection to a channel; {channel} is filled in as a quoted identifier.

@@ -2,8 +2,15 @@
 
 How it works:
 
-- ``send`` calls ``pg_notify(channel_for(schema, app), '')`` in its own transaction, so the notification goes out
-  when the message is committed. Channels are per app and per schema, like the tables.
+- ``send`` (and a commit or ``publish`` that sends messages) calls ``pg_notify(channel_for(schema, app), workflow)``
+  in its own transaction, so the notification goes out when the message is committed. Channels are per app and per
+  schema, like the tables; the payload names the workflow (a handler's delivery workflow ``on/HANDLER``).
+- A waiter is woken only by notifications about the workflows its backend claims (``claiming``), or by any before
+  its backend's first claim of the app: a worker that runs only some workflows of an app is not sent to claim for
+  every message sent to the others. An empty payload wakes every waiter.
+- A notification that arrives while no waiter is parked (the worker is claiming, or running turns) is not lost:
+  ``claiming`` marks when a claim starts, and a ``wait()`` after it returns at once if a notification about the
+  claimed workflows arrived since, because that notification's commit may have come after the claim's snapshot.
 - The first ``wait()`` opens the listener connection and starts a pump task that owns it. The pump LISTENs on every
   channel a waiter asks for, wakes that channel's waiters for each notification, and keeps reading (so the server
   never queues notifications for it) until the backend closes.
@@ -29,10 +36,12 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import sql
 
-from keel.backends.postgres.broker import BROKER_QUERIES, channel_for
+from keel.backends.postgres.transactions import BROKER_QUERIES, channel_for
 from keel.errors import BackendUnavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from psycopg.rows import TupleRow
 
     from keel.backends.postgres.store import PostgresStore
@@ -50,9 +59,14 @@ class PostgresListener:
         self._store = store
         self._schema = schema
         self._conninfo = store._settings.conninfo
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, dict[asyncio.Future[None], frozenset[str] | None]] = {}
         self._apps: dict[str, str] = {}  # channel -> app, for the has_work check
         self._listening: set[str] = set()  # channels LISTENed on the current connection
+        # channel -> the workflows claimed from this backend (what wakes its waiters), and the stamp at the last
+        # claim's start; channel -> payload -> the stamp of the last notification with that payload.
+        self._claimed: dict[str, tuple[frozenset[str], int]] = {}
+        self._heard: dict[str, dict[str, int]] = {}
+        self._stamp = 0
         self._conn: psycopg.AsyncConnection[TupleRow] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._closed = False
@@ -60,6 +74,12 @@ class PostgresListener:
     def channel(self, app: str) -> str:
         """Return the channel that ``send`` notifies for ``app``."""
         return channel_for(self._schema, app)
+
+    def claiming(self, app: str, workflows: Collection[str]) -> None:
+        """Note that a claim of ``app``'s ``workflows`` starts now: what the next ``wait()`` for ``app`` waits for."""
+        channel = self.channel(app)
+        known, _ = self._claimed.get(channel, (frozenset(), 0))
+        self._claimed[channel] = (known | frozenset(workflows), self._stamp)
 
     async def wait(self, app: str, *, timeout_s: float) -> None:
         """Return when ``app`` may have work, or after ``timeout_s``.
@@ -70,9 +90,12 @@ class PostgresListener:
         if self._closed:
             raise BackendUnavailable(self._store.url, "the backend is closed", hint="open a new one")
         channel = self.channel(app)
+        workflows, claimed_at = self._claimed.get(channel, (None, 0))
+        if workflows is not None and self._heard_since(channel, workflows, claimed_at):
+            return  # its commit may have come after the last claim's snapshot: look again at once
         self._apps[channel] = app
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(channel, set()).add(waiter)
+        self._waiters.setdefault(channel, {})[waiter] = workflows
         if self._pump is None or self._pump.done():
             self._pump = asyncio.create_task(self._run(), name="keel-postgres-listener")
         try:
@@ -81,7 +104,7 @@ class PostgresListener:
         except TimeoutError:
             return
         finally:
-            self._waiters[channel].discard(waiter)
+            del self._waiters[channel][waiter]
 
     async def aclose(self) -> None:
         """Stop the pump and close the connection; waiters return. Safe to call twice."""
@@ -129,7 +152,7 @@ class PostgresListener:
             await self._subscribe(conn)
             async with self._store._driver_errors():
                 async for notify in conn.notifies(timeout=SUBSCRIBE_POLL_S):
-                    self._wake(notify.channel)
+                    self._wake(notify.channel, notify.payload)
 
     async def _subscribe(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
         """LISTEN on channels with waiters not yet listened to, then wake those that already have work."""
@@ -152,13 +175,20 @@ class PostgresListener:
     def _has_waiters(self) -> bool:
         return any(not waiter.done() for waiters in self._waiters.values() for waiter in waiters)
 
-    def _wake(self, channel: str) -> None:
-        for waiter in self._waiters.get(channel, ()):
-            if not waiter.done():
+    def _heard_since(self, channel: str, workflows: frozenset[str], stamp: int) -> bool:
+        heard = self._heard.get(channel, {})
+        return any(heard.get(name, 0) > stamp for name in (*workflows, ""))
+
+    def _wake(self, channel: str, payload: str = "") -> None:
+        """Wake the channel's waiters that ``payload`` (a workflow, or empty for any) concerns."""
+        self._stamp += 1
+        self._heard.setdefault(channel, {})[payload] = self._stamp
+        for waiter, workflows in self._waiters.get(channel, {}).items():
+            if not waiter.done() and (workflows is None or not payload or payload in workflows):
                 waiter.set_result(None)
 
     def _wake_all(self) -> None:
-        for channel in self._waiters:
+        for channel in list(self._waiters):
             self._wake(channel)
 
     def _fail_all(self, exc: BackendUnavailable) -> None:

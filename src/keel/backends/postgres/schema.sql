@@ -211,3 +211,45 @@ CREATE TABLE keel_instance_tombstones (
     deleted_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (app, workflow, workflow_id)
 );
+
+-- runtime_v4 --
+-- Events: each app's log of published events (by publish() or with a turn's commit), deduplicated by event id and
+-- by idempotency key. Their deliveries are ordinary messages to instances on/HANDLER / EVENT_ID, which prune deletes
+-- whole once done. Indexing keel_messages must not be cut off by the URL's query timeout, however big it is.
+SET LOCAL statement_timeout = 0;
+
+-- An instance's messages, whatever their status: what deleting an instance looks up, the foreign key's check
+-- included (without it, each instance deleted scans the whole table; prune deletes finished deliveries by the
+-- thousand).
+CREATE INDEX keel_messages_instance ON keel_messages (app, workflow, workflow_id);
+
+CREATE TABLE keel_events (
+    app                text NOT NULL,
+    event_id           text NOT NULL,
+    -- The log's order: numbers grow with every event appended, in any app (gaps are possible).
+    seq                bigint GENERATED ALWAYS AS IDENTITY,
+    type               text NOT NULL,
+    -- The event's JSON text exactly as keel encoded it.
+    payload            text NOT NULL,
+    -- The handlers it was delivered to, in order: a JSON array of their names.
+    handlers           jsonb NOT NULL CHECK (jsonb_typeof(handlers) = 'array'),
+    -- The instance whose turn emitted it, and that turn's message; all NULL when it was published.
+    source_app         text,
+    source_workflow    text,
+    source_workflow_id text,
+    source_message_id  text,
+    idempotency_key    text,
+    -- By the server's clock, like a message's sent_at.
+    published_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (app, event_id),
+    CHECK ((source_workflow IS NULL) = (source_app IS NULL) AND (source_workflow_id IS NULL) = (source_app IS NULL))
+);
+
+-- One event per idempotency key and app, while the event is in the log.
+CREATE UNIQUE INDEX keel_events_idempotency ON keel_events (app, idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+-- An app's log, newest first.
+CREATE INDEX keel_events_log ON keel_events (app, seq);
+
+-- What prune deletes: an app's events by publish time.
+CREATE INDEX keel_events_published ON keel_events (app, published_at);

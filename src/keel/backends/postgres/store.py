@@ -63,9 +63,9 @@ QUERIES = load_queries(__package__ or __name__, "queries.sql")
 
 #: The schema steps (``schema.sql``); ``bootstrap`` runs every time, the rest once each, in this order: version 1 is
 #: the store's tables, version 2 the runtime's (``broker.py``), version 3 its step results and dead letters, version
-#: 4 its durable timers, pruning and instance deletion.
+#: 4 its durable timers, pruning and instance deletion, version 5 its event log.
 _SCHEMA = load_queries(__package__ or __name__, "schema.sql")
-MIGRATIONS = (_SCHEMA["store_v1"], _SCHEMA["runtime_v1"], _SCHEMA["runtime_v2"], _SCHEMA["runtime_v3"])
+MIGRATIONS = tuple(_SCHEMA[step] for step in ("store_v1", "runtime_v1", "runtime_v2", "runtime_v3", "runtime_v4"))
 
 #: The schema version this code needs, recorded in ``keel_schema`` under ``SCHEMA_COMPONENT``. The component keeps
 #: the name it got when the store was all there was: it counts the steps of the whole engine's schema.

@@ -6,8 +6,13 @@ Map of the design:
   leased and wake keys are per app); ``scripts/runtime_lib.lua`` draws the whole layout.
 - Writes: every operation that changes more than one key, or checks a lease before writing, is one Lua
   script (``send``, ``claim``, ``renew``, ``commit``, ``fail``, ``release``, ``step``, ``retry``, ``resolve``,
-  ``delete``; ``prune`` is one script per bounded batch: ``cleanup.py``), so it is atomic and one round
-  trip; ``dead_letters`` is a read-only script, for one consistent snapshot.
+  ``delete``, ``publish``; ``prune`` is one script per bounded batch: ``cleanup.py``), so it is atomic and
+  one round trip; ``dead_letters`` and ``events`` are read-only scripts, for one consistent snapshot.
+- Sends and events: ``send``, ``publish`` and ``commit`` append through the same Lua functions, given units
+  of keys and arguments of one shape (``outbox.py``); so a turn's sends, its events and their deliveries
+  join the commit's script, after its lease check. An event is a hash in its app's log, indexed by
+  sequence number (``events``) and by publish time (for ``prune``); each delivery is an ordinary message to
+  instance ``on/HANDLER`` / event id, which ``prune`` deletes whole once its message is pruned.
   The shared helpers of ``runtime_lib.lua`` are prepended to each script's text when it is registered.
 - Timers and claiming: an instance's inbox is a sorted set of its pending messages by visible time (send
   time + ``delay_s``, by the server's clock), ties by the app-wide sequence number. A per-(app, workflow)
@@ -30,9 +35,9 @@ Map of the design:
 - Dead letters: ``fail.lua`` adds the message to its app's ``dead:`` set, scored by the failure time;
   ``resolve.lua`` takes it out again, retrying or skipping it, and un-pauses the instance.
 - Time: lease expiries and ``written_at`` come from the server's ``TIME``, in microseconds since the epoch.
-- Waking: ``send.lua`` and ``resolve.lua`` append to the app's wake stream; ``wait_for_work`` blocks on it
-  (``wake.py``). The end of a hold, or a timer coming due, wakes no one: idle workers see it at their next
-  poll.
+- Waking: a send (by ``send``, ``publish`` or ``commit``) and ``resolve.lua`` append to the app's wake
+  stream; ``wait_for_work`` blocks on it (``wake.py``). The end of a hold, or a timer coming due, wakes no
+  one: idle workers see it at their next poll.
 - Errors: every call runs inside the store's error boundary, so driver errors become ``BackendUnavailable``.
 
 Turn records are JSON (``rows.py``); the newest ``TURNS_LIMIT`` are kept per instance.
@@ -47,9 +52,11 @@ from keel.backends.base import (
     STATE_HISTORY_LIMIT,
     Claim,
     DeadLetter,
+    EventRow,
     InstanceRef,
     MessageInfo,
     MessageStatus,
+    NewEvent,
     NewMessage,
     Pruned,
     StepRecord,
@@ -60,6 +67,7 @@ from keel.backends.base import (
 )
 from keel.backends.redis.cleanup import delete_call, prune_app
 from keel.backends.redis.keys import RedisKeys, instance_member, parse_instance_member
+from keel.backends.redis.outbox import event_from_row, event_unit, outbox, send_unit
 from keel.backends.redis.rows import (
     claim_from_row,
     dead_letter_from_row,
@@ -106,6 +114,8 @@ RUNTIME_SCRIPTS = (
     "resolve.lua",
     "prune.lua",
     "delete.lua",
+    "publish.lua",
+    "events.lua",
 )
 
 _STATE_FIELDS = ("v", "d", "t", "w")
@@ -138,6 +148,7 @@ class RedisBroker:
         self._step, self._retry = scripts["step.lua"], scripts["retry.lua"]
         self._dead_letters, self._resolve = scripts["dead_letters.lua"], scripts["resolve.lua"]
         self._prune, self._delete = scripts["prune.lua"], scripts["delete.lua"]
+        self._publish, self._events = scripts["publish.lua"], scripts["events.lua"]
 
     async def load_scripts(self) -> None:
         """Load every runtime script now, so that each first call is a single EVALSHA."""
@@ -156,25 +167,37 @@ class RedisBroker:
         Raises:
             BackendUnavailable: The server cannot be reached; the message may or may not have been appended.
         """
-        ref, member = message.instance, instance_member(message.instance)
-        keys = [
-            self._keys.instance(member),
-            self._keys.inbox(member),
-            self._keys.message(member, message.message_id),
-            self._keys.idempotency(member),
-            self._keys.ids(member),
-            self._keys.sequence(ref.app),
-            self._keys.message_index(ref.app),
-            self._keys.ready(ref.app, ref.workflow),
-            self._keys.token_floor(ref.app),
-            self._keys.wake(ref.app),
-        ]
-        key = message.idempotency_key
-        args = [member, message.message_id, message.payload_json, "0" if key is None else "1", key or ""]
-        delay_us = micros(max(0.0, message.delay_s))
+        keys, args = send_unit(self._keys, message)
         async with self._boundary("send"):
-            sent = await self._send(keys=keys, args=[*args, delay_us, WAKE_STREAM_MAXLEN])
+            sent = await self._send(keys=keys, args=[*args, WAKE_STREAM_MAXLEN])
         return str(sent)
+
+    async def publish(self, event: NewEvent, /) -> str:
+        """Append ``event`` to its app's log and send its deliveries, in one script; wake idle workers.
+
+        Returns:
+            The event's id; the first event's id when the idempotency key was used by an event still in the
+            app's log, or the event's own when it is in the log already (then nothing is appended).
+
+        Raises:
+            BackendUnavailable: The server cannot be reached; the event may or may not have been appended.
+        """
+        keys, args = event_unit(self._keys, event)
+        async with self._boundary("publish"):
+            published = await self._publish(keys=keys, args=[WAKE_STREAM_MAXLEN, *args])
+        return str(published)
+
+    async def events(self, app: str, /, *, limit: int) -> list[EventRow]:
+        """Return up to ``limit`` of the app's logged events, newest first.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached.
+        """
+        if limit <= 0:
+            return []
+        async with self._boundary("events"):
+            rows = await self._events(keys=[self._keys.events(app)], args=[self._keys.event_stem(app), limit])
+        return [event_from_row(app, row) for row in rows]
 
     async def claim(
         self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
@@ -222,10 +245,14 @@ class RedisBroker:
         return [bool(flag) for flag in held]
 
     async def commit_turn(self, commit: TurnCommit, /) -> int:
-        """Write the new state, complete the message, record the turn and release the lease, in one script.
+        """Write the new state, complete the message, record the turn, release the lease, send, emit: one script.
+
+        The turn's sends and events (with their deliveries) are appended as ``send`` and ``publish`` append them,
+        and wake the apps they send to. A commit without state (a handler delivery's acknowledgement) writes no
+        state and keeps the claim's version.
 
         Returns:
-            The new state version, one above the version the claim read.
+            The new state version: one above the version the claim read, or that version without state.
 
         Raises:
             LeaseLostError: The claim's token is no longer the instance's, or its lease was released or expired, or
@@ -462,7 +489,11 @@ class RedisBroker:
             self._keys.finished_keyed(ref.app),
             self._keys.turn_index(ref.app),
         ]
-        turn = turn_json(commit, version_written=claim.state_version + 1, outcome="committed", error=None)
+        has_state = commit.state_json is not None
+        version = claim.state_version + 1 if has_state else claim.state_version
+        turn = turn_json(commit, version_written=version, outcome="committed", error=None)
         args: list[str | int] = [self._keys.prefix, member, claim.fencing_token, claim.message_id]
-        args += [claim.state_version, commit.state_json, commit.worker, turn, STATE_HISTORY_LIMIT, TURNS_LIMIT]
-        return keys, args
+        args += [claim.state_version, "1" if has_state else "0", commit.state_json or "", commit.worker, turn]
+        args += [STATE_HISTORY_LIMIT, TURNS_LIMIT, WAKE_STREAM_MAXLEN, len(commit.sends), len(commit.events)]
+        sent_keys, sent_args = outbox(self._keys, commit.sends, commit.events)
+        return [*keys, *sent_keys], [*args, *sent_args]

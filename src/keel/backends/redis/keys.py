@@ -14,7 +14,8 @@ The encoding is reversible, so two store keys never share a tag.
 
 The runtime (schema version 2; version 3 adds ``steps:``, ``dead:``, holds, ``lapsed`` and ``f``; version 4 adds
 timers, pruning and deletion: the inbox becomes a sorted set by visible time, messages get ``a``, ``r``, ``x`` and
-``k``, and ``ids:``, ``finished:``, ``finkeyed:``, ``turnidx:`` and ``tokfloor:`` appear) adds, per workflow
+``k``, and ``ids:``, ``finished:``, ``finkeyed:``, ``turnidx:`` and ``tokfloor:`` appear; version 5 adds the event
+log: ``event:``, ``events:``, ``evtime:``, ``evkeyed:`` and ``evidem:``) adds, per workflow
 instance, under the tag ``{INST}`` where ``INST`` is ``app/workflow/workflow_id`` with each part percent-encoded
 (``%``, ``/``, ``{``, ``}``) so that it splits back into the same three parts::
 
@@ -35,7 +36,7 @@ instance, under the tag ``{INST}`` where ``INST`` is ``app/workflow/workflow_id`
 
 and per app, under the tag ``{APP}`` (the app name encoded like a store key)::
 
-    keel:seq:{APP}             string  the app's message sequence counter: the send order
+    keel:seq:{APP}             string  the app's sequence counter: the order of its sends and events
     keel:msgindex:{APP}        hash    message id -> INST, so a message is found from its app and id alone
     keel:ready:{APP}:WORKFLOW  zset    INST -> visible time of its next message, for every instance with a
                                        pending message that is neither leased, held nor paused
@@ -47,17 +48,31 @@ and per app, under the tag ``{APP}`` (the app name encoded like a store key)::
     keel:tokfloor:{APP}        string  the highest fencing token of any deleted instance of the app
     keel:wake:{APP}            stream  one entry per send or resolved dead letter (capped), read with XREAD
                                        BLOCK by idle workers
+    keel:event:{APP}:ID        hash    one event of the app's log: q its sequence number (from seq:), y type,
+                                       p payload JSON, h handlers as a JSON array, a published at, and when
+                                       given: sa sw si the source instance's app, workflow and id, m the
+                                       source message id, k the idempotency key
+    keel:events:{APP}          zset    event id -> q, for every event in the log: ``events()`` reads it
+                                       newest first
+    keel:evtime:{APP}          zset    event id -> a, for every event without an idempotency key (prune)
+    keel:evkeyed:{APP}         zset    event id -> a, for every event with one (prune)
+    keel:evidem:{APP}          hash    idempotency key -> the id of the event first published under it
+
+A handler delivery is an ordinary instance ``APP/on%2FHANDLER/EVENT_ID`` (workflow ``on/HANDLER``) with one
+message; prune deletes it whole, keeping no token in ``tokfloor:``, once that message is pruned.
 
 The claim, commit, release, dead-letter, resolve, prune, delete and upgrade scripts build the ``inst:``,
 ``inbox:``, ``msg:``, ``steps:``, ``ids:``, ``idem:`` and ``turns:`` names of instances and messages they find
-themselves, from the prefix they are given, exactly as ``RedisKeys`` does here.
+themselves, from the prefix they are given, exactly as ``RedisKeys`` does here; the events and prune scripts
+build ``event:`` names from ``event_stem``.
 
 Every key of one instance shares that instance's slot, and every per-app key the app's slot. Each runtime
 script touches one instance's keys plus its app's keys, except claim, prune and the upgrades, which reach
-instances of many slots in one script and build their key names themselves. That is sound on a single
-primary, which is all keel supports now; Redis Cluster will need per-slot ready queues (ready and leased sets
-per slot, claimed slot by slot, with the instance's tag in every key a script touches) before the runtime can
-run there.
+instances of many slots in one script and build their key names themselves, and a commit or publish that
+sends to other instances (given their keys). That is sound on a single primary, which is all keel supports
+now; Redis Cluster will need per-slot ready queues (ready and leased sets per slot, claimed slot by slot, with
+the instance's tag in every key a script touches) and sends across slots moved out of the commit (an outbox
+drained slot by slot) before the runtime can run there.
 """
 
 from __future__ import annotations
@@ -198,6 +213,30 @@ class RedisKeys:
     def wake(self, app: str) -> str:
         """The stream that every send to ``app`` appends to, so that idle workers wake."""
         return f"{self.prefix}wake:{hash_tag(app)}"
+
+    def event(self, app: str, event_id: str) -> str:
+        """The hash of one event of ``app``'s log."""
+        return f"{self.event_stem(app)}{event_id}"
+
+    def event_stem(self, app: str) -> str:
+        """What an event's id is appended to, to name its hash: the scripts that find events build names with it."""
+        return f"{self.prefix}event:{hash_tag(app)}:"
+
+    def events(self, app: str) -> str:
+        """The sorted set of ``app``'s events by sequence number: the log's order."""
+        return f"{self.prefix}events:{hash_tag(app)}"
+
+    def event_times(self, app: str) -> str:
+        """The sorted set of ``app``'s events published without an idempotency key, by publish time."""
+        return f"{self.prefix}evtime:{hash_tag(app)}"
+
+    def event_times_keyed(self, app: str) -> str:
+        """The sorted set of ``app``'s events published with an idempotency key, by publish time."""
+        return f"{self.prefix}evkeyed:{hash_tag(app)}"
+
+    def event_keys(self, app: str) -> str:
+        """The hash of ``app``'s event idempotency keys -> first event ids."""
+        return f"{self.prefix}evidem:{hash_tag(app)}"
 
 
 def split_prefix(url: str) -> tuple[RedisKeys, str]:

@@ -11,6 +11,9 @@ a ready instance is rescored by its next message's visible time, every instance 
 by its oldest turn record in ``turnidx:``. The apps are found with ``SCAN`` over ``msgindex:`` keys, and their
 messages with ``HSCAN`` of each.
 
+From 4 to 5 nothing is rewritten: the event log's keys and the handler deliveries' instances are created on
+first use, so only the version is recorded.
+
 Both work batch by batch, one script per batch, so the server is never blocked for long; the scripts are
 idempotent, so processes connecting together may both run them, and one cut short is finished by the next
 connect (the version stays where it was until an upgrade completed). Processes of an older keel must be

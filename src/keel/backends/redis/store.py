@@ -75,8 +75,9 @@ POOL_WAIT_S = 5.0
 #: The layout version this code reads and writes, kept in the schema hash under ``SCHEMA_COMPONENT``:
 #: 1 the versioned store, 2 adds the runtime's keys (created on first use, so 1 -> 2 only records the number),
 #: 3 adds step results, retry holds and dead letters (2 -> 3 indexes the failed messages: ``migrate.py``),
-#: 4 adds timers, pruning and deletion (3 -> 4 dates the messages and builds the new indexes: ``migrate.py``).
-STORE_SCHEMA_VERSION = 4
+#: 4 adds timers, pruning and deletion (3 -> 4 dates the messages and builds the new indexes: ``migrate.py``),
+#: 5 adds the event log and handler deliveries (keys created on first use, so 4 -> 5 only records the number).
+STORE_SCHEMA_VERSION = 5
 
 #: The field of the schema hash that holds the store's layout version.
 SCHEMA_COMPONENT = "store"
@@ -106,6 +107,7 @@ _WRITES = {
     "resolve": "list the dead letters before resolving again",
     "prune": "pruning again is harmless",
     "delete": "deleting again is harmless",
+    "publish": "publishing the same event id again appends nothing if it was",
 }
 
 # Most specific first: the first two are ConnectionErrors too.

@@ -13,14 +13,14 @@ if TYPE_CHECKING:
 
 
 class SqliteBackend(SqliteBroker):
-    """What ``open_backend("sqlite:///...")`` returns: the broker, with the store of the same file as ``.store``."""
+    """What ``open_backend("sqlite:///...")`` returns: the broker, with the store of the same file as ``.store``.
+
+    ``aclose`` (the broker's) closes the shared connection and its thread; it is safe to call twice, and after
+    ``store.aclose()``.
+    """
 
     def __init__(self, database: SqliteDatabase, options: StoreOptions) -> None:
         super().__init__(database)
         self.url = database.url
         # Typed as the protocol says: Backend.store is a mutable attribute, so its type must match exactly.
         self.store: StoreEngine = SqliteStore(database, options)
-
-    async def aclose(self) -> None:
-        """Close the shared connection and its thread. Safe to call twice, and after ``store.aclose()``."""
-        await self.database.aclose()

@@ -2,12 +2,18 @@
 
 How it works:
 
-- Tables (``schema.sql``, sections ``runtime_v2`` to ``runtime_v4``): ``keel_instances`` holds each workflow
+- Tables (``schema.sql``, sections ``runtime_v2`` to ``runtime_v5``): ``keel_instances`` holds each workflow
   instance's lease, fencing token, paused flag, committed state and ``next_seq`` / ``next_visible_us``, the seq
   and visible time of its next message; ``keel_messages`` is every inbox, with one ``seq`` for the whole file,
   each message's ``visible_us`` (sent time plus its delay), status (pending, done, failed = dead-lettered,
   skipped) and attempts; ``keel_steps`` keeps the step results recorded for a message, replayed to its later
-  claims; ``keel_state_history`` and ``keel_turns`` keep past states and turn records.
+  claims; ``keel_state_history`` and ``keel_turns`` keep past states and turn records; ``keel_events`` is each
+  app's event log (``seq`` from one autoincrement for the whole file), whose idempotency keys are a column with a
+  partial unique index.
+- Events: a publish, or a commit's event, is one insert into ``keel_events`` (nothing if its id or key is there
+  already) plus one ordinary send per handler delivery, to instance ``on/HANDLER`` / ``EVENT_ID``; a commit's sends
+  and events go through the very ``send_in`` and ``publish_in`` that ``send`` and ``publish`` use, inside the
+  commit's transaction after its fence check.
 - Order and durable timers: an instance's next message is its pending one with the smallest (``visible_us``,
   ``seq``); a claim takes only instances whose ``next_visible_us`` has come, in (``next_visible_us``,
   ``next_seq``) order, from one index. A send moves ``next_*`` to the new message only if it becomes visible
@@ -16,22 +22,28 @@ How it works:
 - Every write is one plain function of ``transactions`` run on the database thread inside one ``BEGIN
   IMMEDIATE`` transaction (``SqliteDatabase.write``), so the file's write lock is taken before anything is read:
   claimers in several processes take turns and never lease one instance twice, and nothing is awaited while
-  the lock is held.
+  the lock is held. Writes of this process waiting at the same time share one transaction and one sync to disk
+  (``writes``, group commit), each still all or nothing. A claim first reads whether any instance is ready
+  (``transactions.nothing_ready``) and takes the write lock only if one is: an idle worker's empty claims never
+  make other processes' writers wait.
 - Clock: SQLite has no server, so lease times come from this machine's clock, which every process sharing the
   file shares. It is read inside the transaction, after the lock was taken, and stored as integer microseconds
   since the epoch so that SQL compares it exactly.
 - Fence: a commit, failure, retry or step record first checks that the claim's token is the instance's and its
   lease neither released nor expired (a commit then also compare-and-swaps the state on the version the turn
   read); any refusal raises ``LeaseLostError`` and the transaction rolls back, so nothing is written.
-  ``transactions.commit_in`` does one commit inside a transaction opened by its caller, so that several
-  commits, step records and events can later share one transaction.
+  ``transactions.commit_in`` does one commit inside a transaction opened by its caller, so that the turn's sends
+  and events share it (and several commits could one day).
 - Retries: a retried attempt releases the lease (no owner) but leaves its expiry at the end of the delay, which
   is exactly what keeps claims away until then; the message stays pending and first in its instance's line.
-- Wake-ups: a send (or a resolved dead letter) through this object wakes its idle waiters at once; sends from
-  other processes or connections are seen by polling the app's newest seq every ``POLL_INTERVAL_S``, and so is
-  a delayed message coming due (a next message whose visible time came after this object's last claim).
+- Wake-ups: a send, a publish, a commit that sends or emits, a resolved dead letter, a released lease or a retry
+  without delay wakes this object's idle waiters at once and, once committed, rings the doorbells of the other
+  processes (and connections) on the file (``wake``: a Unix datagram socket per waiting backend). Waiters also
+  poll the app's newest seq every ``POLL_INTERVAL_S``, which finds a delayed message coming due (a next message
+  whose visible time came after this object's last claim) and anything a lost wake-up would have announced.
 - Pruning runs in batches of ``PRUNE_BATCH`` rows, each its own short transaction, until nothing is left, so a
-  big backlog never holds the write lock for long; one ``prune`` call still removes everything due.
+  big backlog never holds the write lock for long; one ``prune`` call still removes everything due. A handler
+  delivery's instance goes whole with its message, row and all (no tombstone: its id is never reused).
 - Deleting an instance removes its messages (idempotency keys are their columns), steps, past states and turn
   records in one transaction and leaves its row as a tombstone (``deleted = 1``) keeping its fencing token: a
   claim still held is refused ("the instance was deleted"), and if the instance is sent a message again its
@@ -50,13 +62,16 @@ from typing import TYPE_CHECKING
 from keel.backends.base import InstanceRef, MessageInfo, MessageStatus, Pruned, StoredRecord
 from keel.backends.sqlite import transactions as tx
 from keel.backends.sqlite.transactions import QUERIES
+from keel.backends.sqlite.wake import Doorbell
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Sequence
+    from collections.abc import Callable, Collection, Iterable, Sequence
 
     from keel.backends.base import (
         Claim,
         DeadLetter,
+        EventRow,
+        NewEvent,
         NewMessage,
         StepRecord,
         TurnCommit,
@@ -65,9 +80,9 @@ if TYPE_CHECKING:
     )
     from keel.backends.sqlite.database import SqliteDatabase
 
-#: How often an idle worker looks in the file for messages sent by other processes. Each look is one indexed
-#: read on the database thread (about 0.1 ms), so 20 ms costs an idle worker well under 1% of a core while
-#: keeping the send-to-start delay short (SQLite has no way to notify another process).
+#: How often an idle worker looks in the file for work no wake-up announced: a delayed message coming due, or a
+#: send whose wake-up was lost (or could not be sent: see ``wake``). Each look is one indexed read on the database
+#: thread (about 0.1 ms), so 20 ms costs an idle worker well under 1% of a core.
 POLL_INTERVAL_S = 0.02
 
 #: The most messages (and, separately, turn records) one pruning transaction deletes; ``prune`` repeats batches
@@ -81,6 +96,7 @@ class SqliteBroker:
     def __init__(self, database: SqliteDatabase) -> None:
         self.database = database
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._doorbell = Doorbell(database.path)
         #: Per app, the newest seq the last claim saw (0 after a claim that filled its limit: work may be left) and
         #: the clock reading it was made at (a next message visible since then may be work).
         self._seen: dict[str, tuple[int, int]] = {}
@@ -90,9 +106,30 @@ class SqliteBroker:
 
         Sending a message id that was sent before appends nothing either and returns that id.
         """
-        message_id = await self.database.write(lambda conn: tx.send_in(conn, message))
-        self._wake(message.instance.app)
+        app = message.instance.app
+        message_id = await self.database.write(lambda conn: tx.send_in(conn, message), after_commit=self._ring(app))
+        self._wake(app)
         return message_id
+
+    async def publish(self, event: NewEvent, /) -> str:
+        """Append ``event`` to its app's log and send its deliveries, atomically; or return the first event's id.
+
+        An event whose id is in the log already, or whose idempotency key an event still in the log was published
+        under, appends nothing, deliveries included.
+        """
+        event_id = await self.database.write(
+            lambda conn: tx.publish_in(conn, event), after_commit=self._ring(event.app)
+        )
+        self._wake(event.app)
+        return event_id
+
+    async def events(self, app: str, /, *, limit: int) -> list[EventRow]:
+        """Return the app's last ``limit`` events, newest first."""
+        if limit <= 0:
+            return []
+        params = {"app": app, "limit": limit}
+        rows = await self.database.run(lambda conn: conn.execute(QUERIES["events"], params).fetchall())
+        return [tx.event_row(app, row) for row in rows]
 
     async def claim(
         self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
@@ -103,7 +140,8 @@ class SqliteBroker:
         names = json.dumps(sorted(set(workflows)))
         lease_us = tx.micros(lease_s)
         claims, latest, now = await self.database.write(
-            lambda conn: tx.claim_in(conn, app, names, worker, lease_us, limit)
+            lambda conn: tx.claim_in(conn, app, names, worker, lease_us, limit),
+            read_first=lambda conn: tx.nothing_ready(conn, app, names),  # finding nothing takes no write lock
         )
         self._seen[app] = (latest if len(claims) < limit else 0, now)
         return claims
@@ -118,13 +156,20 @@ class SqliteBroker:
     async def commit_turn(self, commit: TurnCommit, /) -> int:
         """Write the new state, complete the message, record the turn and release the lease, atomically.
 
+        The turn's sends and events (with their deliveries) go out in the same transaction, and wake this object's
+        idle waiters; with ``state_json`` None no state is written and the claim's version is returned.
+
         Raises:
             LeaseLostError: The claim's token is no longer current, or its lease was released or expired; nothing
                 was written.
             BackendUnavailable: The file cannot be written.
         """
+        apps = {m.instance.app for m in commit.sends} | {e.app for e in commit.events}
         # commit_in runs inside the transaction, so it reads the clock after the write lock was taken.
-        return await self.database.write(lambda conn: tx.commit_in(conn, commit))
+        version = await self.database.write(lambda conn: tx.commit_in(conn, commit), after_commit=self._ring(*apps))
+        for app in apps:
+            self._wake(app)
+        return version
 
     async def fail_turn(self, failure: TurnFailure, /) -> None:
         """Mark the message failed, pause the instance, record the turn and release the lease, atomically.
@@ -137,8 +182,13 @@ class SqliteBroker:
         await self.database.write(lambda conn: tx.fail_in(conn, failure))
 
     async def release(self, claim: Claim, /) -> None:
-        """Give back the lease if the claim's token is still current and the lease not released already."""
-        await self.database.write(lambda conn: tx.release_in(conn, claim))
+        """Give back the lease if the claim's token is still current and the lease not released already.
+
+        Idle waiters are woken, here and in other processes: the instance may be claimed again at once.
+        """
+        app = claim.instance.app
+        await self.database.write(lambda conn: tx.release_in(conn, claim), after_commit=self._ring(app))
+        self._wake(app)
 
     async def record_step(self, step: StepRecord, /) -> None:
         """Durably record a step's result for the claim's message; a name already recorded keeps its first result.
@@ -159,7 +209,13 @@ class SqliteBroker:
             BackendUnavailable: The file cannot be written.
         """
         delay_us = tx.micros(delay_s)
-        await self.database.write(lambda conn: tx.retry_in(conn, failure, delay_us))
+        app = failure.claim.instance.app
+        # A retry without delay may be claimed at once, so it wakes idle waiters as a send does; a delayed one
+        # is found by the worker's next look when its hold ends.
+        ring = self._ring(app) if delay_us <= 0 else None
+        await self.database.write(lambda conn: tx.retry_in(conn, failure, delay_us), after_commit=ring)
+        if ring is not None:
+            self._wake(app)
 
     async def dead_letters(self, app: str, /, *, limit: int) -> list[DeadLetter]:
         """Return the app's dead-lettered messages (status failed), newest failure first."""
@@ -175,7 +231,9 @@ class SqliteBroker:
         Returns:
             The dead message's id, or None (nothing changed) if the instance is unknown or not paused.
         """
-        message_id = await self.database.write(lambda conn: tx.resolve_in(conn, instance, skip=skip))
+        message_id = await self.database.write(
+            lambda conn: tx.resolve_in(conn, instance, skip=skip), after_commit=self._ring_if_found(instance.app)
+        )
         if message_id is not None:
             self._wake(instance.app)
         return message_id
@@ -209,17 +267,20 @@ class SqliteBroker:
     async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
         """Return when a message may have been sent to ``app``, or after ``timeout_s`` at the latest.
 
-        A send through this object wakes the wait at once; one from another process or connection within
-        ``POLL_INTERVAL_S``. A message sent after this object's last claim of ``app`` counts, even one sent
-        before the wait began, so a send between an empty claim and the wait is never slept through; so does an
-        instance's next message that became visible after that claim (a durable timer coming due). Work that
-        exists but is not visible yet, or was visible at the last claim (so was leased by others, or held, or of
-        workflows this worker did not ask for), wakes nothing: the wait does not spin on it.
+        A send through this object wakes the wait at once, and so does one from another process or connection on
+        this machine (its wake-up datagram; by polling within ``POLL_INTERVAL_S`` if that is lost). A message sent
+        after this object's last claim of ``app`` counts, even one sent before the wait began, so a send between an
+        empty claim and the wait is never slept through; so does an instance's next message that became visible
+        after that claim (a durable timer coming due). Work that exists but is not visible yet, or was visible at
+        the last claim (so was leased by others, or held, or of workflows this worker did not ask for), wakes
+        nothing by itself: the wait does not spin on it.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.setdefault(app, set()).add(waiter)
+        # Listening starts before _wait first reads the file, so a send committed after that read rings this socket.
+        self._doorbell.listen(loop, self._rung)
         try:
             # The deadline also bounds a poll stuck behind a write that waits for another process's lock.
             with contextlib.suppress(TimeoutError):
@@ -254,19 +315,20 @@ class SqliteBroker:
         return int(latest), None if due_us is None else int(due_us)
 
     async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:
-        """Delete the app's done and skipped messages (with their steps) and turn records older than the cut-offs.
+        """Delete the app's done and skipped messages (with their steps), turn records and events past the cut-offs.
 
-        A message with an idempotency key sent at or after ``keys_before`` stays; nothing pending or failed, and
-        no state, is ever deleted. Runs in transactions of up to ``PRUNE_BATCH`` rows of each kind until none is
-        left, so others may write in between; each batch is all or nothing.
+        A message or event with an idempotency key sent or published at or after ``keys_before`` stays; nothing
+        pending or failed, and no state of a workflow instance, is ever deleted. A handler delivery's instance goes
+        whole with its message. Runs in transactions of up to ``PRUNE_BATCH`` rows of each kind until none is left,
+        so others may write in between; each batch is all or nothing.
         """
         finished_us, keys_us = tx.to_micros(finished_before), tx.to_micros(keys_before)
-        messages = turns = 0
+        messages = turns = events = 0
         while True:
             batch = await self.database.write(lambda conn: tx.prune_in(conn, app, finished_us, keys_us, PRUNE_BATCH))
-            messages, turns = messages + batch[0], turns + batch[1]
+            messages, turns, events = messages + batch[0], turns + batch[1], events + batch[2]
             if max(batch) < PRUNE_BATCH:
-                return Pruned(messages=messages, turns=turns)
+                return Pruned(messages=messages, turns=turns, events=events)
 
     async def delete_instance(self, instance: InstanceRef, /) -> bool:
         """Delete an instance and everything it owns, atomically; True if it existed.
@@ -275,6 +337,26 @@ class SqliteBroker:
         failure, step record or retry, and its renewals fail; a later send starts the instance afresh at version 0.
         """
         return await self.database.write(lambda conn: tx.delete_in(conn, instance))
+
+    async def aclose(self) -> None:
+        """Close the shared connection and its thread, and this backend's wake-up socket. Safe to call twice."""
+        try:
+            await self.database.aclose()
+        finally:
+            self._doorbell.close()  # after the database thread, which rings through it, has stopped
+
+    def _ring(self, *apps: str) -> Callable[[object], None] | None:
+        """What a write runs after its commit: ring the other processes' doorbells for ``apps`` (None if none)."""
+        if not apps:
+            return None
+        return lambda _: self._doorbell.ring(apps)
+
+    def _ring_if_found(self, app: str) -> Callable[[str | None], None]:
+        return lambda found: None if found is None else self._doorbell.ring((app,))
+
+    def _rung(self, apps: Iterable[str]) -> None:
+        for app in list(self._waiters) if "" in apps else apps:
+            self._wake(app)
 
     def _wake(self, app: str) -> None:
         for waiter in self._waiters.pop(app, set()):

@@ -4,19 +4,23 @@ Why a thread: sqlite3 blocks, and the event loop must never block. Why one funct
 transaction is opened, run and committed inside a single function on that thread, so nothing is ever
 awaited while the file's write lock is held; a paused or busy event loop cannot stall other processes.
 Writers take the lock up front (``BEGIN IMMEDIATE``) so that two of them never deadlock upgrading a read
-lock, and a generous busy timeout rides out contention between processes rather than failing fast.
+lock, and a generous busy timeout rides out contention between processes rather than failing fast; the waiting
+is done here, in pauses of at most a millisecond (``_BusyWait``), not by SQLite's busy handler, whose pauses grow
+to 100 ms. Writes of this process waiting at the same time share one transaction (``writes``: group commit).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import sqlite3
 import time
 import warnings
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from keel.backends._sql import load_queries
 from keel.backends.sqlite.thread import BlockingThread
+from keel.backends.sqlite.writes import MAX_GROUP, GroupFailure, PendingWrite, commit_group, rollback
 from keel.errors import BackendUnavailable, ConfigurationError
 
 if TYPE_CHECKING:
@@ -32,7 +36,13 @@ QUERIES = load_queries(__package__ or "keel.backends.sqlite", "queries.sql")
 
 #: The schema steps (``schema.sql``); ``bootstrap`` runs every time, the rest once each, in this order.
 _SCHEMA = load_queries(__package__ or "keel.backends.sqlite", "schema.sql")
-MIGRATIONS = (_SCHEMA["store_v1"], _SCHEMA["runtime_v2"], _SCHEMA["runtime_v3"], _SCHEMA["runtime_v4"])
+MIGRATIONS = (
+    _SCHEMA["store_v1"],
+    _SCHEMA["runtime_v2"],
+    _SCHEMA["runtime_v3"],
+    _SCHEMA["runtime_v4"],
+    _SCHEMA["runtime_v5"],
+)
 
 #: The schema version this code writes and reads, recorded in ``keel_schema`` under ``SCHEMA_COMPONENT``.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -40,6 +50,11 @@ SCHEMA_COMPONENT = "store"
 
 #: How long a writer waits for another process's write lock before giving up, by default.
 DEFAULT_BUSY_TIMEOUT_S = 30.0
+
+#: The first and the longest pause between tries of a call that found the file locked by another process (see
+#: ``_BusyWait``): pauses double from the first, the longest bounds how late a waiting writer notices the lock free.
+BUSY_FIRST_PAUSE_S = 0.0001
+BUSY_MAX_PAUSE_S = 0.001
 
 #: Accepted values of the ``synchronous`` URL option; FULL makes every commit durable across power loss.
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -52,10 +67,12 @@ class SqliteDatabase:
         self.path = path
         self.url = url
         self._synchronous = synchronous
-        self._busy_timeout_s = busy_timeout_s
+        self.busy_timeout_s = busy_timeout_s
         self._thread = BlockingThread(f"keel-sqlite:{path.name}")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        #: Writes waiting for the thread: appended by ``write`` on the event loop, taken by ``_flush`` on the thread.
+        self._writes: collections.deque[PendingWrite[Any]] = collections.deque()
 
     async def open(self) -> None:
         """Connect, set the pragmas and create or migrate the schema."""
@@ -76,9 +93,34 @@ class SqliteDatabase:
             raise BackendUnavailable(self.url, "the store is closed")
         return await self._thread.call(lambda: self._call(fn))
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(connection)`` in one ``BEGIN IMMEDIATE`` transaction: committed if it returns, else rolled back."""
-        return await self.run(lambda conn: _in_transaction(conn, fn))
+    async def write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        after_commit: Callable[[T], object] | None = None,
+        read_first: Callable[[sqlite3.Connection], T | None] | None = None,
+    ) -> T:
+        """Run ``fn(connection)`` in a ``BEGIN IMMEDIATE`` transaction: committed if it returns, else rolled back.
+
+        The transaction may hold other writes of this process waiting at the same time (``writes``, group commit);
+        this one is answered after the commit, and rolled back alone if it raises.
+
+        Args:
+            fn: The write; run again from the start if the transaction must be (it was rolled back first).
+            after_commit: Run with the result on the database thread once the commit released the write lock; never
+                after a rollback. Must not raise.
+            read_first: Run first, outside any transaction; if it returns something other than None, that is the
+                result, and ``fn`` never runs (so no write lock is taken).
+
+        Raises:
+            BackendUnavailable: The file cannot be written, or stayed locked past the busy timeout.
+        """
+        if self._closed:
+            raise BackendUnavailable(self.url, "the store is closed")
+        pending = PendingWrite(fn, after_commit, read_first)
+        self._writes.append(pending)
+        await self._thread.call(self._flush)  # this flush, or one queued before it, has run the write
+        return pending.outcome()
 
     async def aclose(self) -> None:
         """Close the connection and stop the thread. Safe to call twice."""
@@ -93,21 +135,73 @@ class SqliteDatabase:
             warnings.warn(f"keel SQLite store {self.path} was not closed", ResourceWarning, stacklevel=1)
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn``, trying it again after a short pause while another process holds the lock it needs.
+
+        Trying again is safe: ``fn`` is a read, or a write transaction that rolled back (``commit_group``).
+        """
         if self._conn is None:
             raise BackendUnavailable(self.url, "the connection is not open")
+        busy = _BusyWait(self.busy_timeout_s)
+        while True:
+            try:
+                return fn(self._conn)
+            except sqlite3.DatabaseError as exc:
+                if _is_busy(exc) and busy.pause():
+                    continue
+                error = self._translate(exc)
+                if error is exc:
+                    raise
+                raise error from exc
+
+    def _translate(self, exc: Exception) -> Exception:
+        """The error a caller sees for ``exc``: SQLite's errors as ``BackendUnavailable``, but a broken constraint."""
+        if isinstance(exc, sqlite3.OperationalError):
+            error = BackendUnavailable(self.url, str(exc), hint=_hint(exc))
+        elif isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
+            error = BackendUnavailable(self.url, str(exc), hint="is the file a keel SQLite database?")
+        else:
+            return exc
+        error.__cause__ = exc  # as "raise error from exc" would
+        return error
+
+    def _flush(self) -> None:
+        """Run the writes waiting now (up to ``MAX_GROUP``) in one transaction, on the thread."""
+        taken = [self._writes.popleft() for _ in range(min(len(self._writes), MAX_GROUP))]
+        writing = [pending for pending in taken if not self._answered_by_reading(pending)]
+        while writing:
+            try:
+                outcome = self._call(lambda conn: commit_group(conn, writing))
+            except Exception as exc:  # noqa: BLE001 - handed to every write of the group
+                for pending in writing:
+                    pending.fail(exc)
+                return
+            if isinstance(outcome, GroupFailure):
+                writing.pop(outcome.index).fail(self._translate(outcome.error))
+                continue
+            for pending, result in zip(writing, outcome, strict=True):
+                pending.succeed(result)
+            for pending, result in zip(writing, outcome, strict=True):
+                if pending.after_commit is not None:
+                    _after_commit(pending.after_commit, result)
+            return
+
+    def _answered_by_reading(self, pending: PendingWrite[Any]) -> bool:
+        if pending.read_first is None:
+            return False
         try:
-            return fn(self._conn)
-        except sqlite3.OperationalError as exc:
-            raise BackendUnavailable(self.url, str(exc), hint=_hint(exc)) from exc
-        except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.IntegrityError):
-                raise
-            raise BackendUnavailable(self.url, str(exc), hint="is the file a keel SQLite database?") from exc
+            found = self._call(pending.read_first)
+        except Exception as exc:  # noqa: BLE001 - handed to the write's caller
+            pending.fail(exc)
+            return True
+        if found is None:
+            return False
+        pending.succeed(found)
+        return True
 
     def _connect(self) -> None:
         try:
             conn = sqlite3.connect(
-                self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
+                self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
             raise BackendUnavailable(self.url, str(exc), hint=_hint(exc)) from exc
@@ -115,6 +209,8 @@ class SqliteDatabase:
         try:
             self._configure(conn)
             _migrate(conn)
+            # From now on _call waits for locks itself, in shorter steps than SQLite's busy handler (_BusyWait).
+            conn.execute("PRAGMA busy_timeout = 0")
         except sqlite3.Error as exc:
             self._disconnect()
             raise BackendUnavailable(self.url, str(exc), hint=_hint(exc)) from exc
@@ -123,7 +219,7 @@ class SqliteDatabase:
             raise
 
     def _configure(self, conn: sqlite3.Connection) -> None:
-        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
         mode = self._switch_to_wal(conn)
         if mode != "wal":
             raise BackendUnavailable(self.url, f"could not switch the database to WAL mode (it stays {mode})")
@@ -137,7 +233,7 @@ class SqliteDatabase:
         busy handler, when another connection is mid-transaction on a file not yet in WAL mode (to avoid a
         deadlock): so retry here, within the busy timeout.
         """
-        deadline = time.monotonic() + self._busy_timeout_s
+        deadline = time.monotonic() + self.busy_timeout_s
         while True:
             mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
             if mode == "wal":
@@ -155,15 +251,60 @@ class SqliteDatabase:
             self._conn = None
 
 
+def _after_commit(callback: Callable[[T], object], result: T) -> None:
+    try:
+        callback(result)
+    except Exception:  # the write is committed: its caller gets its result whatever happens here
+        logger.exception("a callback after a committed SQLite write failed")
+
+
 def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = fn(conn)
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
-    conn.execute("COMMIT")
     return result
+
+
+class _BusyWait:
+    """Pauses between tries of a call that found the file locked: short ones, never past the busy timeout.
+
+    Short, doubling from ``BUSY_FIRST_PAUSE_S`` up to ``BUSY_MAX_PAUSE_S``, so that a writer that comes second gets in
+    soon after the lock comes free.
+
+    Why not SQLite's own busy handler: it sleeps 1, 2, 5, 10, 15, 20, 25, 25, ... ms between tries, while a keel
+    transaction holds the lock well under a millisecond; with three processes writing, a writer that loses a few
+    races in a row sleeps tens of milliseconds on a lock that was free most of that time.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._deadline: float | None = None
+        self._pause_s = BUSY_FIRST_PAUSE_S
+
+    def pause(self) -> bool:
+        """Sleep before the next try and return True, or return False if the busy timeout has passed."""
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self._timeout_s
+        if now >= self._deadline:
+            return False
+        time.sleep(min(self._pause_s, self._deadline - now))
+        self._pause_s = min(self._pause_s * 2, BUSY_MAX_PAUSE_S)
+        return True
+
+
+def _is_busy(exc: sqlite3.DatabaseError) -> bool:
+    """True if the statement found the file locked by another connection (SQLITE_BUSY or one of its variants)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return "database is locked" in str(exc)
+    return bool(code & 0xFF == sqlite3.SQLITE_BUSY)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -136,6 +136,21 @@ WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id
     AND fencing_token = :token AND state_version = :version_read
 RETURNING state_version
 
+-- release_unchanged --
+-- What write_state does for a handler delivery's acknowledgement, which writes no state: check the fence and the
+-- version the turn read, release the lease and move the inbox on to its next pending message.
+UPDATE keel_instances
+SET lease_owner = NULL, lease_expires_us = NULL,
+    (next_seq, next_visible_us) = (
+        SELECT seq, visible_us FROM keel_messages
+        WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND status = 'pending'
+        ORDER BY visible_us, seq
+        LIMIT 1
+    )
+WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id
+    AND fencing_token = :token AND state_version = :version_read
+RETURNING state_version
+
 -- pause_instance --
 -- Pause an instance after a failed turn, release the lease and move the inbox on past the failed message.
 UPDATE keel_instances
@@ -168,6 +183,35 @@ VALUES (
     :app, :workflow, :workflow_id, :message_id, :worker, :attempt, :token,
     :version_read, :version_written, :started_at, :started_us, :duration_s, :outcome, :error
 )
+
+-- insert_event --
+-- Append an event to its app's log; no row comes back when its id, or its idempotency key, is in the log already.
+INSERT INTO keel_events (
+    app, event_id, type, payload, handlers, source_app, source_workflow, source_workflow_id, source_message_id,
+    idempotency_key, published_us
+)
+VALUES (
+    :app, :event_id, :type, :payload, :handlers, :source_app, :source_workflow, :source_workflow_id,
+    :source_message_id, :idempotency_key, :published_us
+)
+ON CONFLICT DO NOTHING
+RETURNING seq
+
+-- first_event --
+-- The id a repeated publish returns: its own if it is in the log, else that of the event published under its key.
+SELECT event_id FROM keel_events
+WHERE app = :app AND (event_id = :event_id OR idempotency_key = :idempotency_key)
+ORDER BY event_id = :event_id DESC
+LIMIT 1
+
+-- events --
+-- An app's last events, newest first.
+SELECT seq, event_id, type, payload, handlers, source_app, source_workflow, source_workflow_id, source_message_id,
+    idempotency_key, published_us
+FROM keel_events
+WHERE app = :app
+ORDER BY seq DESC
+LIMIT :limit
 
 -- message_info --
 -- A message's instance, status, committed version and error.
@@ -231,7 +275,8 @@ WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND pau
 -- prune_messages --
 -- Delete up to :limit of an app's done or skipped messages that finished before :finished_us, oldest first,
 -- except those whose idempotency key was sent at or after :keys_us (the key must keep deduplicating). The key
--- lives on the message row, so it goes with it. Returns each one's id, to delete its step records.
+-- lives on the message row, so it goes with it. Returns each one's id, to delete its step records, and its
+-- instance, to delete a handler delivery's instance with it.
 DELETE FROM keel_messages
 WHERE seq IN (
     SELECT seq FROM keel_messages
@@ -240,7 +285,7 @@ WHERE seq IN (
     ORDER BY finished_us
     LIMIT :limit
 )
-RETURNING message_id
+RETURNING message_id, workflow, workflow_id
 
 -- delete_message_steps --
 -- Delete the step records of one message.
@@ -251,6 +296,17 @@ DELETE FROM keel_steps WHERE app = :app AND message_id = :message_id
 DELETE FROM keel_turns
 WHERE id IN (
     SELECT id FROM keel_turns WHERE app = :app AND started_us < :finished_us ORDER BY started_us LIMIT :limit
+)
+
+-- prune_events --
+-- Delete up to :limit of an app's events published before :finished_us, oldest first, except those with an
+-- idempotency key published at or after :keys_us (the key must keep deduplicating); the key goes with its event.
+DELETE FROM keel_events
+WHERE seq IN (
+    SELECT seq FROM keel_events
+    WHERE app = :app AND published_us < :finished_us AND (idempotency_key IS NULL OR published_us < :keys_us)
+    ORDER BY published_us
+    LIMIT :limit
 )
 
 -- delete_instance_steps --
@@ -281,3 +337,7 @@ SET deleted = 1, lease_owner = NULL, lease_expires_us = NULL, paused = 0, state 
     state_written_at = NULL, state_writer = NULL, next_seq = NULL, next_visible_us = NULL
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND deleted = 0
 RETURNING fencing_token
+
+-- drop_instance --
+-- Delete an instance's row outright, leaving no tombstone: for handler deliveries, whose ids are never reused.
+DELETE FROM keel_instances WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id

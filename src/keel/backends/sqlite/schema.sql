@@ -294,3 +294,39 @@ WHEN NEW.next_seq IS NOT NULL AND NEW.next_visible_us IS NULL
 BEGIN
     SELECT RAISE(ABORT, 'keel: this SQLite file is at a newer schema version; upgrade keel-runtime in this process');
 END;
+
+-- runtime_v5 --
+-- Events: each app's event log, which handler deliveries (ordinary messages to instances 'on/HANDLER' /
+-- EVENT_ID) are sent with, and the idempotency keys of published events.
+
+-- One row per event appended to an app's log, by a commit or by a publish.
+CREATE TABLE keel_events (
+    -- AUTOINCREMENT: a seq is never reused, so each app's events are ordered by it, newest last.
+    seq                INTEGER PRIMARY KEY AUTOINCREMENT,
+    app                TEXT NOT NULL,
+    event_id           TEXT NOT NULL,
+    type               TEXT NOT NULL,
+    -- The event, JSON text.
+    payload            TEXT NOT NULL,
+    -- The handlers it was delivered to, a JSON array of their names in delivery order.
+    handlers           TEXT NOT NULL,
+    -- The instance whose turn emitted it and that turn's message; all NULL when it was published.
+    source_app         TEXT,
+    source_workflow    TEXT,
+    source_workflow_id TEXT,
+    source_message_id  TEXT,
+    idempotency_key    TEXT,
+    -- Microseconds since the Unix epoch by this machine's clock, read after the write lock was taken.
+    published_us       INTEGER NOT NULL,
+    UNIQUE (app, event_id)
+);
+
+-- An app's log, newest first.
+CREATE INDEX keel_events_app ON keel_events (app, seq);
+
+-- An app's events, oldest first: what pruning looks through.
+CREATE INDEX keel_events_published ON keel_events (app, published_us);
+
+-- The publish idempotency keys of an app: an event whose key is taken appends nothing. The key lives on the event
+-- row, so it goes when the event is pruned.
+CREATE UNIQUE INDEX keel_events_key ON keel_events (app, idempotency_key) WHERE idempotency_key IS NOT NULL;

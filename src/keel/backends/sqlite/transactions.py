@@ -13,6 +13,7 @@ transaction rolls back whatever was written before the refusal.
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -22,12 +23,15 @@ from keel.backends.base import (
     STATE_HISTORY_LIMIT,
     Claim,
     DeadLetter,
+    EventRow,
     InstanceRef,
+    NewEvent,
     NewMessage,
     StepRecord,
     TurnCommit,
     TurnFailure,
     TurnRecordRow,
+    is_delivery,
 )
 from keel.errors import LeaseLostError
 
@@ -76,6 +80,50 @@ def _first_id(conn: sqlite3.Connection, params: _Params) -> str:
         if row is not None:
             return str(row[0])
     return str(params["message_id"])
+
+
+def publish_in(conn: sqlite3.Connection, event: NewEvent) -> str:
+    """Append an event to its app's log and send its deliveries; return its id, or the first one's if it is a repeat.
+
+    A repeat (its id already in the log, or its idempotency key used by an event still there) appends nothing,
+    deliveries included.
+    """
+    source = event.source
+    params = {
+        "app": event.app,
+        "event_id": event.event_id,
+        "type": event.type,
+        "payload": event.payload_json,
+        "handlers": json.dumps(list(event.handlers)),
+        "source_app": None if source is None else source.app,
+        "source_workflow": None if source is None else source.workflow,
+        "source_workflow_id": None if source is None else source.workflow_id,
+        "source_message_id": event.source_message_id,
+        "idempotency_key": event.idempotency_key,
+        "published_us": now_us(),
+    }
+    if conn.execute(QUERIES["insert_event"], params).fetchone() is None:
+        row = conn.execute(QUERIES["first_event"], params).fetchone()
+        return event.event_id if row is None else str(row[0])
+    for delivery in event.deliveries:
+        send_in(conn, delivery)
+    return event.event_id
+
+
+def nothing_ready(conn: sqlite3.Connection, app: str, workflows_json: str) -> tuple[list[Claim], int, int] | None:
+    """What ``claim_in`` would return if no instance is ready (no claims, the newest seq, the clock); else None.
+
+    Run outside any transaction, so that a claim finding nothing never takes the write lock: most claims of an idle
+    worker find nothing, and each would otherwise queue behind (and delay) the writers of every other process.
+    The newest seq is read first, each read seeing the file as it is then: a message sent after it has a newer seq,
+    so the next wait sees it even if the read of the ready instances missed it.
+    """
+    latest = int(conn.execute(QUERIES["latest_seq"], {"app": app}).fetchone()[0])
+    now = now_us()
+    params = {"app": app, "workflows": workflows_json, "now_us": now, "limit": 1}
+    if conn.execute(QUERIES["ready_instances"], params).fetchone() is not None:
+        return None
+    return [], latest, now
 
 
 def claim_in(
@@ -134,12 +182,16 @@ def release_in(conn: sqlite3.Connection, claim: Claim) -> None:
 def commit_in(conn: sqlite3.Connection, commit: TurnCommit) -> int:
     """Commit one turn inside the caller's transaction and return the new state version.
 
+    Its sends go out as ``send_in`` sends and its events as ``publish_in`` appends, after the fence let the commit
+    through. A commit without state (a handler delivery's acknowledgement) writes no state and no history, and
+    returns the version the turn read.
+
     Raises:
         LeaseLostError: The fence refused the claim; the caller must roll back what was written so far.
     """
     claim = commit.claim
     now = _check_fence(conn, claim)
-    version = claim.state_version + 1
+    version = claim.state_version if commit.state_json is None else claim.state_version + 1
     written_at = _iso(to_datetime(now))
     params = {
         **claim_params(claim),
@@ -152,13 +204,25 @@ def commit_in(conn: sqlite3.Connection, commit: TurnCommit) -> int:
         "writer": commit.worker,
     }
     _finish_message(conn, claim, QUERIES["complete_message"], params)
-    if conn.execute(QUERIES["write_state"], params).fetchone() is None:
-        raise lease_lost(claim, f"the state is no longer at version {claim.state_version}")
-    conn.execute(QUERIES["append_state_history"], params)
-    if version > STATE_HISTORY_LIMIT:
-        conn.execute(QUERIES["trim_state_history"], {**params, "oldest_dropped": version - STATE_HISTORY_LIMIT})
+    if commit.state_json is None:
+        _move_on(conn, claim, QUERIES["release_unchanged"], params)
+    else:
+        _move_on(conn, claim, QUERIES["write_state"], params)
+        conn.execute(QUERIES["append_state_history"], params)
+        if version > STATE_HISTORY_LIMIT:
+            conn.execute(QUERIES["trim_state_history"], {**params, "oldest_dropped": version - STATE_HISTORY_LIMIT})
     _record_turn(conn, commit, version_written=version, outcome="committed", error=None)
+    for message in commit.sends:
+        send_in(conn, message)
+    for event in commit.events:
+        publish_in(conn, event)
     return version
+
+
+def _move_on(conn: sqlite3.Connection, claim: Claim, query: str, params: _Params) -> None:
+    """Release the lease and move the inbox on, if the state is still at the version the turn read."""
+    if conn.execute(query, params).fetchone() is None:
+        raise lease_lost(claim, f"the state is no longer at version {claim.state_version}")
 
 
 def fail_in(conn: sqlite3.Connection, failure: TurnFailure) -> None:
@@ -281,33 +345,44 @@ def dead_letter(app: str, row: tuple[Any, ...]) -> DeadLetter:
 # --- Pruning and deleting ---------------------------------------------------------------------------------
 
 
-def prune_in(conn: sqlite3.Connection, app: str, finished_us: int, keys_us: int, limit: int) -> tuple[int, int]:
-    """Delete one batch: up to ``limit`` finished messages (with their steps) and ``limit`` turn records.
+#: What deleting an instance deletes, in this order: the steps first (they are found through the messages), then
+#: the messages (their idempotency keys are columns of theirs), past states and turn records.
+_OWNED_BY_INSTANCE = (
+    "delete_instance_steps",
+    "delete_instance_messages",
+    "delete_instance_history",
+    "delete_instance_turns",
+)
+
+
+def prune_in(conn: sqlite3.Connection, app: str, finished_us: int, keys_us: int, limit: int) -> tuple[int, int, int]:
+    """Delete one batch: up to ``limit`` finished messages (with their steps), turn records and events each.
+
+    A handler delivery whose message goes is deleted whole, row included: its id (the event's) is never reused,
+    so no tombstone needs to keep its fencing token.
 
     Returns:
-        How many messages and turn records went; a count below ``limit`` means none of that kind is left.
+        How many messages, turn records and events went; a count below ``limit`` means none of that kind is left.
     """
     params = {"app": app, "finished_us": finished_us, "keys_us": keys_us, "limit": limit}
-    gone = [str(message_id) for (message_id,) in conn.execute(QUERIES["prune_messages"], params).fetchall()]
-    conn.executemany(QUERIES["delete_message_steps"], [{"app": app, "message_id": m} for m in gone])
+    gone = conn.execute(QUERIES["prune_messages"], params).fetchall()
+    conn.executemany(QUERIES["delete_message_steps"], [{"app": app, "message_id": m} for m, _, _ in gone])
+    deliveries = {(w, wid): instance_params(InstanceRef(app, w, wid)) for _, w, wid in gone if is_delivery(w)}
+    for query in (*_OWNED_BY_INSTANCE, "drop_instance"):
+        conn.executemany(QUERIES[query], deliveries.values())
     turns = conn.execute(QUERIES["prune_turns"], params).rowcount
-    return len(gone), turns
+    events = conn.execute(QUERIES["prune_events"], params).rowcount
+    return len(gone), turns, events
 
 
 def delete_in(conn: sqlite3.Connection, instance: InstanceRef) -> bool:
     """Delete everything an instance owns, leaving its row as a tombstone; True if it existed.
 
-    The steps go first (they are found through the messages), then the messages (their idempotency keys are
-    columns of theirs), past states and turn records; the tombstone keeps the fencing token and marks the row
-    deleted, so the fence refuses a claim still held and a later send starts the instance afresh.
+    The tombstone keeps the fencing token and marks the row deleted, so the fence refuses a claim still held and a
+    later send starts the instance afresh.
     """
     params = instance_params(instance)
-    for query in (
-        "delete_instance_steps",
-        "delete_instance_messages",
-        "delete_instance_history",
-        "delete_instance_turns",
-    ):
+    for query in _OWNED_BY_INSTANCE:
         conn.execute(QUERIES[query], params)
     return conn.execute(QUERIES["tombstone_instance"], params).fetchone() is not None
 
@@ -340,6 +415,24 @@ def turn_record(instance: InstanceRef, row: tuple[Any, ...]) -> TurnRecordRow:
         float(duration_s),
         outcome,
         error,
+    )
+
+
+def event_row(app: str, row: tuple[Any, ...]) -> EventRow:
+    """An ``events`` row as an ``EventRow``."""
+    seq, event_id, type_, payload, handlers, src_app, src_workflow, src_workflow_id, src_message_id, key, us = row
+    source = None if src_app is None else InstanceRef(src_app, src_workflow, src_workflow_id)
+    return EventRow(
+        app,
+        int(seq),
+        event_id,
+        type_,
+        payload,
+        tuple(json.loads(handlers)),
+        source,
+        src_message_id,
+        key,
+        to_datetime(int(us)),
     )
 
 

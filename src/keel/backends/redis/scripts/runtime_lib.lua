@@ -1,6 +1,6 @@
 -- runtime_lib.lua: helpers shared by the runtime scripts. The engine prepends this file to every runtime
--- script (send, claim, renew, commit, fail, release, step, retry, dead_letters, resolve, prune, delete, and
--- the layout upgrades upgrade_3 and upgrade_4) before loading it, so every runtime operation is still a
+-- script (send, claim, renew, commit, fail, release, step, retry, dead_letters, resolve, prune, delete,
+-- publish, events, and the layout upgrades upgrade_3 and upgrade_4) before loading it, so every runtime operation is still a
 -- single script: atomic, one round trip. Nothing here runs a command by itself except the replication
 -- switch below.
 --
@@ -12,7 +12,7 @@
 -- "{" and "}" encoded, the tag of the per-app keys. Times are microseconds since the epoch by this
 -- server's clock (TIME).
 --
--- keel:schema                 hash    component -> schema version, "store" -> "4" (schema.lua, at connect)
+-- keel:schema                 hash    component -> schema version, "store" -> "5" (schema.lua, at connect)
 -- keel:inst:{$inst}           hash    tok     fencing token: raised by every claim, never lowered or reused;
 --                                             created by the instance's first send, at its app's tokfloor
 --                                     own     lease owner ("host:pid"), absent when no worker holds a lease;
@@ -45,7 +45,8 @@
 --                                     {"v", "d", "t", "w"} as in keel:kvh:
 -- keel:turns:{$inst}          list    the last TURNS_LIMIT turn records, newest first, JSON written by the
 --                                     engine (keys documented in rows.py)
--- keel:seq:{$app}             string  the app's send counter: the messages' q values, the app's send order
+-- keel:seq:{$app}             string  the app's counter: the q values of its messages (the send order)
+--                                     and of its events (the log's order)
 -- keel:msgindex:{$app}        hash    message id -> $inst
 -- keel:ready:{$app}:$workflow zset    $inst -> r of its next message (its inbox's lowest), for instances
 --                                     with a pending message, no lease or hold and not paused: claim takes
@@ -59,12 +60,27 @@
 -- keel:tokfloor:{$app}        string  the highest fencing token any deleted instance of the app had
 -- keel:wake:{$app}            stream  one entry {i = $inst} per send and per resolved dead letter, capped
 --                                     near WAKE_STREAM_MAXLEN; idle workers XREAD BLOCK on it
+-- keel:event:{$app}:$event    hash    one event of the app's log: q its sequence number (a value of
+--                                     keel:seq:, shared with the sends), y type, p payload JSON, h the
+--                                     handlers as a JSON array, a published at; when given, sa sw si the
+--                                     source instance (app, workflow, workflow id), m the source message
+--                                     id, k the idempotency key
+-- keel:events:{$app}          zset    $event -> q, for every event in the log (events.lua, newest first)
+-- keel:evtime:{$app}          zset    $event -> a, for every event published without an idempotency key
+-- keel:evkeyed:{$app}         zset    $event -> a, for every event published with one
+-- keel:evidem:{$app}          hash    idempotency key -> $event first published under it
+--
+-- A handler delivery is an instance of workflow "on/HANDLER" (its $inst has "on%2FHANDLER" in the middle)
+-- whose workflow id is the event's id, holding that one delivery message; prune deletes it whole once the
+-- message is pruned.
 --
 -- Invariants, kept by every script: an instance with exp (a lease, live or expired, or a hold) is in its
 -- workflow's leased set under that score; one without exp that has a pending message and is not paused is
 -- in its ready set under its next message's r; any other instance is in neither. A message is in its app's
 -- dead set exactly while its status is failed, and then it is the lowest of its paused instance's inbox.
 -- A done or skipped message is in finished or finkeyed; every kept message is in its instance's ids set.
+-- An event is in events and in one of evtime (no key) or evkeyed (a key, which evidem maps to it) exactly
+-- while its hash exists.
 
 -- Before Redis 5 a script that read TIME could not write unless it asked for effects replication.
 if redis.replicate_commands then
@@ -204,4 +220,115 @@ local function finish_message(message, message_id, status, now, finished, finish
     else
         redis.call("ZADD", finished, digits(now), message_id)
     end
+end
+
+-- A reader over a script's KEYS and ARGV, for calls that carry a varying number of units (sends, events):
+-- read_keys and read_args return the next n of them as a table and move past them.
+local function reader(keys, args, next_key, next_arg)
+    return {keys = keys, args = args, k = next_key, a = next_arg}
+end
+
+local function read_keys(r, n)
+    local slice = {unpack(r.keys, r.k, r.k + n - 1)}
+    r.k = r.k + n
+    return slice
+end
+
+local function read_args(r, n)
+    local slice = {unpack(r.args, r.a, r.a + n - 1)}
+    r.a = r.a + n
+    return slice
+end
+
+-- The KEYS and ARGV of one send unit, as send.lua lists them (its wake_maxlen aside).
+local SEND_KEYS, SEND_ARGS = 10, 6
+
+-- Add a message to its instance's inbox, visible from now + delay_us, unless the instance's idempotency
+-- key, or the message id itself, was sent before: send.lua's whole logic, which a commit's sends and an
+-- event's deliveries run too. keys and args are one send unit. Returns the id that stands for the send
+-- and whether it was added; the caller wakes the app (wake_streams).
+local function send_message(keys, args, now)
+    local instance, inbox, message, idempotency, ids = unpack(keys, 1, 5)
+    local sequence, message_index, ready, tokfloor = unpack(keys, 6, 9)
+    local member, message_id, payload_json, has_key, idempotency_key, delay_us = unpack(args, 1, SEND_ARGS)
+    has_key = has_key == "1"
+    if has_key then
+        local first = redis.call("HGET", idempotency, idempotency_key)
+        if first then
+            return first, false
+        end
+    end
+    if redis.call("HEXISTS", message_index, message_id) == 1 then
+        return message_id, false
+    end
+
+    local sent_at, visible_at = digits(now), digits(now + math.max(0, tonumber(delay_us)))
+    local seq = redis.call("INCR", sequence)
+    redis.call("HSET", message, "p", payload_json, "s", "pending", "n", "0", "q", digits(seq), "i", member,
+        "a", sent_at, "r", visible_at)
+    redis.call("HSET", message_index, message_id, member)
+    redis.call("SADD", ids, message_id)
+    if has_key then
+        redis.call("HSET", message, "k", idempotency_key)
+        redis.call("HSET", idempotency, idempotency_key, message_id)
+    end
+    if redis.call("HEXISTS", instance, "tok") == 0 then
+        redis.call("HSET", instance, "tok", redis.call("GET", tokfloor) or "0")
+    end
+
+    redis.call("ZADD", inbox, visible_at, inbox_entry(seq, message_id))
+    if redis.call("HEXISTS", instance, "exp") == 0 then
+        offer(instance, inbox, member, ready)
+    end
+    return message_id, true
+end
+
+-- Run the next send unit of r; a send that added its message names its wake stream in woken.
+local function send_unit(r, now, woken)
+    local keys, args = read_keys(r, SEND_KEYS), read_args(r, SEND_ARGS)
+    local sent, added = send_message(keys, args, now)
+    if added then
+        woken[keys[SEND_KEYS]] = args[1]
+    end
+    return sent
+end
+
+-- Append one entry to each wake stream of woken (stream -> $inst of a send to it), trimmed near maxlen.
+local function wake_streams(woken, maxlen)
+    for wake, member in pairs(woken) do
+        redis.call("XADD", wake, "MAXLEN", "~", maxlen, "*", "i", member)
+    end
+end
+
+-- Append the next event unit of r to its app's log and send its deliveries (publish.lua documents the
+-- unit), unless its id is in the log or its idempotency key was used by an event still there; then
+-- nothing is written and its deliveries are stepped over. Returns the id that stands for the event.
+local function publish_event(r, now, woken)
+    local event, events, times, keyed_times, event_keys, sequence = unpack(read_keys(r, 6))
+    local event_id, has_key, idempotency_key, deliveries, fields = unpack(read_args(r, 5))
+    local values = read_args(r, 2 * tonumber(fields))
+    local first = redis.call("EXISTS", event) == 1 and event_id
+    if not first and has_key == "1" then
+        first = redis.call("HGET", event_keys, idempotency_key)
+    end
+    if first then
+        r.k = r.k + SEND_KEYS * tonumber(deliveries)
+        r.a = r.a + SEND_ARGS * tonumber(deliveries)
+        return first
+    end
+
+    local seq, published_at = digits(redis.call("INCR", sequence)), digits(now)
+    redis.call("HSET", event, "q", seq, "a", published_at, unpack(values))
+    redis.call("ZADD", events, seq, event_id)
+    if has_key == "1" then
+        redis.call("HSET", event, "k", idempotency_key)
+        redis.call("HSET", event_keys, idempotency_key, event_id)
+        redis.call("ZADD", keyed_times, published_at, event_id)
+    else
+        redis.call("ZADD", times, published_at, event_id)
+    end
+    for _ = 1, tonumber(deliveries) do
+        send_unit(r, now, woken)
+    end
+    return event_id
 end

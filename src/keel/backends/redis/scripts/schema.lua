@@ -21,7 +21,10 @@
 -- calls this script; so a recorded 3 means the data is whole. 4 adds timers, pruning and deletion: inboxes
 -- become sorted sets by visible time, messages get times (a, r, x) and their key (k), and the ids:,
 -- finished:, finkeyed:, turnidx: and tokfloor: keys appear; going from 3 to 4, the engine runs upgrade_4.lua
--- over every message of every app (batch by batch, idempotent) before calling this script.
+-- over every message of every app (batch by batch, idempotent) before calling this script. 5 adds the
+-- apps' event logs (keel:event:, keel:events:, keel:evtime:, keel:evkeyed:, keel:evidem:) and handler
+-- delivery instances, all created on first use, so going from 4 to 5 rewrites nothing and only records
+-- the number.
 --
 -- One script, so that processes starting together never lower a version another one has just raised.
 

@@ -26,6 +26,9 @@
 -- ARGV[6]   delay_us         how long after now (this server's clock) the message becomes visible; 0: now
 -- ARGV[7]   wake_maxlen      about how many entries the wake stream keeps
 --
+-- KEYS and ARGV[1..6] are one send unit: commit.lua (a turn's sends) and publish.lua (an event's
+-- deliveries) carry units of the same shape, and all three run send_message of runtime_lib.lua.
+--
 -- returns  the message id that stands for this send: ARGV[2] when added, or when that id was sent
 --          already (a resend after a lost reply adds nothing); the first message's id when the
 --          idempotency key was used before for this instance (nothing added)
@@ -35,40 +38,7 @@
 --
 -- Key layout: runtime_lib.lua, prepended to this script.
 
-local instance, inbox, message, idempotency, ids = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local sequence, message_index, ready, tokfloor, wake = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local member, message_id, payload_json = ARGV[1], ARGV[2], ARGV[3]
-local has_key, idempotency_key, delay_us, wake_maxlen = ARGV[4] == "1", ARGV[5], tonumber(ARGV[6]), ARGV[7]
-
-if has_key then
-    local first = redis.call("HGET", idempotency, idempotency_key)
-    if first then
-        return first
-    end
-end
-if redis.call("HEXISTS", message_index, message_id) == 1 then
-    return message_id
-end
-
-local now = now_us()
-local sent_at, visible_at = digits(now), digits(now + math.max(0, delay_us))
-local seq = redis.call("INCR", sequence)
-redis.call("HSET", message, "p", payload_json, "s", "pending", "n", "0", "q", digits(seq), "i", member,
-    "a", sent_at, "r", visible_at)
-redis.call("HSET", message_index, message_id, member)
-redis.call("SADD", ids, message_id)
-if has_key then
-    redis.call("HSET", message, "k", idempotency_key)
-    redis.call("HSET", idempotency, idempotency_key, message_id)
-end
-if redis.call("HEXISTS", instance, "tok") == 0 then
-    redis.call("HSET", instance, "tok", redis.call("GET", tokfloor) or "0")
-end
-
-redis.call("ZADD", inbox, visible_at, inbox_entry(seq, message_id))
-if redis.call("HEXISTS", instance, "exp") == 0 then
-    offer(instance, inbox, member, ready)
-end
-
-redis.call("XADD", wake, "MAXLEN", "~", wake_maxlen, "*", "i", member)
-return message_id
+local woken = {}
+local sent = send_unit(reader(KEYS, ARGV, 1, 1), now_us(), woken)
+wake_streams(woken, ARGV[7])
+return sent

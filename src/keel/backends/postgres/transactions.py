@@ -1,0 +1,283 @@
+"""The PostgreSQL broker's writes that run inside a transaction the caller opened: sends, events, turn commits.
+
+``PostgresBroker`` opens one transaction per call and hands it to these functions, so that a turn's commit carries
+the messages the turn sends and the events it emits (with their deliveries) in the same transaction: written all
+together, or not at all when the fence refuses (the caller's transaction rolls back whatever came before).
+
+Lock order. A transaction that locks several instance rows takes them in one order, that of
+``(app, workflow, workflow_id)`` compared as Python strings (``_order``), so two transactions never wait on each
+other in a cycle: a send locks its inbox, a commit locks its claim's instance together with its sends' inboxes
+(those that sort before it first, then the claim's, then the rest), ``renew`` locks in the order it is given
+(``PostgresBroker.renew`` sorts). The inboxes of an event's deliveries are locked last, after the event's row is
+appended: they are new (delivery instance ids are event ids, and a repeated event appends nothing), so nobody
+else holds or waits for them. Events are appended in the order of their idempotency keys, so that two commits
+emitting the same keys wait for each other in the same order.
+
+Statements queue on the connection and are read only when their result is needed, so that in pipeline mode they
+travel together (see ``PostgresBroker._transaction``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import TYPE_CHECKING, Any
+
+from psycopg.types.json import Jsonb
+
+from keel.backends._sql import load_queries
+from keel.backends.base import STATE_HISTORY_LIMIT, Claim, InstanceRef, NewEvent, NewMessage, TurnCommit, TurnFailure
+from keel.errors import LeaseLostError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+    from datetime import datetime
+    from typing import LiteralString
+
+    import psycopg
+    from psycopg.rows import TupleRow
+
+    _Connection = psycopg.AsyncConnection[TupleRow]
+    _Cursor = psycopg.AsyncCursor[TupleRow]
+    #: The events queued for the log, in the order queued, and the cursor that says which were appended.
+    _Logging = tuple[list[NewEvent], _Cursor]
+
+#: The broker's statements, by name (``broker.sql``).
+BROKER_QUERIES = load_queries(__package__ or __name__, "broker.sql")
+
+#: How much of an app's name its channel name shows, to make it recognisable in ``pg_listening_channels()``.
+_READABLE_CHARS = 24
+
+_UNSAFE = re.compile(r"[^a-z0-9_]")
+
+
+def channel_for(schema: str, app: str) -> str:
+    """Return the NOTIFY channel of ``app``'s messages in ``schema``: a lower-case identifier under 63 bytes.
+
+    A digest of both names keeps apart names that differ only in what the readable part drops, and keeps apps
+    (or tests) in different schemas of one database from waking each other.
+    """
+    readable = _UNSAFE.sub("_", app.lower())[:_READABLE_CHARS]
+    digest = hashlib.blake2b(f"{schema}\0{app}".encode(), digest_size=8).hexdigest()
+    return f"keel_{readable}_{digest}"
+
+
+async def send_in(
+    conn: _Connection, schema: str, messages: Sequence[NewMessage], *, returning: bool = True
+) -> list[str]:
+    """Lock the messages' inboxes (creating new instances), then append each message as ``send`` does.
+
+    Returns:
+        With ``returning``, for each message its id or the id of the message first sent under its idempotency
+        key; else nothing (and nothing waits for the server's answer).
+    """
+    await _lock_inboxes(conn, (m.instance for m in messages))
+    return await _append(conn, schema, messages, returning=returning)
+
+
+async def publish_in(conn: _Connection, schema: str, events: Sequence[NewEvent]) -> set[tuple[str, str]]:
+    """Append to the log the events whose id and idempotency key it does not hold yet, and send their deliveries.
+
+    Returns:
+        The ``(app, event_id)`` of each event appended; the others (and their deliveries) were not written.
+    """
+    return await _deliver(conn, schema, await _log_events(conn, events))
+
+
+async def commit_in(conn: _Connection, schema: str, commit: TurnCommit) -> Fenced:
+    """Queue one turn commit, with its sends and events; its ``row()`` is the state version it leaves.
+
+    Everything up to the events' log is queued before the fenced statement's answer is read, so it travels to the
+    server in one round trip. A commit that sends or emits reads that answer here, before it goes on (when the fence
+    refuses, what was queued rolls back with the caller's transaction); one that does neither (a handler delivery's
+    acknowledgement) is left for the caller to read after its COMMIT, as ``queue_fenced`` allows.
+
+    Raises:
+        LeaseLostError: The claim is stale; the caller's transaction must roll back (nothing of this was written).
+    """
+    claim = commit.claim
+    params = {
+        **turn_params(claim, commit.worker, commit.started_at, commit.duration_s),
+        "state": commit.state_json,
+        "history_limit": STATE_HISTORY_LIMIT,
+    }
+    inboxes = {m.instance for m in commit.sends} - {claim.instance}
+    await _lock_inboxes(conn, (ref for ref in inboxes if _order(ref) < _order(claim.instance)))
+    written = await queue_fenced(conn, claim, BROKER_QUERIES["commit_turn"], params)
+    await _lock_inboxes(conn, (ref for ref in inboxes if _order(ref) > _order(claim.instance)))
+    await _append(conn, schema, commit.sends, returning=False)
+    logged = await _log_events(conn, commit.events)
+    if commit.sends or commit.events:
+        await written.row()
+        await _deliver(conn, schema, logged)
+    return written
+
+
+async def fail_in(conn: _Connection, failure: TurnFailure) -> Fenced:
+    """Queue one failed turn's record, to be read after the caller's COMMIT (see ``queue_fenced``)."""
+    claim = failure.claim
+    params = {**turn_params(claim, failure.worker, failure.started_at, failure.duration_s), "error": failure.error}
+    return await queue_fenced(conn, claim, BROKER_QUERIES["fail_turn"], params)
+
+
+class Fenced:
+    """A fenced write queued on a connection: ``row()`` reads the server's answer, once it has come back."""
+
+    def __init__(self, claim: Claim, locked: _Cursor, written: _Cursor) -> None:
+        self._claim = claim
+        self._locked = locked
+        self._written = written
+        self._row: tuple[Any, ...] | None = None
+
+    async def row(self) -> tuple[Any, ...]:
+        """Return the statement's row.
+
+        Raises:
+            LeaseLostError: The statement returned no row: the lease was not live, and nothing was written.
+        """
+        if self._row is None:
+            found = await self._written.fetchone()
+            if found is None:
+                problem = _lease_problem(self._claim, await self._locked.fetchone())
+                raise LeaseLostError(_describe(self._claim.instance), self._claim.fencing_token, problem)
+            self._row = found
+        return self._row
+
+
+async def queue_fenced(conn: _Connection, claim: Claim, query: LiteralString, params: dict[str, Any]) -> Fenced:
+    """Lock the claim's instance row, then queue ``query``, a statement that writes only under a live lease.
+
+    Locking first makes sends to this inbox wait, so the statement's snapshot (taken after the lock) shows every
+    message sent before it, and its ``clock_timestamp()`` is read with the row held. A refused statement writes
+    nothing, so when nothing else in the transaction depends on it, its answer can be read after the COMMIT: the
+    whole write then takes one round trip.
+    """
+    locked = await conn.execute(BROKER_QUERIES["lock_instance"], instance_params(claim.instance))
+    return Fenced(claim, locked, await conn.execute(query, params))
+
+
+async def _log_events(conn: _Connection, events: Sequence[NewEvent]) -> _Logging | None:
+    """Queue the append of ``events`` to their logs, keyed events in the order of their keys; read by ``_deliver``."""
+    if not events:
+        return None
+    # Keyed events in the order of their keys (see the module docstring); the sort is stable, so of two events
+    # with one key the first given is the one appended.
+    ordered = sorted(events, key=lambda e: (e.idempotency_key is not None, e.idempotency_key or ""))
+    cursor = await conn.execute(BROKER_QUERIES["log_events"], {"events": Jsonb([_event_fields(e) for e in ordered])})
+    return ordered, cursor
+
+
+async def _deliver(conn: _Connection, schema: str, logging: _Logging | None) -> set[tuple[str, str]]:
+    """Read which events ``_log_events`` appended and send their deliveries; return their ``(app, event_id)``."""
+    if logging is None:
+        return set()
+    ordered, cursor = logging
+    logged = {(str(app), str(event_id)) for app, event_id in await cursor.fetchall()}
+    deliveries = [d for e in ordered if (e.app, e.event_id) in logged for d in e.deliveries]
+    await send_in(conn, schema, deliveries, returning=False)
+    return logged
+
+
+async def _lock_inboxes(conn: _Connection, instances: Iterable[InstanceRef]) -> None:
+    """Create the instances that are new and lock every one's row, in lock order (see the module docstring)."""
+    ordered = sorted(set(instances), key=_order)
+    if ordered:
+        params = {
+            "apps": [ref.app for ref in ordered],
+            "workflows": [ref.workflow for ref in ordered],
+            "workflow_ids": [ref.workflow_id for ref in ordered],
+        }
+        await conn.execute(BROKER_QUERIES["lock_inboxes"], params)
+
+
+async def _append(conn: _Connection, schema: str, messages: Sequence[NewMessage], *, returning: bool) -> list[str]:
+    """Append each message to its inbox, locked before, in one batch.
+
+    Returns:
+        With ``returning``, the ids that stand for the messages (read at once); else nothing (nothing waits for
+        the server here: in pipeline mode the batch goes out with the transaction's next sync).
+    """
+    if not messages:
+        return []
+    ids: list[str] = []
+    params = [_send_params(schema, m) for m in messages]
+    async with conn.cursor() as cursor:
+        await cursor.executemany(BROKER_QUERIES["append"], params, returning=returning)
+        if not returning:
+            return ids
+        async for _ in cursor.results():
+            row = await cursor.fetchone()
+            assert row is not None  # the statement always returns its one row
+            ids.append(str(row[0]))
+    return ids
+
+
+def _send_params(schema: str, message: NewMessage) -> dict[str, Any]:
+    return {
+        **instance_params(message.instance),
+        "message_id": message.message_id,
+        "payload": message.payload_json,
+        "idempotency_key": message.idempotency_key,
+        "delay_s": float(message.delay_s),
+        "channel": channel_for(schema, message.instance.app),
+    }
+
+
+def _event_fields(event: NewEvent) -> dict[str, Any]:
+    source = event.source
+    return {
+        "app": event.app,
+        "event_id": event.event_id,
+        "type": event.type,
+        "payload": event.payload_json,
+        "handlers": list(event.handlers),
+        "source_app": None if source is None else source.app,
+        "source_workflow": None if source is None else source.workflow,
+        "source_workflow_id": None if source is None else source.workflow_id,
+        "source_message_id": event.source_message_id,
+        "idempotency_key": event.idempotency_key,
+    }
+
+
+def _lease_problem(claim: Claim, held: tuple[Any, ...] | None) -> str:
+    """Say why a fenced write found nothing to write, from the instance row it locked."""
+    if held is None:
+        return "the instance was deleted"
+    token, owner, state_version, first_token = held
+    if claim.fencing_token <= first_token:
+        return "the instance was deleted (and has started afresh since)"
+    if token != claim.fencing_token:
+        return f"the instance moved on to fencing token {token}"
+    if owner is None:
+        return "the lease was released"
+    if state_version != claim.state_version:
+        return f"the state moved on to version {state_version}"
+    return "the lease expired"
+
+
+def _order(ref: InstanceRef) -> tuple[str, str, str]:
+    """The lock order of instance rows."""
+    return (ref.app, ref.workflow, ref.workflow_id)
+
+
+def instance_params(ref: InstanceRef) -> dict[str, Any]:
+    """The statement parameters naming one instance."""
+    return {"app": ref.app, "workflow": ref.workflow, "workflow_id": ref.workflow_id}
+
+
+def turn_params(claim: Claim, worker: str, started_at: datetime, duration_s: float) -> dict[str, Any]:
+    """The statement parameters of a fenced write under ``claim`` that records a turn."""
+    return {
+        **instance_params(claim.instance),
+        "message_id": claim.message_id,
+        "fencing_token": claim.fencing_token,
+        "version_read": claim.state_version,
+        "attempt": claim.attempt,
+        "worker": worker,
+        "started_at": started_at,
+        "duration_s": duration_s,
+    }
+
+
+def _describe(ref: InstanceRef) -> str:
+    return f"{ref.app}:{ref.workflow}/{ref.workflow_id}"

@@ -1,0 +1,211 @@
+"""Wake-ups across processes for the SQLite broker: a Unix datagram socket per waiting backend, one folder per file.
+
+SQLite cannot notify another process, so the processes sharing a file ring each other's doorbells:
+
+- Folder: ``<tempdir>/keel-wake-<hash>/``, the hash of this user's id and the file's real path. It is short
+  whatever the file's path (a socket's path holds at most ~107 bytes), the same for every process of this user on
+  the file, and private: mode 0700 and this user's, or it is not used at all.
+- Listening: a backend that waits for work binds a datagram socket there (``<pid>-<random>``), and its event loop
+  reads it (``loop.add_reader``): each datagram is an app's name, and wakes that app's waiters.
+- Ringing: after a transaction that made work visible commits, the writer sends the app's name to every other
+  socket in the folder, without blocking. A socket that refuses it (or is gone) belonged to a process that died
+  without cleaning up, and is removed; a full one has wake-ups pending already, so one more adds nothing.
+
+Nothing depends on a datagram arriving: waiters go on polling the file, so a lost wake-up, a sender with another
+temporary folder, or a folder that cannot be used (one warning, then polling only) costs latency, never work.
+The last process to close removes the folder; one binding at that moment makes it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import socket
+import stat
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable, Iterable
+
+logger = logging.getLogger(__name__)
+
+#: How many times binding is tried when the folder disappears in between (removed by the last process leaving it).
+_BIND_ATTEMPTS = 3
+
+#: The longest app name a datagram carries; for a longer one an empty datagram goes out, which wakes every app.
+RING_BYTES = 512
+
+
+def wake_folder(database: Path) -> Path:
+    """The folder where the processes of this user on ``database`` bind their sockets."""
+    key = f"{os.getuid() if hasattr(os, 'getuid') else 0}:{os.path.realpath(database)}"
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"keel-wake-{digest}"
+
+
+class Doorbell:
+    """This backend's socket in the wake folder of its file, and the ringing of everyone else's."""
+
+    def __init__(self, database: Path) -> None:
+        self.folder = wake_folder(database)
+        self._listener: socket.socket | None = None
+        self._address: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sender: socket.socket | None = None
+        self._unusable = False
+        self._closed = False
+
+    @property
+    def listening(self) -> bool:
+        """True while this backend's socket is bound and read by an event loop."""
+        return self._loop is not None and not self._loop.is_closed()
+
+    def listen(self, loop: asyncio.AbstractEventLoop, on_ring: Callable[[set[str]], None]) -> bool:
+        """Bind this backend's socket (once) and have ``loop`` read it, calling ``on_ring`` with the apps rung.
+
+        The apps rung may include ``""``: every app (a name too long for a datagram).
+
+        Returns:
+            False if the folder or the socket cannot be used (logged once, as a warning): waiters must poll.
+        """
+        if self._loop is loop and not loop.is_closed():
+            return True
+        if self._unusable or self._closed:
+            return False
+        try:
+            listener = self._listener or self._bind()
+            if self.listening:
+                assert self._loop is not None
+                self._loop.remove_reader(listener.fileno())
+            loop.add_reader(listener.fileno(), self._drain, listener, on_ring)
+        except (OSError, NotImplementedError) as exc:
+            self._unusable = True
+            logger.warning(
+                "cannot listen for wake-ups in %s (%s): idle workers on this SQLite file will find new work by "
+                "polling only",
+                self.folder,
+                exc,
+                extra={"folder": str(self.folder)},
+            )
+            return False
+        self._loop = loop
+        return True
+
+    def ring(self, apps: Iterable[str]) -> None:
+        """Tell every other socket in the folder that ``apps`` may have work; never raises, never blocks."""
+        if self._closed:
+            return
+        try:
+            targets = self._targets()
+        except OSError:
+            return  # no folder means nobody listens; an unusable one, that listeners warned and poll
+        if not targets:
+            return
+        for app in apps:
+            payload = app.encode("utf-8", "surrogatepass")
+            if len(payload) > RING_BYTES:
+                payload = b""
+            for target in targets:
+                self._send(payload, target)
+
+    def close(self) -> None:
+        """Stop listening, and close and remove this backend's socket. Safe to call twice."""
+        self._closed = True
+        if self._listener is not None:
+            if self.listening:
+                assert self._loop is not None
+                self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+        if self._address is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._address)
+                os.rmdir(self.folder)  # only if this was the last socket in it
+            self._address = None
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        self._loop = None
+
+    def _bind(self) -> socket.socket:
+        address = str(self.folder / f"{os.getpid()}-{secrets.token_hex(4)}")
+        for _ in range(_BIND_ATTEMPTS - 1):
+            with contextlib.suppress(FileNotFoundError):  # the last process leaving removed the folder meanwhile
+                return self._bind_at(address)
+        return self._bind_at(address)
+
+    def _bind_at(self, address: str) -> socket.socket:
+        _make_private_folder(self.folder)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            listener.setblocking(False)
+            listener.bind(address)
+        except OSError:
+            listener.close()
+            raise
+        self._listener, self._address = listener, address
+        return listener
+
+    def _drain(self, listener: socket.socket, on_ring: Callable[[set[str]], None]) -> None:
+        apps: set[str] = set()
+        while True:
+            try:
+                data = listener.recv(RING_BYTES + 1)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # not seen in practice; the poll still finds the work
+                logger.debug("reading wake-ups failed: %s", exc)
+                break
+            apps.add(_app_of(data))
+        if apps:
+            on_ring(apps)
+
+    def _targets(self) -> list[str]:
+        _check_private(self.folder)  # every time: the folder may have been removed and made again since
+        folder, own = str(self.folder), self._address
+        return [path for path in (os.path.join(folder, name) for name in os.listdir(folder)) if path != own]
+
+    def _send(self, payload: bytes, target: str) -> None:
+        if self._sender is None:
+            self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sender.setblocking(False)
+        try:
+            self._sender.sendto(payload, target)
+        except BlockingIOError:
+            pass  # its queue is full: it has wake-ups to read already
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(OSError):
+                os.unlink(target)  # no socket bound there: its process ended without removing it
+                os.rmdir(self.folder)  # if it was the last one
+        except OSError as exc:
+            logger.debug("ringing %s failed: %s", target, exc)
+
+
+def _app_of(datagram: bytes) -> str:
+    try:
+        return datagram.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return ""  # not from keel: wake every app rather than guess
+
+
+def _make_private_folder(folder: Path) -> None:
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    _check_private(folder)
+
+
+def _check_private(folder: Path) -> None:
+    """Raise unless ``folder`` is a real folder (no symlink) of this user that nobody else may enter."""
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(f"{folder} is not a folder")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise PermissionError(f"{folder} belongs to user id {info.st_uid}, not to this user")
+    if info.st_mode & 0o077:
+        raise PermissionError(f"{folder} may be entered by other users (mode {stat.S_IMODE(info.st_mode):o})")
