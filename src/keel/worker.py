@@ -183,7 +183,9 @@ class Worker:
                 self._start(claim)
             if claims and len(claims) == free:
                 await self._wait_for_slot_or_stop(stop)
-            elif not claims:
+            else:
+                # Fewer claims than free slots means nothing else was ready: claiming again at once would find
+                # nothing. Every engine's wait returns at once for work sent since the claim began, so none is missed.
                 await self._idle(stop)
 
     def _start(self, claim: Claim) -> None:
