@@ -378,19 +378,8 @@ def _check_name(name: str, *, what: str) -> None:
 
 def _check_signature(fn: object, name: str, state: type[BaseModel], message: type[BaseModel]) -> None:
     where = f"workflow {name!r} ({getattr(fn, '__qualname__', fn)!r})"
-    if not inspect.iscoroutinefunction(fn):
-        raise RegistrationError(f"{where} must be an async function: async def {name}(ctx, msg) -> None")
-    params = list(inspect.signature(fn).parameters.values())
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if len(params) != 2 or any(p.kind not in positional for p in params):
-        raise RegistrationError(
-            f"{where} must take exactly two positional parameters (ctx: keel.TurnContext[{state.__name__}], "
-            f"msg: {message.__name__}); it takes ({', '.join(str(p) for p in params)})"
-        )
-    try:
-        hints = typing.get_type_hints(fn)
-    except (NameError, TypeError) as exc:
-        raise RegistrationError(f"{where} has annotations that cannot be resolved: {exc}") from exc
+    expected = f"async def {name}(ctx: keel.TurnContext[{state.__name__}], msg: {message.__name__}) -> None"
+    params, hints = _async_pair(fn, where, expected)
     _check_context_hint(hints.get(params[0].name), where, state)
     msg_hint = hints.get(params[1].name)
     if msg_hint is not None and msg_hint is not Any and msg_hint is not message:
@@ -398,6 +387,28 @@ def _check_signature(fn: object, name: str, state: type[BaseModel], message: typ
     returned = hints.get("return", None)
     if "return" in hints and returned is not type(None):
         raise RegistrationError(f"{where} must return None (the state is committed from ctx.state), not {returned!r}")
+
+
+def _async_pair(fn: object, where: str, expected: str) -> tuple[list[inspect.Parameter], dict[str, Any]]:
+    """Check that ``fn`` is ``async def`` with two positional parameters; return them and the resolved hints.
+
+    Annotations are resolved as ``typing.get_type_hints`` does, so string annotations (and ``from __future__
+    import annotations``) are checked like any others.
+    """
+    if not inspect.iscoroutinefunction(fn):
+        raise RegistrationError(f"{where} must be an async function: {expected}")
+    params = list(inspect.signature(fn).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(params) != 2 or any(p.kind not in positional for p in params):
+        raise RegistrationError(
+            f"{where} must take exactly two positional parameters: {expected}; "
+            f"it takes ({', '.join(str(p) for p in params)})"
+        )
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError) as exc:
+        raise RegistrationError(f"{where} has annotations that cannot be resolved: {exc}") from exc
+    return params, hints
 
 
 def _check_context_hint(hint: object, where: str, state: type[BaseModel]) -> None:
@@ -420,19 +431,7 @@ def _check_handler_signature(fn: object, name: str, event_type: type[Event]) -> 
     event_name = event_type.__name__
     where = f"handler {name!r} ({getattr(fn, '__qualname__', fn)!r})"
     expected = f"async def {name}(event: {event_name}, ctx: keel.HandlerContext) -> None"
-    if not inspect.iscoroutinefunction(fn):
-        raise RegistrationError(f"{where} must be an async function: {expected}")
-    params = list(inspect.signature(fn).parameters.values())
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if len(params) != 2 or any(p.kind not in positional for p in params):
-        raise RegistrationError(
-            f"{where} must take exactly two positional parameters: {expected}; "
-            f"it takes ({', '.join(str(p) for p in params)})"
-        )
-    try:
-        hints = typing.get_type_hints(fn)
-    except (NameError, TypeError) as exc:
-        raise RegistrationError(f"{where} has annotations that cannot be resolved: {exc}") from exc
+    params, hints = _async_pair(fn, where, expected)
     event_hint = hints.get(params[0].name)
     fits = (
         event_hint is None or event_hint is Any or (isinstance(event_hint, type) and issubclass(event_type, event_hint))
