@@ -94,12 +94,10 @@ def make_app(url: str, ledger: Ledger, **options: Any) -> keel.App:
 
     @app.on(Shipped)
     async def audit(event: Shipped, ctx: keel.HandlerContext) -> None:
+        if event.item == "stepped":
+            await charge_once(ctx, ledger)
         if event.item == "chain":
-            ctx.send("inbox", event.order_id, Note(text=f"shipped {event.item}"))
-            ctx.publish(Audited(order_id=event.order_id))
-            if ledger.failures.get(f"chain:{ctx.event_id}", 0) == 0:
-                ledger.failures[f"chain:{ctx.event_id}"] = 1
-                raise ConnectionError("failed after sending and publishing")
+            send_and_publish_then_fail_once(event, ctx, ledger)
         ledger.entries.append(("audit", ctx.event_id, ctx.idempotency_key, ctx.attempt))
 
     @app.on(Audited)
@@ -107,6 +105,28 @@ def make_app(url: str, ledger: Ledger, **options: Any) -> keel.App:
         ledger.entries.append(("archive", ctx.event_id, ctx.idempotency_key, ctx.attempt))
 
     return app
+
+
+def send_and_publish_then_fail_once(event: Shipped, ctx: keel.HandlerContext, ledger: Ledger) -> None:
+    """Queue a send and a publish, then fail the first run: both must still happen once."""
+    ctx.send("inbox", event.order_id, Note(text=f"shipped {event.item}"))
+    ctx.publish(Audited(order_id=event.order_id))
+    if ledger.failures.get(f"chain:{ctx.event_id}", 0) == 0:
+        ledger.failures[f"chain:{ctx.event_id}"] = 1
+        raise ConnectionError("failed after sending and publishing")
+
+
+async def charge_once(ctx: keel.HandlerContext, ledger: Ledger) -> None:
+    """A step with an outside effect, then a failure on the first attempt: the redelivery must replay the step."""
+
+    def charge(event_id: str) -> int:
+        ledger.failures[f"charge:{event_id}"] = ledger.failures.get(f"charge:{event_id}", 0) + 1
+        return 42
+
+    charged = await ctx.step("charge", charge, ctx.event_id)
+    ledger.entries.append(("charged", ctx.event_id, str(charged), ctx.attempt))
+    if ctx.attempt == 1:
+        raise ConnectionError("failed after the step")
 
 
 @pytest.fixture
@@ -340,3 +360,14 @@ async def test_an_event_without_a_handler_is_logged_and_reported(
     [record] = [r for r in caplog.records if r.name == "keel.events"]
     assert "has no handler in app" in record.getMessage()
     assert "@app.on(Unhandled)" in record.getMessage()
+
+
+async def test_a_handlers_step_runs_once_across_redeliveries(app: keel.App, backend_url: str, ledger: Ledger) -> None:
+    async with app.client() as client, running_worker(app, backend_url):
+        event_id = await client.publish(Shipped(order_id="o1", item="stepped"))
+        await client.wait_event(event_id, timeout_s=10)
+    assert ledger.failures[f"charge:{event_id}"] == 1  # the side effect ran once
+    assert [e for e in ledger.entries if e[0] == "charged"] == [
+        ("charged", event_id, "42", 1),
+        ("charged", event_id, "42", 2),  # the redelivery got the recorded result
+    ]
