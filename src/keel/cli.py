@@ -29,6 +29,7 @@ from keel.errors import (
     BackendUnavailable,
     ConfigurationError,
     InvalidKeyError,
+    MessageNotFoundError,
     NotPausedError,
     PayloadError,
     TurnFailedError,
@@ -333,6 +334,7 @@ def _run(coroutine: Coroutine[Any, Any, str]) -> str:
     except (
         UnknownWorkflowError,
         InstanceNotFoundError,
+        MessageNotFoundError,
         NotPausedError,
         PayloadError,
         InvalidKeyError,

@@ -78,24 +78,6 @@ class Envelope:
     source: InstanceRef | None
     source_message_id: str | None
 
-    def to_json(self) -> str:
-        """Encode the envelope as a delivery's message payload."""
-        source = None
-        if self.source is not None:
-            source = {"workflow": self.source.workflow, "workflow_id": self.source.workflow_id}
-        return json.dumps(
-            {
-                "event_id": self.event_id,
-                "type": self.type_name,
-                "payload": self.payload,
-                "published_at": self.published_at.isoformat(),
-                "source": source,
-                "source_message_id": self.source_message_id,
-            },
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
-
     @classmethod
     def from_json(cls, app: str, text: str, *, what: str) -> Envelope:
         """Decode a delivery's payload.
@@ -152,9 +134,7 @@ def build_event(
         raise TypeError(f"events must be instances of a keel.Event subclass, not {type(event).__name__}")
     type_name = event_type_name(type(event))
     payload_json = encode(event, what=f"event {type_name}", max_bytes=max_bytes)
-    envelope = Envelope(
-        event_id, type_name, json.loads(payload_json), datetime.now(UTC), source, source_message_id
-    ).to_json()
+    envelope = _envelope_json(event_id, type_name, payload_json, source, source_message_id)
     deliveries = tuple(
         NewMessage(InstanceRef(app, delivery_workflow(h), event_id), delivery_message_id(event_id, h), envelope)
         for h in handlers
@@ -162,6 +142,28 @@ def build_event(
     return NewEvent(
         app, event_id, type_name, payload_json, tuple(handlers), deliveries, source, source_message_id, idempotency_key
     )
+
+
+def _envelope_json(
+    event_id: str, type_name: str, payload_json: str, source: InstanceRef | None, source_message_id: str | None
+) -> str:
+    """Encode a delivery's payload: the event's identity and source, and its payload's JSON text as it is.
+
+    The payload was just encoded (and size-checked) once; it goes in unparsed, last, so every delivery of a
+    large event does not decode and encode it again.
+    """
+    head = json.dumps(
+        {
+            "event_id": event_id,
+            "type": type_name,
+            "published_at": datetime.now(UTC).isoformat(),
+            "source": None if source is None else {"workflow": source.workflow, "workflow_id": source.workflow_id},
+            "source_message_id": source_message_id,
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return f'{head[:-1]},"payload":{payload_json}}}'
 
 
 @dataclass(frozen=True)

@@ -73,10 +73,12 @@ def build_published_event(
         TypeError: ``event`` is not a ``keel.Event``.
         InvalidKeyError, NotSerializableError, PayloadTooLargeError: Bad key, not JSON, or too large.
     """
+    if not isinstance(event, Event):
+        raise TypeError(f"events must be instances of a keel.Event subclass, not {type(event).__name__}")
     if idempotency_key is not None:
         validate_key(idempotency_key, what="idempotency key")
     handlers = [spec.name for spec in app.handlers_of(type(event))]
-    if not handlers and isinstance(event, Event):
+    if not handlers:
         # G6: an event nobody handles is reported, not silently dropped; it stays in the log (`keel events`).
         logger.warning(
             "event %s (%s) has no handler in app %r: it is recorded in the event log, but no handler will run; "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from keel.errors import NonRetryable, PayloadError, RetryAfter
+from keel.errors import InvalidKeyError, NonRetryable, PayloadError, RetryAfter, UnknownWorkflowError
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,12 @@ def retry_delay_s(exc: BaseException, attempt: int, policy: RetryPolicy) -> floa
     """Return how long to wait before retrying after ``exc``, or None to dead-letter now.
 
     Not retried: ``NonRetryable`` and its subclasses, payload errors (a state or message that does not
-    validate, a result that is not JSON or too large: the same input fails the same way), and any failure
-    once ``attempt`` reached ``policy.max_attempts``. ``RetryAfter`` sets its own delay.
+    validate, a result that is not JSON or too large: the same input fails the same way), a bad key or an
+    unknown workflow named by ``ctx.send`` or ``ctx.step`` (the same code fails the same way until a deployment
+    changes it, and then ``keel retry`` runs it again), and any failure once ``attempt`` reached
+    ``policy.max_attempts``. ``RetryAfter`` sets its own delay.
     """
-    if isinstance(exc, NonRetryable | PayloadError | ValidationError):
+    if isinstance(exc, NonRetryable | PayloadError | ValidationError | InvalidKeyError | UnknownWorkflowError):
         return None
     if attempt >= policy.max_attempts:
         return None
