@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from keel.app import App
-    from keel.backends.base import Backend, DeadLetter, EventRow, MessageInfo, TurnRecordRow
+    from keel.backends.base import Backend, ClientBackend, DeadLetter, EventRow, MessageInfo, Reader, TurnRecordRow
     from keel.events import Event
 
 logger = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class Client:
 
         await _poll(all_done, timeout_s, lambda: WaitTimeoutError(f"event {event_id}", event_id, timeout_s))
 
-    async def _event_info(self, backend: Backend, row: EventRow) -> EventInfo:
+    async def _event_info(self, backend: Reader, row: EventRow) -> EventInfo:
         deliveries = []
         for handler in row.handlers:
             info = await backend.message(self.app.name, delivery_message_id(row.event_id, handler))
@@ -343,7 +343,7 @@ class Client:
         )
         return message_id
 
-    def _open(self) -> Backend:
+    def _open(self) -> ClientBackend:
         if self._backend is None:
             raise ConfigurationError("the client is not open: use it inside `async with app.client() as client:`")
         return self._backend

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from keel.errors import BackendUnavailable
 
 if TYPE_CHECKING:
-    from keel.backends.base import Backend
+    from keel.backends.base import Pruner
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Retention:
 DEFAULT_RETENTION = Retention()
 
 
-async def prune_once(backend: Backend, app: str, retention: Retention) -> None:
+async def prune_once(backend: Pruner, app: str, retention: Retention) -> None:
     """Prune ``app``'s finished records once, logging what went."""
     now = datetime.now(UTC)
     pruned = await backend.prune(
@@ -65,7 +65,7 @@ async def prune_once(backend: Backend, app: str, retention: Retention) -> None:
         )
 
 
-async def prune_forever(backend: Backend, app: str, retention: Retention, worker: str) -> None:
+async def prune_forever(backend: Pruner, app: str, retention: Retention, worker: str) -> None:
     """Prune every ``retention.interval_s`` (workers started together spread out) until cancelled."""
     await asyncio.sleep(random.uniform(0, retention.interval_s / 10))
     while True:

@@ -26,7 +26,7 @@ from keel.payload import validate_key
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from keel.backends.base import Backend, Claim
+    from keel.backends.base import Claim, Claimer
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class StepRunner:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Claimer,
         claim: Claim,
         *,
         worker: str,

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterator
 
     from keel.app import App, WorkflowSpec
-    from keel.backends.base import Backend, Claim
+    from keel.backends.base import Claim, Claimer
 
     Job = WorkflowSpec | HandlerSpec
 
@@ -48,7 +48,7 @@ logger = logging.getLogger("keel.worker")
 class TurnRunner:
     """Runs claimed turns of one app for one worker."""
 
-    def __init__(self, app: App, backend: Backend, *, worker: str, max_state_bytes: int) -> None:
+    def __init__(self, app: App, backend: Claimer, *, worker: str, max_state_bytes: int) -> None:
         self.app = app
         self.backend = backend
         self.worker = worker

@@ -43,7 +43,7 @@ from keel.turn import TurnRunner, log_fields
 
 if TYPE_CHECKING:
     from keel.app import App
-    from keel.backends.base import Backend
+    from keel.backends.base import WorkerBackend
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class _Running:
 class Worker:
     """Runs the turns of one app's workflow instances from one backend."""
 
-    def __init__(self, app: App, backend: Backend, settings: WorkerSettings | None = None) -> None:
+    def __init__(self, app: App, backend: WorkerBackend, settings: WorkerSettings | None = None) -> None:
         self.app = app
         self.backend = backend
         self.settings = settings or WorkerSettings()

@@ -302,111 +302,251 @@ class TurnRecordRow:
     error: str | None = None
 
 
-class Broker(Protocol):
-    """Inboxes of workflow instances, leases with fencing tokens, and the atomic turn commit."""
+# --- The broker, in the roles its callers use ----------------------------------------------------------------
+#
+# Every method may raise ``BackendUnavailable`` (the engine cannot be reached, or the backend is closed); for a
+# write, the write may or may not have happened then, and each write says how to repeat it safely. Writes are
+# atomic: all of what a method writes, or nothing. Fenced writes (a claim's ``record_step``, ``commit_turn``,
+# ``retry_turn``, ``fail_turn``) check the claim's token and lease by the backend's clock first, in the same
+# transaction, and raise ``LeaseLostError`` having written nothing.
+
+
+class Sender(Protocol):
+    """Sending messages to instances and publishing events: what any process that starts work calls."""
 
     async def send(self, message: NewMessage, /) -> str:
-        """Append ``message`` to its instance's inbox, after every message sent before it.
+        """Append ``message`` to its instance's inbox, after every message sent to it before, atomically.
+
+        Idempotent: a message id sent before, or an idempotency key used before for the same instance (and not
+        pruned), appends nothing and returns the first message's id. A message with no delay wakes idle waiters
+        of its app (see ``Claimer.wait_for_work``).
 
         Returns:
-            The message's id; when ``idempotency_key`` was used before for the same instance, the first
-            message's id, and nothing is appended.
+            The message's id, or the first message's id under the same idempotency key.
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached; the message may have been appended (send it again
+                with the same id: that appends nothing if it was).
         """
         ...
+
+    async def publish(self, event: NewEvent, /) -> str:
+        """Append ``event`` to its app's log and send its deliveries, atomically; wake idle waiters.
+
+        Idempotent: an event id already in the log, or an idempotency key an event still in the app's log was
+        published under, appends nothing (deliveries included).
+
+        Returns:
+            The event's id, or the first event's id under the same idempotency key.
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached; the event may have been appended (publish it again
+                with the same id: that appends nothing if it was).
+        """
+        ...
+
+
+class Claimer(Protocol):
+    """Claiming, renewing, stepping and settling turns, and waiting for work: what a worker calls.
+
+    The wake rule, which the worker relies on: a wait returns at once for work sent (or made visible) since the
+    later of the waiter's last claim's start and its last wait's return, and else parks until such work comes
+    (or the timeout), without spinning on work that was there before.
+    """
 
     async def claim(
         self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
     ) -> list[Claim]:
-        """Lease up to ``limit`` instances that have a visible pending message and no live lease.
+        """Lease up to ``limit`` instances that have a visible pending message, no live lease and no pause.
 
-        An instance's next message is its pending message that became visible first (then the first sent):
-        a delayed message never blocks the ones sent after it, and a message being retried or resolved keeps
-        its place. Instances are taken in the order of their next messages. Each claim raises the instance's
-        fencing token by one and sets its lease to expire ``lease_s`` seconds from now by the backend's clock.
-        Paused instances are never claimed.
+        An instance's next message is its pending message that became visible first (then the first sent): a
+        delayed message never blocks the ones sent after it, and a message being retried or resolved keeps its
+        place. Instances are taken in the order of their next messages. Each claim raises the instance's fencing
+        token by one (tokens of an instance id never repeat, not even after ``delete_instance``) and sets its
+        lease to expire ``lease_s`` seconds from now by the backend's clock. Atomic: concurrent claimers in any
+        processes never lease one instance twice. It also starts the wake rule's "since" for ``app``.
+
+        Returns:
+            The claims, possibly none; none at all when ``limit`` is 0 or ``workflows`` empty.
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached; a lease a lost reply took expires by itself.
+        """
+        ...
+
+    async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
+        """Return when ``app`` may have work for this backend's claims, or after ``timeout_s`` at the latest.
+
+        Follows the wake rule (see the class): a message sent (or a lease released, a dead letter resolved, a
+        retry without delay) after the last claim began returns at once, even one sent before the wait began.
+        A delayed message coming due or a retry's hold ending may be noticed only at the timeout. Returning
+        early is allowed (the caller claims, and finds nothing); sleeping through work sent since is not.
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached, or the backend is closed.
         """
         ...
 
     async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
-        """Extend the leases still held under these claims' tokens; False for each one that was lost."""
-        ...
+        """Extend the leases still held under these claims' tokens to ``lease_s`` from the backend's now.
 
-    async def commit_turn(self, commit: TurnCommit, /) -> int:
-        """Commit a turn atomically (state, completion, record, sends, events) and release its lease.
+        Idempotent; an expired or released lease is not revived.
 
         Returns:
-            The new state version (the claim's own when ``state_json`` is None).
+            For each claim, True if its lease was extended, False if it was lost.
 
         Raises:
-            LeaseLostError: The claim's token is no longer the instance's, or its lease has expired; nothing
-                was written.
-        """
-        ...
-
-    async def fail_turn(self, failure: TurnFailure, /) -> None:
-        """Mark the message failed, pause the instance, record the turn and release the lease, atomically.
-
-        Raises:
-            LeaseLostError: The claim's token is no longer current; nothing was written.
+            BackendUnavailable: The engine cannot be reached; the leases keep their old expiry or the new one.
         """
         ...
 
     async def release(self, claim: Claim, /) -> None:
-        """Give the lease back without running the turn, if the claim's token is still current."""
+        """Give the lease back without running the turn, if the claim's token is still current; else do nothing.
+
+        Idempotent. The instance may be claimed again at once, so idle waiters are woken.
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached; the lease expires by itself if it was not released.
+        """
         ...
 
     async def record_step(self, step: StepRecord, /) -> None:
         """Durably record a step's result for the claim's message; later claims of it carry it in ``steps``.
 
-        A name already recorded for the message keeps its first result.
+        Fenced. Idempotent: a name already recorded for the message keeps its first result.
 
         Raises:
-            LeaseLostError: The claim's token is no longer current, or its lease has expired; nothing was written.
+            LeaseLostError: The claim's token is no longer current, or its lease was released or expired; nothing
+                was written.
+            BackendUnavailable: The engine cannot be reached; the step may have been recorded (recording it again
+                keeps the first result).
+        """
+        ...
+
+    async def commit_turn(self, commit: TurnCommit, /) -> int:
+        """Commit a turn (state, completion, record, sends, events) and release its lease, atomically (G3).
+
+        Fenced: it also compare-and-swaps the state on the version the claim read. The sends and events are
+        deduplicated as ``send`` and ``publish`` deduplicate them, and wake idle waiters of their apps.
+
+        Returns:
+            The new state version (the claim's own when ``state_json`` is None).
+
+        Raises:
+            LeaseLostError: The claim's token is no longer the instance's, or its lease was released or expired;
+                nothing was written.
+            BackendUnavailable: The engine cannot be reached; the commit may have happened (read the message's
+                status before running the turn again).
         """
         ...
 
     async def retry_turn(self, failure: TurnFailure, /, *, delay_s: float) -> None:
         """Record a failed attempt and let the message run again after ``delay_s``, atomically.
 
-        The turn record's outcome is ``"retry"``; the lease is released, but no one may claim the instance
-        until ``delay_s`` from now by the backend's clock; the message stays pending and first in line, so
-        the instance's later messages keep waiting behind it.
+        Fenced. The turn record's outcome is ``"retry"``; the lease is released, but no one may claim the instance
+        until ``delay_s`` from now by the backend's clock; the message stays pending and first in line, so the
+        instance's later messages keep waiting behind it. A retry without delay wakes idle waiters.
 
         Raises:
-            LeaseLostError: The claim's token is no longer current, or its lease has expired; nothing was written.
+            LeaseLostError: The claim's token is no longer current, or its lease was released or expired; nothing
+                was written.
+            BackendUnavailable: The engine cannot be reached; the retry may have been recorded.
+        """
+        ...
+
+    async def fail_turn(self, failure: TurnFailure, /) -> None:
+        """Dead-letter the message, pause the instance, record the turn and release the lease, atomically (G6).
+
+        Fenced.
+
+        Raises:
+            LeaseLostError: The claim's token is no longer current, or its lease was released or expired; nothing
+                was written.
+            BackendUnavailable: The engine cannot be reached; the failure may have been recorded.
+        """
+        ...
+
+
+class Reader(Protocol):
+    """Reading states, turn records, messages, events and dead letters: one consistent snapshot per call."""
+
+    async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
+        """Return the status of a message, or None if no such message was sent to ``app`` (or it was pruned).
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached.
+        """
+        ...
+
+    async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
+        """Return the instance's committed state, or None before its first committed turn.
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached.
+        """
+        ...
+
+    async def turns(self, instance: InstanceRef, /, *, limit: int) -> list[TurnRecordRow]:
+        """Return up to ``limit`` of the instance's kept turn records, newest first (none for a limit below 1).
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached.
+        """
+        ...
+
+    async def events(self, app: str, /, *, limit: int) -> list[EventRow]:
+        """Return the app's last ``limit`` events, newest first (none for a limit below 1).
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached.
         """
         ...
 
     async def dead_letters(self, app: str, /, *, limit: int) -> list[DeadLetter]:
-        """Return the app's dead-lettered messages (status failed), newest first."""
-        ...
+        """Return up to ``limit`` of the app's dead-lettered messages (status failed), newest failure first.
 
-    async def resolve_dead_letter(self, instance: InstanceRef, /, *, skip: bool) -> str | None:
-        """Un-pause an instance paused by a dead letter, atomically.
-
-        With ``skip=False`` the dead message becomes pending again with its attempts reset, to run first;
-        with ``skip=True`` it is marked skipped and the instance goes on with its next message.
-
-        Returns:
-            The dead message's id, or None if the instance is not paused by a dead letter.
+        Raises:
+            BackendUnavailable: The engine cannot be reached.
         """
         ...
 
-    async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
-        """Return the status of a message, or None if no such message was sent."""
+
+class Operator(Protocol):
+    """Acting on instances by hand: resolving dead letters and deleting instances (``keel retry``, ``skip``)."""
+
+    async def resolve_dead_letter(self, instance: InstanceRef, /, *, skip: bool) -> str | None:
+        """Un-pause an instance paused by a dead letter, atomically; wake idle waiters if it was.
+
+        With ``skip=False`` the dead message becomes pending again with its attempts reset, to run first; with
+        ``skip=True`` it is marked skipped and the instance goes on with its next message. Idempotent in effect:
+        a second call finds the instance not paused and changes nothing.
+
+        Returns:
+            The dead message's id, or None (nothing changed) if the instance is unknown or not paused.
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached; the instance may have been resolved.
+        """
         ...
 
-    async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
-        """Return the instance's committed state, or None before its first committed turn."""
+    async def delete_instance(self, instance: InstanceRef, /) -> bool:
+        """Delete an instance and everything it owns, atomically.
+
+        That is its state and state history, its messages of every status, their step records, its turn records
+        and its idempotency keys. A worker holding its lease can no longer commit (``LeaseLostError``); its
+        fencing tokens go on from the last one if the instance is sent a message again. Idempotent.
+
+        Returns:
+            True if the instance existed.
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached; the instance may have been deleted.
+        """
         ...
 
-    async def turns(self, instance: InstanceRef, /, *, limit: int) -> list[TurnRecordRow]:
-        """Return the instance's turn records, newest first."""
-        ...
 
-    async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
-        """Return when a message may have been sent to ``app``, or after ``timeout_s`` at the latest."""
-        ...
+class Pruner(Protocol):
+    """Removing what an app no longer needs: what a worker calls now and then (``keel.retention``)."""
 
     async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:
         """Delete what the app no longer needs, never anything undelivered or dead-lettered.
@@ -416,33 +556,30 @@ class Broker(Protocol):
         the key keeps deduplicating; turn records started before ``finished_before``; events published before
         ``finished_before`` (but those whose idempotency key was used at or after ``keys_before``); and the
         instance rows of handler deliveries (``is_delivery``) whose one message was removed here, whole: their
-        ids are never reused, so nothing (no fencing token) needs to outlive them.
-        """
-        ...
-
-    async def publish(self, event: NewEvent, /) -> str:
-        """Append ``event`` to its app's log and send its deliveries, atomically; wake idle workers.
+        ids are never reused, so nothing (no fencing token) needs to outlive them. Runs in batches, each atomic;
+        idempotent: pruning again removes only what became due since.
 
         Returns:
-            The event's id; when ``idempotency_key`` was used before in the app (or the id is already in the
-            log), the first event's id, and nothing is appended.
+            How many messages, turn records and events were removed.
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached; the batches before it stay pruned.
         """
         ...
 
-    async def events(self, app: str, /, *, limit: int) -> list[EventRow]:
-        """Return the app's last ``limit`` events, newest first."""
-        ...
 
-    async def delete_instance(self, instance: InstanceRef, /) -> bool:
-        """Delete an instance and everything it owns.
+class Broker(Sender, Claimer, Reader, Operator, Pruner, Protocol):
+    """Inboxes of workflow instances, leases with fencing tokens, the atomic turn commit and the event log."""
 
-        That is its state and state history, its messages of every status, their step records, its turn records
-        and its idempotency keys. A worker holding its lease can no longer commit.
 
-        Returns:
-            True if the instance existed.
-        """
-        ...
+class WorkerBackend(Claimer, Pruner, Protocol):
+    """What a worker uses: claiming and settling turns, pruning, and the URL for its logs."""
+
+    url: str
+
+
+class ClientBackend(Sender, Reader, Operator, Protocol):
+    """What a client uses: sending, reading and operating; never claiming."""
 
 
 class Backend(Broker, Protocol):
