@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from keel.backends.postgres.broker import PostgresBroker
-from keel.backends.postgres.listener import PostgresListener
 from keel.backends.postgres.store import QUERIES, PostgresSettings, PostgresStore, _fetch_one
+from keel.backends.postgres.wake import PostgresListener
+from keel.backends.wake import WakeGate
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -22,17 +23,18 @@ class PostgresBackend(PostgresBroker):
         self.url = store.url
         # Typed as the protocol says (an attribute's type must match it exactly); ``_store`` is the same object.
         self.store: StoreEngine = store
-        self._listener = PostgresListener(store, schema)
+        self._gate = WakeGate(store.url)
+        self._listener = PostgresListener(store, schema, self._gate)
 
     async def claim(
         self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
     ) -> list[Claim]:
         """Lease up to ``limit`` claimable instances of ``app`` in ``workflows``, earliest visible message first.
 
-        The listener notes the workflows and the moment: the next ``wait_for_work`` for ``app`` wakes for them only,
+        The gate notes the workflows and the moment: the next ``wait_for_work`` for ``app`` wakes for them only,
         and at once if one was sent meanwhile.
         """
-        self._listener.claiming(app, workflows)
+        self._gate.claiming(app, workflows)
         return await super().claim(app, workflows, worker=worker, lease_s=lease_s, limit=limit)
 
     async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
@@ -41,10 +43,11 @@ class PostgresBackend(PostgresBroker):
         Raises:
             BackendUnavailable: The listener connection cannot be opened, or the backend is closed.
         """
-        await self._listener.wait(app, timeout_s=timeout_s)
+        await self._gate.wait(app, timeout_s=timeout_s, listen=lambda: self._listener.watch(app))
 
     async def aclose(self) -> None:
         """Close the listener connection and the pool. Safe to call twice."""
+        self._gate.close()
         try:
             await self._listener.aclose()
         finally:

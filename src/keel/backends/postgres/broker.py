@@ -46,7 +46,7 @@ How each operation stays atomic and fenced:
   idempotency key; a concurrent append of either makes it wait for that transaction to end, then do nothing. An
   appended event's deliveries are sent as ``send`` sends them; otherwise a second statement finds the event that
   stands for it (or, if that event was pruned meanwhile, it tries again). Every appended message with no delay
-  notifies its app's channel at commit, naming its workflow (``listener.py``).
+  notifies its app's channel at commit, naming its workflow (``wake.py``).
 - ``resolve_dead_letter``: one transaction. It locks the instance row (so sends, claims and other resolves of it
   wait), then one statement finds the failed message at ``next_seq`` of the paused instance, makes it pending
   again (attempts 0) or skipped, recomputes the instance's next message, un-pauses the instance and notifies

@@ -8,6 +8,7 @@ from keel.backends.redis.broker import RedisBroker
 from keel.backends.redis.keys import split_prefix
 from keel.backends.redis.store import SOCKET_TIMEOUT_S, _client, _masked, open_engine
 from keel.backends.redis.wake import WAIT_BLOCK_S, WAIT_CONNECTIONS, WakeStreams
+from keel.backends.wake import WakeGate
 
 if TYPE_CHECKING:
     from keel.backends.base import StoreEngine, StoreOptions
@@ -20,8 +21,8 @@ class RedisBackend(RedisBroker):
     Open it with ``open_backend``, which connects, checks the schema and loads every script.
     """
 
-    def __init__(self, store: RedisStore, waker: WakeStreams) -> None:
-        super().__init__(store._client, store._keys, store._unavailable_on_error, waker)
+    def __init__(self, store: RedisStore, waker: WakeStreams, gate: WakeGate) -> None:
+        super().__init__(store._client, store._keys, store._unavailable_on_error, waker, gate)
         #: The URL the backend was opened with, password masked.
         self.url = store.url
         #: The versioned store, on the same connection pool as the broker.
@@ -29,6 +30,7 @@ class RedisBackend(RedisBroker):
 
     async def aclose(self) -> None:
         """Close both connection pools. Safe to call twice."""
+        self._gate.close()
         await self._waker.aclose()
         await self.store.aclose()
 
@@ -53,7 +55,9 @@ async def open_redis_backend(url: str, options: StoreOptions) -> RedisBackend:
     except BaseException:
         await store.aclose()
         raise
-    backend = RedisBackend(store, WakeStreams(waiting, store._keys, store._unavailable_on_error))
+    gate = WakeGate(store.url)
+    waker = WakeStreams(waiting, store._keys, store._unavailable_on_error, gate)
+    backend = RedisBackend(store, waker, gate)
     try:
         await backend.load_scripts()
     except BaseException:

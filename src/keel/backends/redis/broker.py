@@ -87,6 +87,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from keel.backends.redis.wake import WakeStreams
+    from keel.backends.wake import WakeGate
 
 #: Turn records kept per instance, newest first; older ones are trimmed by the commit that pushes a new one.
 TURNS_LIMIT = 1000
@@ -136,11 +137,13 @@ class RedisBroker:
         keys: RedisKeys,
         boundary: Callable[[str], AbstractAsyncContextManager[None]],
         waker: WakeStreams,
+        gate: WakeGate,
     ) -> None:
         self._client = client
         self._keys = keys
         self._boundary = boundary
         self._waker = waker
+        self._gate = gate
         scripts = {name: client.register_script(runtime_script(name)) for name in RUNTIME_SCRIPTS}
         self._scripts = scripts
         self._send, self._claim, self._renew = scripts["send.lua"], scripts["claim.lua"], scripts["renew.lua"]
@@ -216,6 +219,7 @@ class RedisBroker:
         names = sorted(set(workflows))
         if not names or limit <= 0:
             return []
+        self._gate.claiming(app, names)
         keys = [key for name in names for key in (self._keys.ready(app, name), self._keys.leased(app, name))]
         args: list[str | int] = [self._keys.prefix, worker, micros(lease_s), limit, max(limit, SWEEP_LIMIT), TIE_LIMIT]
         async with self._boundary("claim"):
@@ -439,7 +443,7 @@ class RedisBroker:
         Raises:
             BackendUnavailable: The server cannot be reached.
         """
-        await self._waker.wait(app, timeout_s=timeout_s)
+        await self._gate.wait(app, timeout_s=timeout_s, listen=lambda: self._waker.watch(app))
 
     async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:
         """Delete the app's done and skipped messages and turn records older than the cut-offs.

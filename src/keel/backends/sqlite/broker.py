@@ -54,7 +54,6 @@ How it works:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -63,6 +62,7 @@ from keel.backends.base import InstanceRef, MessageInfo, MessageStatus, Pruned, 
 from keel.backends.sqlite import transactions as tx
 from keel.backends.sqlite.transactions import QUERIES
 from keel.backends.sqlite.wake import Doorbell
+from keel.backends.wake import WakeGate
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterable, Sequence
@@ -95,7 +95,8 @@ class SqliteBroker:
 
     def __init__(self, database: SqliteDatabase) -> None:
         self.database = database
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        # Backends of this process on the same file (or in-memory database) wake each other through their gates.
+        self._gate = WakeGate(database.url, neighbours=database.url)
         self._doorbell = Doorbell(database.path)
         #: Per app, the newest seq the last claim saw (0 after a claim that filled its limit: work may be left) and
         #: the clock reading it was made at (a next message visible since then may be work).
@@ -137,6 +138,7 @@ class SqliteBroker:
         """Lease up to ``limit`` claimable instances, the first visible next message first."""
         if limit <= 0:
             return []  # SQLite reads a negative LIMIT as "no limit"
+        self._gate.claiming(app, workflows)
         names = json.dumps(sorted(set(workflows)))
         lease_us = tx.micros(lease_s)
         claims, latest, now = await self.database.write(
@@ -276,37 +278,30 @@ class SqliteBroker:
         nothing by itself: the wait does not spin on it.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiters.setdefault(app, set()).add(waiter)
-        # Listening starts before _wait first reads the file, so a send committed after that read rings this socket.
-        self._doorbell.listen(loop, self._rung)
-        try:
-            # The deadline also bounds a poll stuck behind a write that waits for another process's lock.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
-                    await self._wait(app, waiter)
-        finally:
-            self._waiters.get(app, set()).discard(waiter)
-            waiter.cancel()
+        # Listening starts before the first poll reads the file, so a send committed after that read rings this
+        # socket; the gate's deadline also bounds a poll stuck behind a write that waits for another process's lock.
+        await self._gate.wait(
+            app,
+            timeout_s=timeout_s,
+            listen=lambda: self._doorbell.listen(loop, self._rung),
+            poll=lambda: self._has_new_work(app),
+            poll_interval_s=POLL_INTERVAL_S,
+        )
 
-    async def _wait(self, app: str, waiter: asyncio.Future[None]) -> None:
+    async def _has_new_work(self, app: str) -> bool:
+        """True if the file shows work since the last claim (or the last look that found some) of ``app``."""
         seen = self._seen.get(app)
         if seen is None:  # no claim yet: only what comes from now on counts
             since = tx.now_us()
-            seen_seq, _ = await self._work_signals(app, since)
-        else:
-            seen_seq, since = seen
-            if await self._has_new_work(app, seen_seq, since):
-                return
-        while True:
-            await asyncio.wait((waiter,), timeout=POLL_INTERVAL_S)
-            if waiter.done() or await self._has_new_work(app, seen_seq, since):
-                return
-
-    async def _has_new_work(self, app: str, seen_seq: int, since_us: int) -> bool:
+            self._seen[app] = ((await self._work_signals(app, since))[0], since)
+            return False
+        seen_seq, since_us = seen
         latest, due_us = await self._work_signals(app, since_us)
-        return latest > seen_seq or (due_us is not None and due_us <= tx.now_us())
+        now_us = tx.now_us()
+        if latest > seen_seq or (due_us is not None and due_us <= now_us):
+            self._seen[app] = (latest, now_us)  # found once: the next wait does not return for it again
+            return True
+        return False
 
     async def _work_signals(self, app: str, since_us: int) -> tuple[int, int | None]:
         """The app's newest seq, and the first visible time of a next message after ``since_us`` (None if none)."""
@@ -340,6 +335,7 @@ class SqliteBroker:
 
     async def aclose(self) -> None:
         """Close the shared connection and its thread, and this backend's wake-up socket. Safe to call twice."""
+        self._gate.close()
         try:
             await self.database.aclose()
         finally:
@@ -355,13 +351,14 @@ class SqliteBroker:
         return lambda found: None if found is None else self._doorbell.ring((app,))
 
     def _rung(self, apps: Iterable[str]) -> None:
-        for app in list(self._waiters) if "" in apps else apps:
-            self._wake(app)
+        if "" in apps:  # a name too long for a datagram: every app
+            self._gate.wake_all()
+        for app in apps:
+            if app:
+                self._gate.wake(app)
 
     def _wake(self, app: str) -> None:
-        for waiter in self._waiters.pop(app, set()):
-            if not waiter.done() and not waiter.get_loop().is_closed():
-                waiter.set_result(None)
+        self._gate.announce(app)
 
 
 def _state_key(ref: InstanceRef) -> str:
