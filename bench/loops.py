@@ -18,7 +18,7 @@ import time
 from datetime import UTC, datetime
 
 import keel
-from keel.backends.sqlite.database import QUERIES as SQLITE_QUERIES
+from keel.backends.sqlite.store import QUERIES as SQLITE_QUERIES
 from keel.backends.sqlite.location import database_path
 from keel.identity import process_identity
 

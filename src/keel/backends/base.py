@@ -575,7 +575,10 @@ class Broker(Sender, Claimer, Reader, Operator, Pruner, Protocol):
 class WorkerBackend(Claimer, Pruner, Protocol):
     """What a worker uses: claiming and settling turns, pruning, and the URL for its logs."""
 
-    url: str
+    @property
+    def url(self) -> str:
+        """The URL the backend was opened with, password masked."""
+        ...
 
 
 class ClientBackend(Sender, Reader, Operator, Protocol):
@@ -585,8 +588,15 @@ class ClientBackend(Sender, Reader, Operator, Protocol):
 class Backend(Broker, Protocol):
     """One engine's store and broker, sharing its connections; what ``open_backend(url)`` returns."""
 
-    url: str
-    store: StoreEngine
+    @property
+    def url(self) -> str:
+        """The URL the backend was opened with, password masked: safe to log and to put in errors."""
+        ...
+
+    @property
+    def store(self) -> StoreEngine:
+        """The engine's store, on the same connections as the broker."""
+        ...
 
     async def aclose(self) -> None:
         """Release connections and threads. Safe to call twice."""

@@ -20,7 +20,7 @@ from keel.backends import open_backend
 from keel.backends.base import STATE_HISTORY_LIMIT, InstanceRef, MessageStatus, NewMessage, StoreOptions
 from keel.backends.sqlite import broker
 from keel.backends.sqlite.backend import SqliteBackend
-from keel.backends.sqlite.database import SCHEMA_VERSION
+from keel.backends.sqlite.migrate import SCHEMA_VERSION
 from tests.backends.sqlite._support import (
     APP,
     claim_one,
@@ -56,7 +56,7 @@ INSERT INTO keel_kv_history VALUES ('loan:1', 3, '{"step": 3}', '2025-01-01T00:0
 async def test_backend_shares_one_database_with_its_store_and_closes_it_once(sqlite_url: str) -> None:
     backend = await open_backend(sqlite_url, StoreOptions())
     assert isinstance(backend, SqliteBackend)
-    assert backend.store.database is backend.database  # type: ignore[attr-defined]
+    assert backend.store.database is backend.database
     assert backend.url == backend.store.url == sqlite_url
     await backend.store.put("k", "1", expected_version=None, writer="t")
     await send(backend, ref())

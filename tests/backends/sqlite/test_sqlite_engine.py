@@ -13,7 +13,7 @@ import pytest
 
 import keel
 from keel.backends.sqlite import location
-from keel.backends.sqlite.database import SCHEMA_VERSION
+from keel.backends.sqlite.migrate import SCHEMA_VERSION
 
 
 def _pragma(path: Path, name: str) -> object:
@@ -203,7 +203,7 @@ async def test_busy_timeout_gives_backend_unavailable_not_a_hang(tmp_path: Path)
 
 
 async def test_unclosed_store_warns(tmp_path: Path) -> None:
-    from keel.backends.sqlite.database import SqliteDatabase
+    from keel.backends.sqlite.connection import SqliteDatabase
 
     database = SqliteDatabase(tmp_path / "k.db", "sqlite:///k.db", synchronous="FULL", busy_timeout_s=1)
     await database.open()

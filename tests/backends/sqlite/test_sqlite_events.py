@@ -14,7 +14,7 @@ import keel
 from keel.backends import open_backend
 from keel.backends.base import InstanceRef, NewEvent, NewMessage, Pruned, StoreOptions, TurnCommit
 from keel.backends.sqlite import broker
-from keel.backends.sqlite.database import SCHEMA_VERSION
+from keel.backends.sqlite.migrate import SCHEMA_VERSION
 from tests.backends.sqlite._support import (
     APP,
     claim_one,

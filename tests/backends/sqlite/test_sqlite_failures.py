@@ -12,7 +12,7 @@ import pytest
 import keel
 from keel.backends import open_backend
 from keel.backends.base import MessageStatus, NewMessage, StoreOptions
-from keel.backends.sqlite.database import SCHEMA_VERSION
+from keel.backends.sqlite.migrate import SCHEMA_VERSION
 from tests.backends.sqlite._support import (
     APP,
     claim_one,

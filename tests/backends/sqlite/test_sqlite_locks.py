@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import keel
-from keel.backends.sqlite import database as database_module
+from keel.backends.sqlite import connection as database_module
 from keel.backends.sqlite import writes
 from tests.backends.sqlite._support import APP, claim_one, ref, send
 

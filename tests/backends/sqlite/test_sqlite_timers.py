@@ -13,8 +13,8 @@ import pytest
 import keel
 from keel.backends import open_backend
 from keel.backends.base import Pruned, StoreOptions
-from keel.backends.sqlite import broker
-from keel.backends.sqlite.database import SCHEMA_VERSION
+from keel.backends.sqlite import broker, wake
+from keel.backends.sqlite.migrate import SCHEMA_VERSION
 from tests.backends.sqlite._support import (
     APP,
     claim_one,
@@ -217,14 +217,14 @@ async def test_work_not_visible_yet_does_not_make_a_waiter_spin(
     backend: SqliteBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     polls = 0
-    real = broker.SqliteBroker._work_signals
+    real = wake.SqliteWake._work_signals
 
-    async def counted(self: broker.SqliteBroker, app: str, since_us: int) -> tuple[int, int | None]:
+    async def counted(self: wake.SqliteWake, app: str, since_us: int) -> tuple[int, int | None]:
         nonlocal polls
         polls += 1
         return await real(self, app, since_us)
 
-    monkeypatch.setattr(broker.SqliteBroker, "_work_signals", counted)
+    monkeypatch.setattr(wake.SqliteWake, "_work_signals", counted)
     await send(backend, ref("a"), delay_s=60)
     await send(backend, ref("b"))
     await claim_one(backend)  # b's message; a's is not visible, and b's lease now holds its next ones

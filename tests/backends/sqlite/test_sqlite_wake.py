@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.backends.base import InstanceRef, NewMessage
+from keel.backends.base import Backend, InstanceRef, NewMessage
 from keel.backends.sqlite import broker, wake
 from tests.backends.sqlite._support import APP, open_sqlite, opened, ref, send, timed_wait
 
@@ -24,7 +24,7 @@ def database_of(url: str) -> Path:
     return Path(url.removeprefix("sqlite:///"))
 
 
-async def woken_at(backend: broker.SqliteBroker, timeout_s: float) -> float:
+async def woken_at(backend: Backend, timeout_s: float) -> float:
     """The wall clock when ``wait_for_work`` returned."""
     await backend.wait_for_work(APP, timeout_s=timeout_s)
     return time.time()

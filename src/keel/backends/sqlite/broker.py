@@ -55,30 +55,42 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime
 from typing import TYPE_CHECKING
 
-from keel.backends.base import InstanceRef, MessageInfo, MessageStatus, Pruned, StoredRecord
+from keel.backends.base import Pruned
 from keel.backends.sqlite import transactions as tx
+from keel.backends.sqlite.rows import (
+    dead_letter,
+    event_row,
+    message_info,
+    micros,
+    stored_record,
+    to_micros,
+    turn_record,
+)
 from keel.backends.sqlite.transactions import QUERIES
-from keel.backends.sqlite.wake import Doorbell
+from keel.backends.sqlite.wake import SqliteWake
 from keel.backends.wake import WakeGate
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Iterable, Sequence
+    from collections.abc import Collection, Sequence
+    from datetime import datetime
 
     from keel.backends.base import (
         Claim,
         DeadLetter,
         EventRow,
+        InstanceRef,
+        MessageInfo,
         NewEvent,
         NewMessage,
         StepRecord,
+        StoredRecord,
         TurnCommit,
         TurnFailure,
         TurnRecordRow,
     )
-    from keel.backends.sqlite.database import Database
+    from keel.backends.sqlite.connection import Database
 
 #: How often an idle worker looks in the file for work no wake-up announced: a delayed message coming due, or a
 #: send whose wake-up was lost (or could not be sent: see ``wake``). Each look is one indexed read on the database
@@ -97,10 +109,7 @@ class SqliteBroker:
         self.database = database
         # Backends of this process on the same file (or in-memory database) wake each other through their gates.
         self._gate = WakeGate(database.url, neighbours=database.url)
-        self._doorbell = Doorbell(database.path)
-        #: Per app, the newest seq the last claim saw (0 after a claim that filled its limit: work may be left) and
-        #: the clock reading it was made at (a next message visible since then may be work).
-        self._seen: dict[str, tuple[int, int]] = {}
+        self._bell = SqliteWake(database, self._gate)
 
     async def send(self, message: NewMessage, /) -> str:
         """Append ``message`` to its instance's inbox, or return the first id sent under its idempotency key.
@@ -108,8 +117,10 @@ class SqliteBroker:
         Sending a message id that was sent before appends nothing either and returns that id.
         """
         app = message.instance.app
-        message_id = await self.database.write(lambda conn: tx.send_in(conn, message), after_commit=self._ring(app))
-        self._wake(app)
+        message_id = await self.database.write(
+            lambda conn: tx.send_in(conn, message), after_commit=self._bell.ring(app)
+        )
+        self._gate.announce(app)
         return message_id
 
     async def publish(self, event: NewEvent, /) -> str:
@@ -119,9 +130,9 @@ class SqliteBroker:
         under, appends nothing, deliveries included.
         """
         event_id = await self.database.write(
-            lambda conn: tx.publish_in(conn, event), after_commit=self._ring(event.app)
+            lambda conn: tx.publish_in(conn, event), after_commit=self._bell.ring(event.app)
         )
-        self._wake(event.app)
+        self._gate.announce(event.app)
         return event_id
 
     async def events(self, app: str, /, *, limit: int) -> list[EventRow]:
@@ -130,7 +141,7 @@ class SqliteBroker:
             return []
         params = {"app": app, "limit": limit}
         rows = await self.database.run(lambda conn: conn.execute(QUERIES["events"], params).fetchall())
-        return [tx.event_row(app, row) for row in rows]
+        return [event_row(app, row) for row in rows]
 
     async def claim(
         self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
@@ -140,19 +151,19 @@ class SqliteBroker:
             return []  # SQLite reads a negative LIMIT as "no limit"
         self._gate.claiming(app, workflows)
         names = json.dumps(sorted(set(workflows)))
-        lease_us = tx.micros(lease_s)
+        lease_us = micros(lease_s)
         claims, latest, now = await self.database.write(
             lambda conn: tx.claim_in(conn, app, names, worker, lease_us, limit),
             read_first=lambda conn: tx.nothing_ready(conn, app, names),  # finding nothing takes no write lock
         )
-        self._seen[app] = (latest if len(claims) < limit else 0, now)
+        self._bell.claimed(app, latest if len(claims) < limit else 0, now)
         return claims
 
     async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
         """Extend each lease still held under its claim's token; an expired lease is not revived."""
         if not claims:
             return []
-        lease_us = tx.micros(lease_s)
+        lease_us = micros(lease_s)
         return await self.database.write(lambda conn: tx.renew_in(conn, claims, lease_us))
 
     async def commit_turn(self, commit: TurnCommit, /) -> int:
@@ -168,9 +179,11 @@ class SqliteBroker:
         """
         apps = {m.instance.app for m in commit.sends} | {e.app for e in commit.events}
         # commit_in runs inside the transaction, so it reads the clock after the write lock was taken.
-        version = await self.database.write(lambda conn: tx.commit_in(conn, commit), after_commit=self._ring(*apps))
+        version = await self.database.write(
+            lambda conn: tx.commit_in(conn, commit), after_commit=self._bell.ring(*apps)
+        )
         for app in apps:
-            self._wake(app)
+            self._gate.announce(app)
         return version
 
     async def fail_turn(self, failure: TurnFailure, /) -> None:
@@ -189,8 +202,8 @@ class SqliteBroker:
         Idle waiters are woken, here and in other processes: the instance may be claimed again at once.
         """
         app = claim.instance.app
-        await self.database.write(lambda conn: tx.release_in(conn, claim), after_commit=self._ring(app))
-        self._wake(app)
+        await self.database.write(lambda conn: tx.release_in(conn, claim), after_commit=self._bell.ring(app))
+        self._gate.announce(app)
 
     async def record_step(self, step: StepRecord, /) -> None:
         """Durably record a step's result for the claim's message; a name already recorded keeps its first result.
@@ -210,14 +223,14 @@ class SqliteBroker:
                 nothing was written.
             BackendUnavailable: The file cannot be written.
         """
-        delay_us = tx.micros(delay_s)
+        delay_us = micros(delay_s)
         app = failure.claim.instance.app
         # A retry without delay may be claimed at once, so it wakes idle waiters as a send does; a delayed one
         # is found by the worker's next look when its hold ends.
-        ring = self._ring(app) if delay_us <= 0 else None
+        ring = self._bell.ring(app) if delay_us <= 0 else None
         await self.database.write(lambda conn: tx.retry_in(conn, failure, delay_us), after_commit=ring)
         if ring is not None:
-            self._wake(app)
+            self._gate.announce(app)
 
     async def dead_letters(self, app: str, /, *, limit: int) -> list[DeadLetter]:
         """Return the app's dead-lettered messages (status failed), newest failure first."""
@@ -225,7 +238,7 @@ class SqliteBroker:
             return []
         params = {"app": app, "limit": limit}
         rows = await self.database.run(lambda conn: conn.execute(QUERIES["dead_letters"], params).fetchall())
-        return [tx.dead_letter(app, row) for row in rows]
+        return [dead_letter(app, row) for row in rows]
 
     async def resolve_dead_letter(self, instance: InstanceRef, /, *, skip: bool) -> str | None:
         """Retry (``skip=False``) or skip the dead letter pausing ``instance`` and un-pause it, atomically.
@@ -234,29 +247,23 @@ class SqliteBroker:
             The dead message's id, or None (nothing changed) if the instance is unknown or not paused.
         """
         message_id = await self.database.write(
-            lambda conn: tx.resolve_in(conn, instance, skip=skip), after_commit=self._ring_if_found(instance.app)
+            lambda conn: tx.resolve_in(conn, instance, skip=skip), after_commit=self._bell.ring_if_found(instance.app)
         )
         if message_id is not None:
-            self._wake(instance.app)
+            self._gate.announce(instance.app)
         return message_id
 
     async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
         """Return a message's status, or None."""
         params = {"app": app, "message_id": message_id}
         row = await self.database.run(lambda conn: conn.execute(QUERIES["message_info"], params).fetchone())
-        if row is None:
-            return None
-        workflow, workflow_id, status, version, error = row
-        return MessageInfo(message_id, InstanceRef(app, workflow, workflow_id), MessageStatus(status), version, error)
+        return None if row is None else message_info(app, message_id, row)
 
     async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
         """Return the instance's committed state, or None before its first committed turn."""
         params = tx.instance_params(instance)
         row = await self.database.run(lambda conn: conn.execute(QUERIES["instance_state"], params).fetchone())
-        if row is None:
-            return None
-        version, state, written_at, writer = row
-        return StoredRecord(_state_key(instance), int(version), state, datetime.fromisoformat(written_at), writer)
+        return None if row is None else stored_record(f"{instance.workflow}/{instance.workflow_id}", row)
 
     async def turns(self, instance: InstanceRef, /, *, limit: int) -> list[TurnRecordRow]:
         """Return the instance's turn records, newest first."""
@@ -264,7 +271,7 @@ class SqliteBroker:
             return []
         params = {**tx.instance_params(instance), "limit": limit}
         rows = await self.database.run(lambda conn: conn.execute(QUERIES["turns"], params).fetchall())
-        return [tx.turn_record(instance, row) for row in rows]
+        return [turn_record(instance, row) for row in rows]
 
     async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
         """Return when a message may have been sent to ``app``, or after ``timeout_s`` at the latest.
@@ -283,31 +290,10 @@ class SqliteBroker:
         await self._gate.wait(
             app,
             timeout_s=timeout_s,
-            listen=lambda: self._doorbell.listen(loop, self._rung),
-            poll=lambda: self._has_new_work(app),
+            listen=lambda: self._bell.listen(loop),
+            poll=lambda: self._bell.has_new_work(app),
             poll_interval_s=POLL_INTERVAL_S,
         )
-
-    async def _has_new_work(self, app: str) -> bool:
-        """True if the file shows work since the last claim (or the last look that found some) of ``app``."""
-        seen = self._seen.get(app)
-        if seen is None:  # no claim yet: only what comes from now on counts
-            since = tx.now_us()
-            self._seen[app] = ((await self._work_signals(app, since))[0], since)
-            return False
-        seen_seq, since_us = seen
-        latest, due_us = await self._work_signals(app, since_us)
-        now_us = tx.now_us()
-        if latest > seen_seq or (due_us is not None and due_us <= now_us):
-            self._seen[app] = (latest, now_us)  # found once: the next wait does not return for it again
-            return True
-        return False
-
-    async def _work_signals(self, app: str, since_us: int) -> tuple[int, int | None]:
-        """The app's newest seq, and the first visible time of a next message after ``since_us`` (None if none)."""
-        params = {"app": app, "since_us": since_us}
-        latest, due_us = await self.database.run(lambda conn: conn.execute(QUERIES["work_signals"], params).fetchone())
-        return int(latest), None if due_us is None else int(due_us)
 
     async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:
         """Delete the app's done and skipped messages (with their steps), turn records and events past the cut-offs.
@@ -317,7 +303,7 @@ class SqliteBroker:
         whole with its message. Runs in transactions of up to ``PRUNE_BATCH`` rows of each kind until none is left,
         so others may write in between; each batch is all or nothing.
         """
-        finished_us, keys_us = tx.to_micros(finished_before), tx.to_micros(keys_before)
+        finished_us, keys_us = to_micros(finished_before), to_micros(keys_before)
         messages = turns = events = 0
         while True:
             batch = await self.database.write(lambda conn: tx.prune_in(conn, app, finished_us, keys_us, PRUNE_BATCH))
@@ -339,27 +325,4 @@ class SqliteBroker:
         try:
             await self.database.aclose()
         finally:
-            self._doorbell.close()  # after the database thread, which rings through it, has stopped
-
-    def _ring(self, *apps: str) -> Callable[[object], None] | None:
-        """What a write runs after its commit: ring the other processes' doorbells for ``apps`` (None if none)."""
-        if not apps:
-            return None
-        return lambda _: self._doorbell.ring(apps)
-
-    def _ring_if_found(self, app: str) -> Callable[[str | None], None]:
-        return lambda found: None if found is None else self._doorbell.ring((app,))
-
-    def _rung(self, apps: Iterable[str]) -> None:
-        if "" in apps:  # a name too long for a datagram: every app
-            self._gate.wake_all()
-        for app in apps:
-            if app:
-                self._gate.wake(app)
-
-    def _wake(self, app: str) -> None:
-        self._gate.announce(app)
-
-
-def _state_key(ref: InstanceRef) -> str:
-    return f"{ref.workflow}/{ref.workflow_id}"
+            self._bell.close()  # after the database thread, which rings through it, has stopped

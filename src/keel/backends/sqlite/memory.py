@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from keel.backends.sqlite.backend import SqliteBackend
-from keel.backends.sqlite.database import DEFAULT_BUSY_TIMEOUT_S, SqliteDatabase
+from keel.backends.sqlite.backend import SqliteBackend, compose
+from keel.backends.sqlite.connection import DEFAULT_BUSY_TIMEOUT_S, SqliteDatabase
 from keel.backends.sqlite.store import SqliteStore
 from keel.errors import BackendUnavailable, ConfigurationError
 
@@ -152,4 +152,4 @@ async def open_backend(url: str, options: StoreOptions) -> SqliteBackend:
     Raises:
         ConfigurationError: A bad URL.
     """
-    return SqliteBackend(await open_handle(url), options)
+    return compose(await open_handle(url), options)

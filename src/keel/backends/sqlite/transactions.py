@@ -14,25 +14,21 @@ transaction rolls back whatever was written before the refusal.
 from __future__ import annotations
 
 import json
-import time
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from keel.backends._sql import load_queries
 from keel.backends.base import (
     STATE_HISTORY_LIMIT,
     Claim,
-    DeadLetter,
-    EventRow,
     InstanceRef,
     NewEvent,
     NewMessage,
     StepRecord,
     TurnCommit,
     TurnFailure,
-    TurnRecordRow,
     is_delivery,
 )
+from keel.backends.sqlite.rows import iso, micros, now_us, to_datetime, to_micros
 from keel.errors import LeaseLostError
 
 if TYPE_CHECKING:
@@ -41,8 +37,6 @@ if TYPE_CHECKING:
 
 #: The broker's statements, by name (``runtime.sql``).
 QUERIES = load_queries(__package__ or "keel.backends.sqlite", "runtime.sql")
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _Params = dict[str, Any]
 
@@ -62,7 +56,7 @@ def send_in(conn: sqlite3.Connection, message: NewMessage) -> str:
         "message_id": message.message_id,
         "payload": message.payload_json,
         "idempotency_key": message.idempotency_key,
-        "sent_at": _iso(to_datetime(now)),
+        "sent_at": iso(to_datetime(now)),
         "sent_us": now,
         "visible_us": now + max(micros(message.delay_s), 0),
     }
@@ -192,7 +186,7 @@ def commit_in(conn: sqlite3.Connection, commit: TurnCommit) -> int:
     claim = commit.claim
     now = _check_fence(conn, claim)
     version = claim.state_version if commit.state_json is None else claim.state_version + 1
-    written_at = _iso(to_datetime(now))
+    written_at = iso(to_datetime(now))
     params = {
         **claim_params(claim),
         "state": commit.state_json,
@@ -229,7 +223,7 @@ def fail_in(conn: sqlite3.Connection, failure: TurnFailure) -> None:
     """Fail one turn for good: message failed (dead-lettered, with when), instance paused, turn recorded."""
     claim = failure.claim
     now = _check_fence(conn, claim)
-    params = {**claim_params(claim), "error": failure.error, "completed_at": _iso(to_datetime(now)), "now_us": now}
+    params = {**claim_params(claim), "error": failure.error, "completed_at": iso(to_datetime(now)), "now_us": now}
     _finish_message(conn, claim, QUERIES["fail_message"], params)
     conn.execute(QUERIES["pause_instance"], params)
     _record_turn(conn, failure, version_written=None, outcome="failed", error=failure.error)
@@ -245,7 +239,7 @@ def record_step_in(conn: sqlite3.Connection, step: StepRecord) -> None:
         "result": step.result_json,
         "worker": step.worker,
         "duration_s": step.duration_s,
-        "recorded_at": _iso(to_datetime(now)),
+        "recorded_at": iso(to_datetime(now)),
     }
     conn.execute(QUERIES["record_step"], params)
 
@@ -303,7 +297,7 @@ def _record_turn(
         "attempt": claim.attempt,
         "version_read": claim.state_version,
         "version_written": version_written,
-        "started_at": _iso(done.started_at),
+        "started_at": iso(done.started_at),
         "started_us": to_micros(done.started_at),
         "duration_s": done.duration_s,
         "outcome": outcome,
@@ -328,18 +322,10 @@ def resolve_in(conn: sqlite3.Connection, instance: InstanceRef, *, skip: bool) -
         return None
     message_id = str(row[0])
     now = now_us()
-    settle = {**params, "message_id": message_id, "completed_at": _iso(to_datetime(now)), "now_us": now}
+    settle = {**params, "message_id": message_id, "completed_at": iso(to_datetime(now)), "now_us": now}
     conn.execute(QUERIES["skip_dead_letter" if skip else "requeue_dead_letter"], settle)
     conn.execute(QUERIES["resume_instance"], params)
     return message_id
-
-
-def dead_letter(app: str, row: tuple[Any, ...]) -> DeadLetter:
-    """A ``dead_letters`` row as a ``DeadLetter``."""
-    workflow, workflow_id, message_id, error, attempts, failed_us = row
-    return DeadLetter(
-        InstanceRef(app, workflow, workflow_id), message_id, error or "", int(attempts), to_datetime(int(failed_us))
-    )
 
 
 # --- Pruning and deleting ---------------------------------------------------------------------------------
@@ -400,67 +386,7 @@ def claim_params(claim: Claim) -> _Params:
     return {**instance_params(claim.instance), "token": claim.fencing_token, "message_id": claim.message_id}
 
 
-def turn_record(instance: InstanceRef, row: tuple[Any, ...]) -> TurnRecordRow:
-    """A ``turns`` row as a ``TurnRecordRow``."""
-    message_id, worker, attempt, token, version_read, version_written, started_at, duration_s, outcome, error = row
-    return TurnRecordRow(
-        instance,
-        message_id,
-        worker,
-        int(attempt),
-        int(token),
-        int(version_read),
-        None if version_written is None else int(version_written),
-        datetime.fromisoformat(started_at),
-        float(duration_s),
-        outcome,
-        error,
-    )
-
-
-def event_row(app: str, row: tuple[Any, ...]) -> EventRow:
-    """An ``events`` row as an ``EventRow``."""
-    seq, event_id, type_, payload, handlers, src_app, src_workflow, src_workflow_id, src_message_id, key, us = row
-    source = None if src_app is None else InstanceRef(src_app, src_workflow, src_workflow_id)
-    return EventRow(
-        app,
-        int(seq),
-        event_id,
-        type_,
-        payload,
-        tuple(json.loads(handlers)),
-        source,
-        src_message_id,
-        key,
-        to_datetime(int(us)),
-    )
-
-
 def lease_lost(claim: Claim, reason: str) -> LeaseLostError:
     """The error refusing a claim, with why."""
     ref = claim.instance
     return LeaseLostError(f"{ref.app}:{ref.workflow}/{ref.workflow_id}", claim.fencing_token, reason)
-
-
-def now_us() -> int:
-    """This machine's clock, in microseconds since the epoch: the one clock every process on it shares."""
-    return time.time_ns() // 1000
-
-
-def micros(seconds: float) -> int:
-    """Seconds as whole microseconds."""
-    return round(seconds * 1_000_000)
-
-
-def to_micros(moment: datetime) -> int:
-    """A datetime as whole microseconds since the Unix epoch (a naive one read as local time, as ``_iso`` does)."""
-    return (moment.astimezone(UTC) - _EPOCH) // timedelta(microseconds=1)
-
-
-def to_datetime(micros: int) -> datetime:
-    """Microseconds since the Unix epoch as an aware UTC datetime."""
-    return _EPOCH + timedelta(microseconds=micros)
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat()

@@ -1,4 +1,8 @@
-"""Wake-ups across processes for the SQLite broker: a Unix datagram socket per waiting backend, one folder per file.
+"""The SQLite wake transport: a Unix datagram socket per waiting backend, one folder per file, and a poll of the file.
+
+The waiters and the wake rule are the backend's ``keel.backends.wake.WakeGate`` (which also wakes the backends of
+this process on the same file, or on the same in-memory database, at once); ``SqliteWake`` tells it what the
+doorbell hears and what the poll finds.
 
 SQLite cannot notify another process, so the processes sharing a file ring each other's doorbells:
 
@@ -29,9 +33,15 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from keel.backends.sqlite.rows import now_us
+from keel.backends.sqlite.transactions import QUERIES
+
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable, Iterable
+
+    from keel.backends.sqlite.connection import Database
+    from keel.backends.wake import WakeGate
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,69 @@ def wake_folder(database: Path) -> Path:
     key = f"{os.getuid() if hasattr(os, 'getuid') else 0}:{os.path.realpath(database)}"
     digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"keel-wake-{digest}"
+
+
+class SqliteWake:
+    """What one SQLite backend hears of work: its doorbell, and the poll of the file since the last claim."""
+
+    def __init__(self, database: Database, gate: WakeGate) -> None:
+        self._database = database
+        self._gate = gate
+        self._doorbell = Doorbell(database.path)
+        #: Per app, the newest seq the last claim saw (0 after a claim that filled its limit: work may be left) and
+        #: the clock reading it was made at (a next message visible since then may be work).
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def claimed(self, app: str, latest_seq: int, now_us: int) -> None:
+        """Note what a claim of ``app`` saw: the poll looks for work after it."""
+        self._seen[app] = (latest_seq, now_us)
+
+    def listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have the doorbell heard on ``loop`` (bound once; a folder that cannot be used leaves the poll alone)."""
+        self._doorbell.listen(loop, self._rung)
+
+    def ring(self, *apps: str) -> Callable[[object], None] | None:
+        """What a write runs after its commit: ring the other processes' doorbells for ``apps`` (None if none)."""
+        if not apps:
+            return None
+        return lambda _: self._doorbell.ring(apps)
+
+    def ring_if_found(self, app: str) -> Callable[[str | None], None]:
+        """What a write whose result may be None (nothing done) runs after its commit."""
+        return lambda found: None if found is None else self._doorbell.ring((app,))
+
+    async def has_new_work(self, app: str) -> bool:
+        """True if the file shows work since the last claim (or the last look that found some) of ``app``."""
+        seen = self._seen.get(app)
+        if seen is None:  # no claim yet: only what comes from now on counts
+            since = now_us()
+            self._seen[app] = ((await self._work_signals(app, since))[0], since)
+            return False
+        seen_seq, since_us = seen
+        latest, due_us = await self._work_signals(app, since_us)
+        now = now_us()
+        if latest > seen_seq or (due_us is not None and due_us <= now):
+            self._seen[app] = (latest, now)  # found once: the next wait does not return for it again
+            return True
+        return False
+
+    def close(self) -> None:
+        """Stop listening and remove this backend's socket. Safe to call twice."""
+        self._doorbell.close()
+
+    async def _work_signals(self, app: str, since_us: int) -> tuple[int, int | None]:
+        """The app's newest seq, and the first visible time of a next message after ``since_us`` (None if none)."""
+        params = {"app": app, "since_us": since_us}
+        query = QUERIES["work_signals"]
+        latest, due_us = await self._database.run(lambda conn: conn.execute(query, params).fetchone())
+        return int(latest), None if due_us is None else int(due_us)
+
+    def _rung(self, apps: Iterable[str]) -> None:
+        if "" in apps:  # a name too long for a datagram: every app
+            self._gate.wake_all()
+        for app in apps:
+            if app:
+                self._gate.wake(app)
 
 
 class Doorbell:

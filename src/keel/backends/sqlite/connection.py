@@ -1,4 +1,9 @@
-"""One SQLite connection on a thread of its own, shared by the store and the broker of a process.
+"""The SQLite engine's connection: one connection on a thread of its own, shared by the store and the broker.
+
+It opens the file its URL names, and is the one place where sqlite3's errors become ``BackendUnavailable``.
+
+URL options (query string): ``synchronous`` (OFF, NORMAL, FULL, EXTRA; default FULL: every commit is on
+disk before it returns) and ``busy_timeout_s`` (default 30: how long a writer waits for another process).
 
 Why a thread: sqlite3 blocks, and the event loop must never block. Why one function per call: a write
 transaction is opened, run and committed inside a single function on that thread, so nothing is ever
@@ -18,9 +23,11 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from keel.backends._sql import load_queries
+from keel.backends._url import query_options
+from keel.backends.sqlite.location import database_path, refuse_network_filesystem
+from keel.backends.sqlite.migrate import migrate
 from keel.backends.sqlite.thread import BlockingThread
-from keel.backends.sqlite.writes import MAX_GROUP, GroupFailure, PendingWrite, commit_group, rollback
+from keel.backends.sqlite.writes import MAX_GROUP, GroupFailure, PendingWrite, commit_group
 from keel.errors import BackendUnavailable, ConfigurationError
 
 if TYPE_CHECKING:
@@ -31,22 +38,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: The statements of the store and the schema bookkeeping, by name (``queries.sql``).
-QUERIES = load_queries(__package__ or "keel.backends.sqlite", "queries.sql")
-
-#: The schema steps (``schema.sql``); ``bootstrap`` runs every time, the rest once each, in this order.
-_SCHEMA = load_queries(__package__ or "keel.backends.sqlite", "schema.sql")
-MIGRATIONS = (
-    _SCHEMA["store_v1"],
-    _SCHEMA["runtime_v2"],
-    _SCHEMA["runtime_v3"],
-    _SCHEMA["runtime_v4"],
-    _SCHEMA["runtime_v5"],
-)
-
-#: The schema version this code writes and reads, recorded in ``keel_schema`` under ``SCHEMA_COMPONENT``.
-SCHEMA_VERSION = len(MIGRATIONS)
-SCHEMA_COMPONENT = "store"
+_KNOWN_OPTIONS = frozenset({"synchronous", "busy_timeout_s"})
 
 #: How long a writer waits for another process's write lock before giving up, by default.
 DEFAULT_BUSY_TIMEOUT_S = 30.0
@@ -254,7 +246,7 @@ class SqliteDatabase:
         self._conn = conn
         try:
             self._configure(conn)
-            _migrate(conn)
+            migrate(conn)
             # From now on _call waits for locks itself, in shorter steps than SQLite's busy handler (_BusyWait).
             conn.execute("PRAGMA busy_timeout = 0")
         except sqlite3.Error as exc:
@@ -306,17 +298,6 @@ def _after_commit(callback: Callable[[T], object], result: T) -> None:
         logger.exception("a callback after a committed SQLite write failed")
 
 
-def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        rollback(conn)
-        raise
-    return result
-
-
 class _BusyWait:
     """Pauses between tries of a call that found the file locked: short ones, never past the busy timeout.
 
@@ -355,48 +336,6 @@ def _is_busy(exc: sqlite3.DatabaseError) -> bool:
     return bool(code & 0xFF == sqlite3.SQLITE_BUSY)
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring the file to ``SCHEMA_VERSION`` in one transaction; the write lock serialises racing processes."""
-    _in_transaction(conn, _apply_migrations)
-
-
-def _apply_migrations(conn: sqlite3.Connection) -> None:
-    _execute_script(conn, _SCHEMA["bootstrap"])
-    found = conn.execute(QUERIES["schema_version"], {"component": SCHEMA_COMPONENT}).fetchone()
-    reached = 0 if found is None else int(found[0])
-    if reached > SCHEMA_VERSION:
-        raise ConfigurationError(
-            f"this SQLite database has keel schema version {reached}, newer than this keel "
-            f"understands ({SCHEMA_VERSION}); upgrade keel-runtime"
-        )
-    if reached == SCHEMA_VERSION:
-        return
-    for step in MIGRATIONS[reached:]:
-        _execute_script(conn, step)
-    conn.execute(QUERIES["record_schema_version"], {"component": SCHEMA_COMPONENT, "version": SCHEMA_VERSION})
-    logger.info("SQLite database migrated from schema version %d to %d", reached, SCHEMA_VERSION)
-
-
-def _execute_script(conn: sqlite3.Connection, script: str) -> None:
-    # Not executescript(): it would commit the open transaction first, and the migration must be all or nothing.
-    for statement in _statements(script):
-        conn.execute(statement)
-
-
-def _statements(script: str) -> list[str]:
-    """Split a section on ';', keeping a trigger's ``BEGIN ... END`` body (which has ';' inside) in one piece."""
-    lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
-    statements, pending = [], ""
-    for piece in "\n".join(lines).split(";"):
-        pending += piece + ";"
-        if sqlite3.complete_statement(pending):
-            statements.append(pending.strip().removesuffix(";").strip())
-            pending = ""
-    if pending.strip(" \n;"):
-        statements.append(pending.strip().removesuffix(";").strip())
-    return [s for s in statements if s]
-
-
 def _hint(exc: sqlite3.Error) -> str:
     text = str(exc).lower()
     if "locked" in text or "busy" in text:
@@ -418,3 +357,36 @@ def parse_synchronous(value: str) -> str:
     if level not in SYNCHRONOUS_LEVELS:
         raise ConfigurationError(f"synchronous={value!r} is not one of {', '.join(SYNCHRONOUS_LEVELS)}")
     return level
+
+
+async def open_database(url: str) -> SqliteDatabase:
+    """Check ``url``, then open its file with the schema brought up to date.
+
+    Raises:
+        ConfigurationError: A bad path or option.
+        UnsafeLocationError: The file is on a network filesystem.
+        BackendUnavailable: The file cannot be opened.
+    """
+    query = query_options(url)
+    unknown = sorted(set(query) - _KNOWN_OPTIONS)
+    if unknown:
+        raise ConfigurationError(f"unknown SQLite URL option(s) {unknown}; known: {sorted(_KNOWN_OPTIONS)}")
+    synchronous = parse_synchronous(query.get("synchronous", "FULL"))
+    busy_timeout_s = _positive_float(query.get("busy_timeout_s"), DEFAULT_BUSY_TIMEOUT_S, "busy_timeout_s")
+    path = database_path(url)
+    refuse_network_filesystem(path)
+    database = SqliteDatabase(path, f"sqlite:///{path}", synchronous=synchronous, busy_timeout_s=busy_timeout_s)
+    await database.open()
+    return database
+
+
+def _positive_float(raw: str | None, default: float, name: str) -> float:
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ConfigurationError(f"{name}={raw!r} must be a positive number of seconds")
+    return value
