@@ -18,8 +18,8 @@ import time
 from datetime import UTC, datetime
 
 import keel
-from keel.backends.sqlite.store import QUERIES as SQLITE_QUERIES
 from keel.backends.sqlite.location import database_path
+from keel.backends.sqlite.store import QUERIES as SQLITE_QUERIES
 from keel.identity import process_identity
 
 HISTORY_LIMIT = 100
@@ -140,7 +140,7 @@ def postgres_raw_loop(url: str, key: str, stop_at: float) -> int:
     """The same update with psycopg on one autocommit connection, on keel's own statements."""
     import psycopg
 
-    from keel.backends.postgres.store import QUERIES as PG_QUERIES
+    from keel.backends.postgres.migrate import QUERIES as PG_QUERIES
 
     async def run() -> int:
         writer = process_identity()

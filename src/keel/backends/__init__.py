@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 #: scheme -> (module, engine name, extra that installs its driver, the driver's import name)
 _ENGINES: dict[str, tuple[str, str, str | None, str | None]] = {
     "sqlite": ("keel.backends.sqlite.backend", "SQLite", None, None),
-    "postgresql": ("keel.backends.postgres.store", "PostgreSQL", "postgres", "psycopg"),
-    "postgres": ("keel.backends.postgres.store", "PostgreSQL", "postgres", "psycopg"),
+    "postgresql": ("keel.backends.postgres.backend", "PostgreSQL", "postgres", "psycopg"),
+    "postgres": ("keel.backends.postgres.backend", "PostgreSQL", "postgres", "psycopg"),
     "redis": ("keel.backends.redis.store", "Redis", "redis", "redis"),
     "rediss": ("keel.backends.redis.store", "Redis", "redis", "redis"),
     "memory": ("keel.backends.sqlite.memory", "memory", None, None),

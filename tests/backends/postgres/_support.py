@@ -25,12 +25,13 @@ from keel.backends.base import (
     TurnCommit,
     TurnFailure,
 )
-from keel.backends.postgres.backend import PostgresBackend, open_backend
-from keel.backends.postgres.store import PostgresStore, open_engine
+from keel.backends.postgres.backend import PostgresBackend, open_backend, open_engine
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Sequence
     from contextlib import AbstractAsyncContextManager
+
+    from keel.backends.postgres.store import PostgresStore
 
 #: The app every instance of these tests belongs to.
 APP = "loans"
@@ -108,7 +109,7 @@ def send_params(backend: PostgresBackend, message_id: str = "late") -> dict[str,
         "payload": "{}",
         "idempotency_key": None,
         "delay_s": 0.0,
-        "channel": backend._listener.channel(APP),
+        "channel": backend.broker.listener.channel(APP),
     }
 
 

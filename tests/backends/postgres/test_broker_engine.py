@@ -17,7 +17,7 @@ import pytest
 
 import keel
 from keel.backends.base import STATE_HISTORY_LIMIT, InstanceRef, MessageStatus, NewMessage, StoreOptions
-from keel.backends.postgres import store as pg_store
+from keel.backends.postgres import migrate as pg_store
 from keel.backends.postgres.backend import open_backend
 from keel.backends.postgres.transactions import BROKER_QUERIES, channel_for
 from tests.backends.postgres._support import (
@@ -42,9 +42,9 @@ pytestmark = pytest.mark.postgres
 
 async def _listening(backend: PostgresBackend, app: str) -> None:
     """Wait until the backend's listener has LISTENed on ``app``'s channel."""
-    channel = backend._listener.channel(app)
+    channel = backend.broker.listener.channel(app)
     deadline = time.monotonic() + 5
-    while channel not in backend._listener._listening:
+    while channel not in backend.broker.listener._listening:
         assert time.monotonic() < deadline, "the listener never subscribed"
         await asyncio.sleep(0.01)
 
@@ -143,7 +143,7 @@ async def test_the_listener_reconnects_after_its_connection_is_terminated(
 ) -> None:
     waiter = asyncio.create_task(_timed_wait(backend, APP, 30))
     await _listening(backend, APP)
-    pid = backend._listener.backend_pid
+    pid = backend.broker.listener.backend_pid
     assert pid is not None
     killed = time.monotonic()
     db_rows(postgres_url, "SELECT pg_terminate_backend(%s)", pid)
@@ -151,7 +151,7 @@ async def test_the_listener_reconnects_after_its_connection_is_terminated(
     assert await waiter - killed < 1.0
     waiter = asyncio.create_task(_timed_wait(backend, APP, 30))
     await _listening(backend, APP)
-    assert backend._listener.backend_pid not in {None, pid}
+    assert backend.broker.listener.backend_pid not in {None, pid}
     await send(other, ref(), {})
     sent = time.monotonic()
     assert await waiter - sent < 0.5
@@ -161,7 +161,7 @@ async def test_a_dead_idle_listener_is_noticed_by_the_next_wait(
     backend: PostgresBackend, other: PostgresBackend, postgres_url: str
 ) -> None:
     await backend.wait_for_work(APP, timeout_s=0.2)
-    pid = backend._listener.backend_pid
+    pid = backend.broker.listener.backend_pid
     assert pid is not None
     db_rows(postgres_url, "SELECT pg_terminate_backend(%s)", pid)
     await asyncio.sleep(0.3)
@@ -175,7 +175,7 @@ async def test_aclose_closes_the_listener_connection_and_returns_waiters(postgre
     opened = await open_backend(postgres_url, StoreOptions())
     waiter = asyncio.create_task(_timed_wait(opened, APP, 30))
     await _listening(opened, APP)
-    pid = opened._listener.backend_pid
+    pid = opened.broker.listener.backend_pid
     await opened.aclose()
     await asyncio.wait_for(waiter, 2)
     alive = db_rows(postgres_url, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", pid)
@@ -197,7 +197,7 @@ async def test_the_pool_is_not_held_while_waiting(postgres_url: str) -> None:
 
 @pytest.mark.parametrize("app", ["Loans", "a" * 255, "ünï cödé / app.name", "keel; DROP TABLE keel_kv --"])
 async def test_any_app_name_gets_a_working_channel(backend: PostgresBackend, other: PostgresBackend, app: str) -> None:
-    channel = backend._listener.channel(app)
+    channel = backend.broker.listener.channel(app)
     assert re.fullmatch(r"keel_[a-z0-9_]+", channel)
     assert len(channel.encode()) <= 63
     waiter = asyncio.create_task(_timed_wait(backend, app, 10))

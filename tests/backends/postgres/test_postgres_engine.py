@@ -14,7 +14,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 import keel
 from keel.backends.base import StoredRecord, StoreOptions
-from keel.backends.postgres.store import SCHEMA_COMPONENT, SCHEMA_VERSION, open_engine
+from keel.backends.postgres.backend import open_engine
+from keel.backends.postgres.migrate import SCHEMA_COMPONENT, SCHEMA_VERSION
 from tests.backends.postgres._support import db_rows, opened_engine
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def _tables(url: str, key: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, 
 
 async def _pids(engine: PostgresStore, count: int) -> list[int]:
     """The server pids of ``count`` pooled connections, taken out together so they are distinct."""
-    pool = engine._pool
+    pool = engine.connection.pool
     conns = [await pool.getconn() for _ in range(count)]
     try:
         return [(await (await conn.execute("SELECT pg_backend_pid()")).fetchall())[0][0] for conn in conns]
@@ -200,8 +201,8 @@ async def test_written_at_is_the_server_clock_in_utc(engine: PostgresStore, post
 
 async def test_url_parameters_reach_the_pool_and_the_server(postgres_url: str) -> None:
     async with opened_engine(f"{postgres_url}&pool_max_size=3&query_timeout_s=7") as engine:
-        assert engine._pool.max_size == 3
-        async with engine._connection() as conn:
+        assert engine.connection.pool.max_size == 3
+        async with engine.connection.connection() as conn:
             cursor = await conn.execute("SELECT current_setting('statement_timeout'), current_schema")
             settings = await cursor.fetchone()
         assert settings is not None
@@ -226,7 +227,7 @@ async def test_a_statement_that_waits_too_long_is_cut_off(postgres_url: str) -> 
 
 async def test_a_pool_with_every_connection_busy_says_so(postgres_url: str) -> None:
     async with opened_engine(f"{postgres_url}&pool_max_size=1&pool_timeout_s=0.5") as engine:
-        async with engine._pool.connection():
+        async with engine.connection.pool.connection():
             with pytest.raises(keel.BackendUnavailable, match="stayed busy") as caught:
                 await engine.get("k")
         assert "pool_max_size" in caught.value.hint

@@ -14,7 +14,7 @@ import pytest
 
 import keel
 from keel.backends.base import MessageStatus, StepRecord
-from keel.backends.postgres import store as pg_store
+from keel.backends.postgres import migrate as pg_store
 from tests.backends.postgres._support import (
     APP,
     backends_opened_together,

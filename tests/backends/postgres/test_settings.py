@@ -7,7 +7,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 import keel
 from keel.backends import _sql
-from keel.backends.postgres.store import MIGRATIONS, QUERIES, SCHEMA_VERSION, PostgresSettings
+from keel.backends.postgres.connection import PostgresSettings
+from keel.backends.postgres.migrate import MIGRATIONS, QUERIES, SCHEMA_VERSION
 
 
 def test_keel_parameters_are_read_and_removed_before_libpq_sees_the_url() -> None:

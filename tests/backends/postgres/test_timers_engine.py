@@ -16,7 +16,7 @@ import pytest
 import keel
 from keel.backends.base import MessageStatus, StepRecord
 from keel.backends.postgres import broker as pg_broker
-from keel.backends.postgres import store as pg_store
+from keel.backends.postgres import migrate as pg_store
 from keel.backends.postgres.transactions import BROKER_QUERIES
 from tests.backends.postgres._support import (
     APP,

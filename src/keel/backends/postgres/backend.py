@@ -1,57 +1,44 @@
-"""The whole PostgreSQL backend: the store, the broker over the store's pool, and the listener that wakes workers."""
+"""The PostgreSQL engine's entry points: the store alone, or the store and the broker composed over one pool.
+
+``open_backend`` opens the connection (``connection.py``: the URL, the pool, the error boundary, the migration) and
+composes the store (``store.py``) and the broker (``broker.py``, with its LISTEN/NOTIFY wake transport ``wake.py``).
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from keel.backends.composed import ComposedBackend
 from keel.backends.postgres.broker import PostgresBroker
-from keel.backends.postgres.store import QUERIES, PostgresSettings, PostgresStore, _fetch_one
-from keel.backends.postgres.wake import PostgresListener
-from keel.backends.wake import WakeGate
+from keel.backends.postgres.connection import PostgresConnection, PostgresSettings
+from keel.backends.postgres.store import PostgresStore
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
-
-    from keel.backends.base import Claim, StoreEngine, StoreOptions
+    from keel.backends.base import StoreOptions
 
 
-class PostgresBackend(PostgresBroker):
+class PostgresBackend(ComposedBackend[PostgresStore, PostgresBroker]):
     """The store and broker of one PostgreSQL schema, sharing one pool; plus one LISTEN connection, opened lazily."""
 
-    def __init__(self, store: PostgresStore, schema: str) -> None:
-        super().__init__(store, schema)
-        self.url = store.url
-        # Typed as the protocol says (an attribute's type must match it exactly); ``_store`` is the same object.
-        self.store: StoreEngine = store
-        self._gate = WakeGate(store.url)
-        self._listener = PostgresListener(store, schema, self._gate)
 
-    async def claim(
-        self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
-    ) -> list[Claim]:
-        """Lease up to ``limit`` claimable instances of ``app`` in ``workflows``, earliest visible message first.
+async def _opened(url: str) -> PostgresConnection:
+    connection = PostgresConnection(PostgresSettings.from_url(url))
+    try:
+        await connection.open()
+    except BaseException:
+        await connection.aclose()
+        raise
+    return connection
 
-        The gate notes the workflows and the moment: the next ``wait_for_work`` for ``app`` wakes for them only,
-        and at once if one was sent meanwhile.
-        """
-        self._gate.claiming(app, workflows)
-        return await super().claim(app, workflows, worker=worker, lease_s=lease_s, limit=limit)
 
-    async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
-        """Return when a workflow of ``app`` this backend claims may have work, or after ``timeout_s``.
+async def open_engine(url: str, options: StoreOptions) -> PostgresStore:
+    """Open the PostgreSQL store that ``url`` names, creating its tables if needed.
 
-        Raises:
-            BackendUnavailable: The listener connection cannot be opened, or the backend is closed.
-        """
-        await self._gate.wait(app, timeout_s=timeout_s, listen=lambda: self._listener.watch(app))
-
-    async def aclose(self) -> None:
-        """Close the listener connection and the pool. Safe to call twice."""
-        self._gate.close()
-        try:
-            await self._listener.aclose()
-        finally:
-            await self._store.aclose()
+    Raises:
+        ConfigurationError: The URL or a keel parameter in it is unusable, or the tables cannot be created.
+        BackendUnavailable: The server cannot be reached.
+    """
+    return PostgresStore(await _opened(url), options)
 
 
 async def open_backend(url: str, options: StoreOptions) -> PostgresBackend:
@@ -61,14 +48,10 @@ async def open_backend(url: str, options: StoreOptions) -> PostgresBackend:
         ConfigurationError: The URL or a keel parameter in it is unusable, or the tables cannot be created.
         BackendUnavailable: The server cannot be reached.
     """
-    store = PostgresStore(PostgresSettings.from_url(url), options)
+    connection = await _opened(url)
     try:
-        await store.open()
-        async with store._connection() as conn:
-            row = await _fetch_one(conn, QUERIES["current_schema"], {})
+        schema = await connection.current_schema()
     except BaseException:
-        await store.aclose()
+        await connection.aclose()
         raise
-    # The migration created the tables in this schema, so search_path names one and the row is there.
-    assert row is not None
-    return PostgresBackend(store, str(row[0]))
+    return PostgresBackend(PostgresStore(connection, options), PostgresBroker(connection, schema))

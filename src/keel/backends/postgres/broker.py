@@ -65,8 +65,7 @@ How each operation stays atomic and fenced:
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from keel.backends.base import (
     DELIVERY_PREFIX,
@@ -75,7 +74,6 @@ from keel.backends.base import (
     EventRow,
     InstanceRef,
     MessageInfo,
-    MessageStatus,
     NewEvent,
     NewMessage,
     Pruned,
@@ -85,7 +83,9 @@ from keel.backends.base import (
     TurnFailure,
     TurnRecordRow,
 )
-from keel.backends.postgres.store import _fetch_one
+from keel.backends.postgres.connection import fetch_one
+from keel.backends.postgres.rows import claim as claim_from_row
+from keel.backends.postgres.rows import dead_letter, event_row, message_info, stored_record, turn_record
 from keel.backends.postgres.transactions import (
     BROKER_QUERIES,
     channel_for,
@@ -97,14 +97,17 @@ from keel.backends.postgres.transactions import (
     send_in,
     turn_params,
 )
+from keel.backends.postgres.wake import PostgresListener
+from keel.backends.wake import WakeGate
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection, Sequence
+    from datetime import datetime
 
     import psycopg
     from psycopg.rows import TupleRow
 
-    from keel.backends.postgres.store import PostgresStore
+    from keel.backends.postgres.connection import PostgresConnection
 
 #: How many messages, turn records and events one statement of ``prune`` deletes at most; it repeats until done.
 PRUNE_BATCH = 1000
@@ -116,9 +119,11 @@ _PUBLISH_ATTEMPTS = 3
 class PostgresBroker:
     """Inboxes, leases and turn commits in the tables of one PostgreSQL schema, over the store's pool."""
 
-    def __init__(self, store: PostgresStore, schema: str) -> None:
-        self._store = store
+    def __init__(self, connection: PostgresConnection, schema: str) -> None:
+        self._connection = connection
         self._schema = schema
+        self._gate = WakeGate(connection.url)
+        self.listener = PostgresListener(connection, schema, self._gate)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
@@ -132,7 +137,7 @@ class PostgresBroker:
         start and as they end in pipeline mode. When the block raises (``LeaseLostError``, a failed statement), the
         pool's connection block rolls back.
         """
-        async with self._store._connection() as conn, conn.pipeline():
+        async with self._connection.connection() as conn, conn.pipeline():
             await conn.execute(BROKER_QUERIES["begin"])
             yield conn
             await conn.execute(BROKER_QUERIES["commit"])
@@ -165,7 +170,7 @@ class PostgresBroker:
                 if await publish_in(conn, self._schema, [event]):
                     return event.event_id
                 # A fresh statement, hence a fresh snapshot: it sees the event whose append this one waited for.
-                row = await _fetch_one(conn, BROKER_QUERIES["logged_event"], params)
+                row = await fetch_one(conn, BROKER_QUERIES["logged_event"], params)
                 if row is not None:
                     return str(row[0])
         # Pruned under our feet each time: what stood in the way has left the log, as this event would have.
@@ -173,15 +178,20 @@ class PostgresBroker:
 
     async def events(self, app: str, /, *, limit: int) -> list[EventRow]:
         """Return the app's last ``limit`` events, newest first."""
-        async with self._store._connection() as conn:
+        async with self._connection.connection() as conn:
             cursor = await conn.execute(BROKER_QUERIES["events"], {"app": app, "limit": max(limit, 0)})
             rows = await cursor.fetchall()
-        return [_event(app, row) for row in rows]
+        return [event_row(app, row) for row in rows]
 
     async def claim(
         self, app: str, workflows: Collection[str], /, *, worker: str, lease_s: float, limit: int
     ) -> list[Claim]:
-        """Lease up to ``limit`` claimable instances of ``app`` in ``workflows``, earliest visible message first."""
+        """Lease up to ``limit`` claimable instances of ``app`` in ``workflows``, earliest visible message first.
+
+        The gate notes the workflows and the moment: the next ``wait_for_work`` for ``app`` wakes for them only,
+        and at once if one was sent meanwhile.
+        """
+        self._gate.claiming(app, workflows)
         if limit <= 0 or not workflows:
             return []
         wanted = {"app": app, "workflows": list(workflows), "limit": limit}
@@ -191,7 +201,7 @@ class PostgresBroker:
             leased = await conn.execute(BROKER_QUERIES["lease"], lease)
         # Read once the block is over: the leases came back with its COMMIT, in the same round trip.
         rows = await leased.fetchall()
-        return [_claim(app, row) for row in rows]
+        return [claim_from_row(app, row) for row in rows]
 
     async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
         """Extend each lease still live under its claim's token, by ``lease_s`` from the server's now."""
@@ -206,7 +216,7 @@ class PostgresBroker:
             "tokens": [c.fencing_token for c in ordered],
             "lease_s": lease_s,
         }
-        async with self._store._connection() as conn:
+        async with self._connection.connection() as conn:
             cursor = await conn.execute(BROKER_QUERIES["renew"], params)
             renewed = {InstanceRef(*row) for row in await cursor.fetchall()}
         return [c.instance in renewed for c in claims]
@@ -239,7 +249,7 @@ class PostgresBroker:
     async def release(self, claim: Claim, /) -> None:
         """Give the lease back if the claim's token is still current; otherwise do nothing."""
         params = {**instance_params(claim.instance), "fencing_token": claim.fencing_token}
-        async with self._store._connection() as conn:
+        async with self._connection.connection() as conn:
             await conn.execute(BROKER_QUERIES["release"], params)
 
     async def record_step(self, step: StepRecord, /) -> None:
@@ -282,13 +292,10 @@ class PostgresBroker:
 
     async def dead_letters(self, app: str, /, *, limit: int) -> list[DeadLetter]:
         """Return the app's dead-lettered messages (status failed), newest failure first."""
-        async with self._store._connection() as conn:
+        async with self._connection.connection() as conn:
             cursor = await conn.execute(BROKER_QUERIES["dead_letters"], {"app": app, "limit": max(limit, 0)})
             rows = await cursor.fetchall()
-        return [
-            DeadLetter(InstanceRef(app, workflow, workflow_id), message_id, error, int(attempts), _utc(failed_at))
-            for workflow, workflow_id, message_id, error, attempts, failed_at in rows
-        ]
+        return [dead_letter(app, row) for row in rows]
 
     async def resolve_dead_letter(self, instance: InstanceRef, /, *, skip: bool) -> str | None:
         """Retry (``skip=False``) or skip the failed message pausing ``instance``, and un-pause it, atomically.
@@ -301,39 +308,42 @@ class PostgresBroker:
         """
         params = {**instance_params(instance), "skip": skip, "channel": channel_for(self._schema, instance.app)}
         async with self._transaction() as conn:
-            if await _fetch_one(conn, BROKER_QUERIES["lock_instance"], params) is None:
+            if await fetch_one(conn, BROKER_QUERIES["lock_instance"], params) is None:
                 return None
-            row = await _fetch_one(conn, BROKER_QUERIES["resolve_dead_letter"], params)
+            row = await fetch_one(conn, BROKER_QUERIES["resolve_dead_letter"], params)
         return None if row is None else str(row[0])
 
     async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
         """Return a message's status, or None if no such message was sent to ``app``."""
-        async with self._store._connection() as conn:
-            row = await _fetch_one(conn, BROKER_QUERIES["message"], {"app": app, "message_id": message_id})
-        if row is None:
-            return None
-        workflow, workflow_id, status, state_version, error = row
-        return MessageInfo(
-            message_id, InstanceRef(app, workflow, workflow_id), MessageStatus(status), state_version, error
-        )
+        async with self._connection.connection() as conn:
+            row = await fetch_one(conn, BROKER_QUERIES["message"], {"app": app, "message_id": message_id})
+        return None if row is None else message_info(app, message_id, row)
 
     async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
         """Return the instance's committed state, or None before its first committed turn."""
-        async with self._store._connection() as conn:
-            row = await _fetch_one(conn, BROKER_QUERIES["state"], instance_params(instance))
-        if row is None:
-            return None
-        version, state, written_at, writer = row
-        return StoredRecord(
-            f"{instance.workflow}/{instance.workflow_id}", int(version), state, _utc(written_at), writer
-        )
+        async with self._connection.connection() as conn:
+            row = await fetch_one(conn, BROKER_QUERIES["state"], instance_params(instance))
+        return None if row is None else stored_record(f"{instance.workflow}/{instance.workflow_id}", row)
 
     async def turns(self, instance: InstanceRef, /, *, limit: int) -> list[TurnRecordRow]:
         """Return the instance's turn records, newest first."""
-        async with self._store._connection() as conn:
+        async with self._connection.connection() as conn:
             cursor = await conn.execute(BROKER_QUERIES["turns"], {**instance_params(instance), "limit": limit})
             rows = await cursor.fetchall()
-        return [_turn(instance, row) for row in rows]
+        return [turn_record(instance, row) for row in rows]
+
+    async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
+        """Return when a workflow of ``app`` this backend claims may have work, or after ``timeout_s``.
+
+        Raises:
+            BackendUnavailable: The listener connection cannot be opened, or the backend is closed.
+        """
+        await self._gate.wait(app, timeout_s=timeout_s, listen=lambda: self.listener.watch(app))
+
+    async def aclose(self) -> None:
+        """Let the waiters go and close the listener connection (the pool is the store's). Safe to call twice."""
+        self._gate.close()
+        await self.listener.aclose()
 
     async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:
         """Delete ``app``'s finished messages, turn records and events older than the cut-offs, batch by batch.
@@ -356,8 +366,8 @@ class PostgresBroker:
         }
         totals = [0, 0, 0]
         while True:
-            async with self._store._connection() as conn:
-                row = await _fetch_one(conn, BROKER_QUERIES["prune"], params)
+            async with self._connection.connection() as conn:
+                row = await fetch_one(conn, BROKER_QUERIES["prune"], params)
             assert row is not None  # the statement always returns its one row
             counts = [int(count) for count in row]
             totals = [total + count for total, count in zip(totals, counts, strict=True)]
@@ -376,55 +386,7 @@ class PostgresBroker:
         """
         params = instance_params(instance)
         async with self._transaction() as conn:
-            if await _fetch_one(conn, BROKER_QUERIES["lock_instance"], params) is None:
+            if await fetch_one(conn, BROKER_QUERIES["lock_instance"], params) is None:
                 return False
-            row = await _fetch_one(conn, BROKER_QUERIES["delete_instance"], params)
+            row = await fetch_one(conn, BROKER_QUERIES["delete_instance"], params)
         return row is not None and int(row[0]) > 0
-
-
-def _claim(app: str, row: tuple[Any, ...]) -> Claim:
-    workflow, workflow_id, token, expires_at, message_id, payload, attempts, state, state_version, names, results = row
-    ref = InstanceRef(app, workflow, workflow_id)
-    steps = dict(zip(names or (), results or (), strict=True))
-    return Claim(
-        ref, int(token), _utc(expires_at), message_id, payload, int(attempts), state, int(state_version), steps
-    )
-
-
-def _turn(instance: InstanceRef, row: tuple[Any, ...]) -> TurnRecordRow:
-    message_id, worker, attempt, token, version_read, version_written, started_at, duration_s, outcome, error = row
-    return TurnRecordRow(
-        instance,
-        message_id,
-        worker,
-        int(attempt),
-        int(token),
-        int(version_read),
-        None if version_written is None else int(version_written),
-        _utc(started_at),
-        float(duration_s),
-        outcome,
-        error,
-    )
-
-
-def _event(app: str, row: tuple[Any, ...]) -> EventRow:
-    seq, event_id, type_, payload, handlers, source_app, source_workflow, source_workflow_id, *rest = row
-    source_message_id, idempotency_key, published_at = rest
-    source = None if source_app is None else InstanceRef(source_app, source_workflow, source_workflow_id)
-    return EventRow(
-        app,
-        int(seq),
-        event_id,
-        type_,
-        payload,
-        tuple(handlers),
-        source,
-        source_message_id,
-        idempotency_key,
-        _utc(published_at),
-    )
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.astimezone(UTC)

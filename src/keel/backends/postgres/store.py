@@ -1,229 +1,46 @@
-"""The PostgreSQL engine: ``postgresql://user:password@host:port/database?...``.
+"""The PostgreSQL engine's store: versioned keys with compare-and-swap, over the engine's pool (``connection.py``).
 
-How it works:
-
-- A psycopg 3 ``AsyncConnectionPool`` of autocommit connections. Each operation is one statement, hence one
-  round trip; a lost compare-and-swap takes one more, to read the version it ran into.
-- Each write is ONE statement (``create`` and ``swap`` in ``queries.sql``): its CTEs change the current row in
-  ``keel_kv``, append that version to ``keel_kv_history`` and trim history beyond ``history_limit``, so the three
-  happen together or not at all. Row locks make concurrent writers to one key take turns, and the loser's
-  ``WHERE version = expected`` is re-checked against the winner's row, so exactly one of them succeeds.
-- The tables are created on first use (``schema.sql``) in one transaction under an advisory lock, so processes
-  starting together do not race; ``keel_schema`` records the version reached. Opening the store alone creates the
-  runtime's tables too: one schema version for the whole engine. Table names are unqualified: the
-  URL's ``options=-csearch_path=...`` picks the schema.
-- Driver failures become ``BackendUnavailable`` in one place, ``PostgresStore._driver_errors``, which also bounds
-  every call in time. After a failure it has the pool check its idle connections: dead ones are replaced, and the
-  pool keeps reconnecting in the background, so the same open store works again once the server is back.
-
-URL: ``postgresql://``, ``postgres://`` or ``postgresql+psycopg://``. Everything libpq understands is passed on
-(host, port, dbname, ``sslmode``, ``options``, ...). keel's own query parameters are removed first:
-
-- ``pool_min_size`` (default 1) and ``pool_max_size`` (default 10): connections kept open, and allowed.
-- ``pool_timeout_s`` (default 10): how long a call waits for a connection before raising BackendUnavailable.
-- ``query_timeout_s`` (default 15): how long one statement may run; sent to the server as ``statement_timeout``.
-
-Unless the URL sets them, keel also asks libpq for ``connect_timeout=5``, TCP keepalives and ``tcp_user_timeout``
-(a peer that vanished without closing the connection is noticed in about half a minute), and
-``application_name=keel``.
+Each operation is one statement, hence one round trip; a lost compare-and-swap takes one more, to read the version it
+ran into. Each write is ONE statement (``create`` and ``swap`` in ``queries.sql``): its CTEs change the current row
+in ``keel_kv``, append that version to ``keel_kv_history`` and trim history beyond ``history_limit``, so the three
+happen together or not at all. Row locks make concurrent writers to one key take turns, and the loser's ``WHERE
+version = expected`` is re-checked against the winner's row, so exactly one of them succeeds.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import math
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import UTC
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
-
-from keel.backends._sql import load_queries
-from keel.backends._url import mask_password, scheme_of
-from keel.backends.base import StoredRecord, StoreOptions
-from keel.errors import BackendUnavailable, ConfigurationError, StaleWriteError
+from keel.backends.postgres.connection import fetch_one
+from keel.backends.postgres.migrate import QUERIES
+from keel.backends.postgres.rows import stored_record
+from keel.errors import StaleWriteError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-    from typing import LiteralString
-
-    from psycopg.rows import TupleRow
-
-    from keel.backends.postgres.backend import PostgresBackend
-
-logger = logging.getLogger(__name__)
-
-#: The statements the engine runs, by name (``queries.sql``).
-QUERIES = load_queries(__package__ or __name__, "queries.sql")
-
-#: The schema steps (``schema.sql``); ``bootstrap`` runs every time, the rest once each, in this order: version 1 is
-#: the store's tables, version 2 the runtime's (``broker.py``), version 3 its step results and dead letters, version
-#: 4 its durable timers, pruning and instance deletion, version 5 its event log.
-_SCHEMA = load_queries(__package__ or __name__, "schema.sql")
-MIGRATIONS = tuple(_SCHEMA[step] for step in ("store_v1", "runtime_v1", "runtime_v2", "runtime_v3", "runtime_v4"))
-
-#: The schema version this code needs, recorded in ``keel_schema`` under ``SCHEMA_COMPONENT``. The component keeps
-#: the name it got when the store was all there was: it counts the steps of the whole engine's schema.
-SCHEMA_VERSION = len(MIGRATIONS)
-SCHEMA_COMPONENT = "store"
-
-#: What the hint of every BackendUnavailable from this engine suggests checking.
-UNAVAILABLE_HINT = (
-    "check that the PostgreSQL server is running and reachable at the URL's host and port, and that the URL's "
-    "database, user and password are right; `psql URL` is a quick test"
-)
-
-#: libpq settings keel adds unless the URL sets them. The keepalives and tcp_user_timeout make a connection to a
-#: server that vanished without closing it fail in about half a minute, instead of after the OS default of hours.
-LIBPQ_DEFAULTS = {
-    "connect_timeout": "5",
-    "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
-    "keepalives_count": "3",
-    "tcp_user_timeout": "30000",
-    "application_name": "keel",
-}
-
-#: Connections a store keeps open, and the most it opens (URL parameters ``pool_min_size``, ``pool_max_size``).
-DEFAULT_POOL_MIN_SIZE = 1
-DEFAULT_POOL_MAX_SIZE = 10
-
-#: How long a call waits for a pooled connection (URL parameter ``pool_timeout_s``).
-DEFAULT_POOL_TIMEOUT_S = 10.0
-
-#: How long one statement may run, enforced by the server (URL parameter ``query_timeout_s``).
-DEFAULT_QUERY_TIMEOUT_S = 15.0
-
-#: A pool gives up one reconnection attempt after this long and starts a fresh one when a call needs it. psycopg's
-#: default (5 minutes of doubling delays) could leave the pool asleep for minutes after the server came back.
-RECONNECT_WINDOW_S = 10.0
-
-#: Extra time a call is allowed beyond its pool wait and statement timeout before the client gives up on its
-#: own: the server's statement_timeout should normally answer first, with a clearer error.
-CLIENT_GRACE_S = 5.0
+    from keel.backends.base import StoredRecord, StoreOptions
+    from keel.backends.postgres.connection import PostgresConnection
 
 #: How often a write whose stale read shows the version it expected is tried again (the key changed in between).
 _WRITE_ATTEMPTS = 3
 
 
-@dataclass(frozen=True, slots=True)
-class PostgresSettings:
-    """What a ``postgresql://`` URL asks for, split between libpq and keel."""
-
-    masked_url: str
-    conninfo: str
-    connect_timeout_s: float
-    pool_min_size: int = DEFAULT_POOL_MIN_SIZE
-    pool_max_size: int = DEFAULT_POOL_MAX_SIZE
-    pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S
-    query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S
-
-    @classmethod
-    def from_url(cls, url: str) -> PostgresSettings:
-        """Read ``url``: keel's parameters go to the settings, the rest (plus keel's defaults) to libpq.
-
-        Raises:
-            ConfigurationError: The URL is not a PostgreSQL URL, or a parameter has an unusable value.
-        """
-        masked = mask_password(url)
-        scheme = scheme_of(url)
-        if scheme not in {"postgresql", "postgres"} or "://" not in url:
-            raise ConfigurationError(f"{masked!r} is not a postgresql:// URL")
-        # Drop a driver suffix (postgresql+psycopg://): libpq knows only the plain schemes.
-        libpq_url, ours = _split_params(f"{scheme}://{url.split('://', 1)[1]}")
-        query_timeout_s = _positive(ours, "query_timeout_s", DEFAULT_QUERY_TIMEOUT_S, masked)
-        params = _libpq_params(libpq_url, masked)
-        # Ours go first so that a statement_timeout in the URL's own options wins.
-        statement_timeout_ms = max(1, round(query_timeout_s * 1000))  # 0 would mean no timeout at all
-        params["options"] = f"-c statement_timeout={statement_timeout_ms} {params.get('options', '')}".strip()
-        settings = cls(
-            masked_url=masked,
-            conninfo=make_conninfo("", **params),
-            connect_timeout_s=_positive(params, "connect_timeout", 5.0, masked, allow_zero=True),
-            pool_min_size=int(_positive(ours, "pool_min_size", DEFAULT_POOL_MIN_SIZE, masked, allow_zero=True)),
-            pool_max_size=int(_positive(ours, "pool_max_size", DEFAULT_POOL_MAX_SIZE, masked)),
-            pool_timeout_s=_positive(ours, "pool_timeout_s", DEFAULT_POOL_TIMEOUT_S, masked),
-            query_timeout_s=query_timeout_s,
-        )
-        if settings.pool_max_size < settings.pool_min_size:
-            raise ConfigurationError(f"pool_max_size must not be below pool_min_size in {masked!r}")
-        return settings
-
-
-#: keel's own URL parameters (see the module docstring); libpq would reject them, so they never reach it.
-_KEEL_PARAMS = frozenset({"pool_min_size", "pool_max_size", "pool_timeout_s", "query_timeout_s"})
-
-
-def _split_params(url: str) -> tuple[str, dict[str, str]]:
-    """Remove keel's parameters from ``url``, leaving the others byte for byte as libpq should see them."""
-    base, _, query = url.partition("?")
-    kept: list[str] = []
-    ours: dict[str, str] = {}
-    for part in query.split("&") if query else []:
-        name, _, value = part.partition("=")
-        if unquote(name) in _KEEL_PARAMS:
-            ours[unquote(name)] = unquote(value)
-        else:
-            kept.append(part)
-    return (f"{base}?{'&'.join(kept)}" if kept else base), ours
-
-
-def _positive(given: dict[str, str], name: str, default: float, masked_url: str, *, allow_zero: bool = False) -> float:
-    """Return URL parameter ``name`` as a number, or ``default`` when the URL does not set it."""
-    if name not in given:
-        return default
-    try:
-        number = float(given[name])
-    except ValueError:
-        number = math.nan
-    integral = isinstance(default, int)
-    usable = math.isfinite(number) and (number > 0 or (number == 0 and allow_zero))
-    if not usable or (integral and not number.is_integer()):
-        kind = ("non-negative " if allow_zero else "positive ") + ("whole number" if integral else "number of seconds")
-        raise ConfigurationError(f"{name}={given[name]!r} in {masked_url!r}: must be a {kind}")
-    return number
-
-
-def _libpq_params(url: str, masked_url: str) -> dict[str, str]:
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.ProgrammingError as exc:
-        raise ConfigurationError(f"cannot use PostgreSQL URL {masked_url!r}: {_one_line(exc)}") from exc
-    return {**LIBPQ_DEFAULTS, **{key: str(value) for key, value in params.items()}}
-
-
 class PostgresStore:
     """A versioned store in PostgreSQL tables, shared by every process that opens the same database and schema."""
 
-    def __init__(self, settings: PostgresSettings, options: StoreOptions) -> None:
-        self.url = settings.masked_url
-        self._settings = settings
+    def __init__(self, connection: PostgresConnection, options: StoreOptions) -> None:
+        self.url = connection.url
+        self.connection = connection
         self._options = options
-        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
-            settings.conninfo,
-            kwargs={"autocommit": True},
-            min_size=settings.pool_min_size,
-            max_size=settings.pool_max_size,
-            timeout=settings.pool_timeout_s,
-            reconnect_timeout=RECONNECT_WINDOW_S,
-            name="keel",
-            open=False,
-        )
-        self._deadline_s = settings.pool_timeout_s + settings.query_timeout_s + CLIENT_GRACE_S
-        self._pool_check: asyncio.Task[None] | None = None
-        self._closed = False
+
+    async def aclose(self) -> None:
+        """Close the pool's connections. Safe to call twice."""
+        await self.connection.aclose()
 
     async def get(self, key: str, /) -> StoredRecord | None:
         """Return the current version of ``key``, or None."""
-        async with self._connection() as conn:
-            row = await _fetch_one(conn, QUERIES["get"], {"key": key})
-        return None if row is None else _record(key, row)
+        async with self.connection.connection() as conn:
+            row = await fetch_one(conn, QUERIES["get"], {"key": key})
+        return None if row is None else stored_record(key, row)
 
     async def put(self, key: str, value_json: str, /, *, expected_version: int | None, writer: str) -> StoredRecord:
         """Compare-and-swap ``key`` to ``value_json`` in one statement."""
@@ -241,33 +58,10 @@ class PostgresStore:
             query, params = QUERIES["current"], {"key": key}
         else:
             query, params = QUERIES["history"], {"key": key, "limit": min(limit, kept)}
-        async with self._connection() as conn:
+        async with self.connection.connection() as conn:
             cursor = await conn.execute(query, params)
             rows = await cursor.fetchall()
-        return [_record(key, row) for row in rows]
-
-    async def aclose(self) -> None:
-        """Close the pool's connections. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._pool_check is not None:
-            # Let a running check finish so it returns its connections, but not for long: leave nothing running.
-            await asyncio.wait({self._pool_check}, timeout=self._settings.connect_timeout_s or 1.0)
-            self._pool_check.cancel()
-            await asyncio.wait({self._pool_check})
-        await self._pool.close()
-
-    async def open(self) -> None:
-        """Create or upgrade the tables, then fill the pool.
-
-        Raises:
-            BackendUnavailable: The server cannot be reached.
-            ConfigurationError: The schema cannot be created or is newer than this code.
-        """
-        async with self._driver_errors():
-            await _migrate(self._settings)
-            await self._pool.open(wait=True, timeout=self._settings.pool_timeout_s)
+        return [stored_record(key, row) for row in rows]
 
     async def _write(
         self, key: str, value_json: str | None, *, expected_version: int | None, writer: str
@@ -282,148 +76,15 @@ class PostgresStore:
         }
         live: StoredRecord | None = None
         for _ in range(_WRITE_ATTEMPTS):
-            async with self._connection() as conn:
-                row = await _fetch_one(conn, query, params)
+            async with self.connection.connection() as conn:
+                row = await fetch_one(conn, query, params)
                 if row is not None:
-                    return _record(key, row)
+                    return stored_record(key, row)
                 # A fresh statement, hence a fresh snapshot: the version that beat us, not the one we started from.
-                found = await _fetch_one(conn, QUERIES["get"], {"key": key})
-            live = None if found is None else _record(key, found)
+                found = await fetch_one(conn, QUERIES["get"], {"key": key})
+            live = None if found is None else stored_record(key, found)
             actual = None if live is None else live.version
             if actual != expected_version:
                 raise StaleWriteError(key, expected_version, actual, current=live)
             # A create lost to a live key that was deleted before the second statement: it may succeed now.
         raise StaleWriteError(key, expected_version, None if live is None else live.version, current=live)
-
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
-        """Lend a pooled connection for one call."""
-        async with self._driver_errors(), self._pool.connection() as conn:
-            yield conn
-
-    @asynccontextmanager
-    async def _driver_errors(self) -> AsyncIterator[None]:
-        """The one place where driver failures become ``BackendUnavailable``, and where calls get their deadline."""
-        try:
-            async with asyncio.timeout(self._deadline_s):
-                yield
-        except PoolTimeout as exc:
-            raise await self._starved(exc) from exc
-        except PoolClosed as exc:
-            raise BackendUnavailable(
-                self.url, "the store is closed", hint="open a new one with keel.open_store()"
-            ) from exc
-        except psycopg.OperationalError as exc:
-            self._schedule_pool_check()
-            raise BackendUnavailable(self.url, _one_line(exc), hint=UNAVAILABLE_HINT) from exc
-        except TimeoutError as exc:
-            self._schedule_pool_check()
-            detail = f"no answer within {self._deadline_s:g} s"
-            raise BackendUnavailable(self.url, detail, hint=UNAVAILABLE_HINT) from exc
-
-    async def _starved(self, exc: PoolTimeout) -> BackendUnavailable:
-        """Explain a pool timeout: the server is unreachable, or every connection stayed busy."""
-        waited = f"no connection within {self._settings.pool_timeout_s:g} s"
-        try:
-            async with asyncio.timeout(self._settings.connect_timeout_s + 1):
-                probe = await psycopg.AsyncConnection.connect(self._settings.conninfo)
-        except (psycopg.OperationalError, TimeoutError) as probe_exc:
-            return BackendUnavailable(self.url, f"{waited}: {_one_line(probe_exc)}", hint=UNAVAILABLE_HINT)
-        await probe.close()
-        busy = f"{waited}: all {self._settings.pool_max_size} pooled connections stayed busy ({_one_line(exc)})"
-        hint = "raise pool_max_size= or pool_timeout_s= in the URL, or look for calls that hold connections long"
-        return BackendUnavailable(self.url, busy, hint=hint)
-
-    def _schedule_pool_check(self) -> None:
-        # Every idle connection died with the server; without a check each would fail one more call after it is
-        # back. The check replaces them, and the pool reconnects in the background until the server answers.
-        if self._closed or not self._pool_open or (self._pool_check is not None and not self._pool_check.done()):
-            return
-        self._pool_check = asyncio.create_task(self._check_pool(), name="keel-postgres-pool-check")
-
-    @property
-    def _pool_open(self) -> bool:
-        return not self._pool.closed
-
-    async def _check_pool(self) -> None:
-        try:
-            await self._pool.check()
-        except psycopg.Error as exc:
-            # Closed meanwhile, or the server is still down: the pool's own reconnection carries on either way.
-            logger.debug("checking the connections to %s failed: %s", self.url, exc)
-
-
-async def _migrate(settings: PostgresSettings) -> None:
-    """Bring the tables to ``SCHEMA_VERSION`` in one transaction, serialised across processes.
-
-    Raises:
-        ConfigurationError: The schema cannot be created here, or was made by a newer keel.
-    """
-    try:
-        async with await psycopg.AsyncConnection.connect(settings.conninfo) as conn, conn.transaction():
-            await conn.execute(QUERIES["lock_schema"])
-            await conn.execute(_SCHEMA["bootstrap"])
-            row = await _fetch_one(conn, QUERIES["schema_version"], {"component": SCHEMA_COMPONENT})
-            reached = 0 if row is None else int(row[0])
-            if reached > SCHEMA_VERSION:
-                raise ConfigurationError(
-                    f"the keel tables at {settings.masked_url!r} are at schema version {reached}, newer than this "
-                    f"keel knows ({SCHEMA_VERSION}); upgrade keel"
-                )
-            for step in MIGRATIONS[reached:]:
-                await conn.execute(step)
-            if reached < SCHEMA_VERSION:
-                params = {"component": SCHEMA_COMPONENT, "version": SCHEMA_VERSION}
-                await conn.execute(QUERIES["record_schema_version"], params)
-                logger.info("keel tables at %s migrated to schema version %d", settings.masked_url, SCHEMA_VERSION)
-    except (psycopg.errors.InvalidSchemaName, psycopg.errors.InsufficientPrivilege) as exc:
-        raise ConfigurationError(
-            f"cannot create keel's tables at {settings.masked_url!r}: {_one_line(exc)} (the schema named by the "
-            "URL's search_path must exist, and the user must be allowed to create tables in it)"
-        ) from exc
-
-
-async def _fetch_one(
-    conn: psycopg.AsyncConnection[TupleRow], query: LiteralString, params: dict[str, Any]
-) -> tuple[Any, ...] | None:
-    cursor = await conn.execute(query, params)
-    return await cursor.fetchone()
-
-
-def _record(key: str, row: tuple[Any, ...]) -> StoredRecord:
-    version, value_json, written_at, writer = row
-    return StoredRecord(key, int(version), value_json, written_at.astimezone(UTC), writer)
-
-
-def _one_line(exc: BaseException) -> str:
-    """Join the lines of a libpq message ("...failed: Connection refused / Is the server running...?")."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-async def open_engine(url: str, options: StoreOptions) -> PostgresStore:
-    """Open the PostgreSQL store that ``url`` names, creating its tables if needed.
-
-    Raises:
-        ConfigurationError: The URL or a keel parameter in it is unusable, or the tables cannot be created.
-        BackendUnavailable: The server cannot be reached.
-    """
-    store = PostgresStore(PostgresSettings.from_url(url), options)
-    try:
-        await store.open()
-    except BaseException:
-        await store.aclose()
-        raise
-    return store
-
-
-async def open_backend(url: str, options: StoreOptions) -> PostgresBackend:
-    """Open the PostgreSQL store and broker that ``url`` names (``keel.backends.open_backend`` calls this).
-
-    Raises:
-        ConfigurationError: The URL or a keel parameter in it is unusable, or the tables cannot be created.
-        BackendUnavailable: The server cannot be reached.
-    """
-    # Imported here: the backend module builds on this one.
-    from keel.backends.postgres.backend import open_backend as open_postgres_backend
-
-    return await open_postgres_backend(url, options)

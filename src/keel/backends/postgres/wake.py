@@ -45,7 +45,7 @@ from keel.errors import BackendUnavailable
 if TYPE_CHECKING:
     from psycopg.rows import TupleRow
 
-    from keel.backends.postgres.store import PostgresStore
+    from keel.backends.postgres.connection import PostgresConnection
     from keel.backends.wake import WakeGate
 
 logger = logging.getLogger(__name__)
@@ -57,11 +57,11 @@ SUBSCRIBE_POLL_S = 0.1
 class PostgresListener:
     """One LISTEN connection shared by every waiter of one backend, telling its gate what it hears."""
 
-    def __init__(self, store: PostgresStore, schema: str, gate: WakeGate) -> None:
-        self._store = store
+    def __init__(self, connection: PostgresConnection, schema: str, gate: WakeGate) -> None:
+        self._pool = connection
         self._schema = schema
         self._gate = gate
-        self._conninfo = store._settings.conninfo
+        self._conninfo = connection.settings.conninfo
         self._apps: dict[str, str] = {}  # channel -> app, of every app waited for
         self._listening: set[str] = set()  # channels LISTENed on the current connection
         self._conn: psycopg.AsyncConnection[TupleRow] | None = None
@@ -108,14 +108,14 @@ class PostgresListener:
             try:
                 await self._serve(conn)
             except (BackendUnavailable, psycopg.Error) as exc:
-                logger.info("the LISTEN connection to %s was lost, waking every waiter: %s", self._store.url, exc)
+                logger.info("the LISTEN connection to %s was lost, waking every waiter: %s", self._pool.url, exc)
                 await self._disconnect()
                 self._gate.wake_all()  # notifications sent while it was down are lost: everyone re-polls
 
     async def _connect(self) -> psycopg.AsyncConnection[TupleRow]:
         if self._conn is not None and not self._conn.closed:
             return self._conn
-        async with self._store._driver_errors():
+        async with self._pool.driver_errors():
             self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         self._listening.clear()
         return self._conn
@@ -123,7 +123,7 @@ class PostgresListener:
     async def _serve(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
         while True:
             await self._subscribe(conn)
-            async with self._store._driver_errors():
+            async with self._pool.driver_errors():
                 async for notify in conn.notifies(timeout=SUBSCRIBE_POLL_S):
                     self._heard(notify.channel, notify.payload)
 
@@ -131,7 +131,7 @@ class PostgresListener:
         """LISTEN on channels with waiters not yet listened to, then wake those that already have work."""
         waited = {self.channel(app) for app in self._gate.waiting_apps()}
         for channel in [c for c in self._apps if c in waited and c not in self._listening]:
-            async with self._store._driver_errors():
+            async with self._pool.driver_errors():
                 await conn.execute(sql.SQL(BROKER_QUERIES["listen"]).format(channel=sql.Identifier(channel)))
                 self._listening.add(channel)
                 cursor = await conn.execute(BROKER_QUERIES["has_work"], {"app": self._apps[channel]})
