@@ -172,13 +172,14 @@ def postgres_raw_loop(url: str, key: str, stop_at: float) -> int:
 
 def redis_raw_loop(url: str, key: str, stop_at: float) -> int:
     """The same update with redis-py asyncio: keel's own write.lua by EVALSHA (HMGET when it must read)."""
+    from keel.backends.redis.connection import make_client
     from keel.backends.redis.keys import RedisKeys
-    from keel.backends.redis.store import _client, _script_text
+    from keel.backends.redis.lua import script_text
 
     async def run() -> int:
         # The same driver settings as keel (pool, timeouts, no resend): what is measured is keel's code.
-        client = _client(url, url)
-        script = client.register_script(_script_text("write.lua"))
+        client = make_client(url, url)
+        script = client.register_script(script_text("write.lua"))
         names = [RedisKeys().current(key), RedisKeys().history(key)]
         writer = process_identity()
         counter = _Counter()

@@ -16,8 +16,8 @@ _ENGINES: dict[str, tuple[str, str, str | None, str | None]] = {
     "sqlite": ("keel.backends.sqlite.backend", "SQLite", None, None),
     "postgresql": ("keel.backends.postgres.backend", "PostgreSQL", "postgres", "psycopg"),
     "postgres": ("keel.backends.postgres.backend", "PostgreSQL", "postgres", "psycopg"),
-    "redis": ("keel.backends.redis.store", "Redis", "redis", "redis"),
-    "rediss": ("keel.backends.redis.store", "Redis", "redis", "redis"),
+    "redis": ("keel.backends.redis.backend", "Redis", "redis", "redis"),
+    "rediss": ("keel.backends.redis.backend", "Redis", "redis", "redis"),
     "memory": ("keel.backends.sqlite.memory", "memory", None, None),
 }
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 APP = "loans"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-STORE_LOGGER = "keel.backends.redis.store"
+STORE_LOGGER = "keel.backends.redis.connection"
 MIGRATE_LOGGER = "keel.backends.redis.migrate"
 
 

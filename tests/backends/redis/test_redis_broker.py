@@ -26,7 +26,7 @@ from keel.backends.base import (
     TurnFailure,
 )
 from keel.backends.redis import broker as redis_broker
-from keel.backends.redis.store import STORE_SCHEMA_VERSION
+from keel.backends.redis.migrate import STORE_SCHEMA_VERSION
 from keel.backends.redis.wake import WAIT_BLOCK_S, block_seconds
 from tests.backends.redis._support import (
     APP,
@@ -323,7 +323,7 @@ def test_blocking_reads_end_before_the_socket_timeout() -> None:
 
 
 async def test_each_runtime_write_is_one_script_call(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    sent = count_commands(monkeypatch, backend._client)
+    sent = count_commands(monkeypatch, backend.store.connection.client)
     await send(backend, ref("a"), key="k")
     await send(backend, ref("b"))
     [a, b] = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=2)

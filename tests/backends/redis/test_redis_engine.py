@@ -16,13 +16,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 import keel
 from keel.backends.base import StoreOptions
-from keel.backends.redis.store import (
-    STORE_SCHEMA_VERSION,
-    Persistence,
-    RedisStore,
-    open_engine,
-    persistence_warning,
-)
+from keel.backends.redis.backend import open_engine
+from keel.backends.redis.connection import Persistence, persistence_warning
+from keel.backends.redis.migrate import STORE_SCHEMA_VERSION
+from keel.backends.redis.store import RedisStore
 from tests.backends.redis._server import free_port
 from tests.backends.redis._support import STORE_LOGGER, count_commands, server_now, snapshot
 
@@ -171,7 +168,7 @@ async def test_values_round_trip_through_lua_json(redis_url: str) -> None:
 
 @pytest.mark.redis
 async def test_each_operation_is_one_round_trip(engine: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    sent = count_commands(monkeypatch, engine._client)
+    sent = count_commands(monkeypatch, engine.connection.client)
     operations: list[tuple[str, Callable[[], Awaitable[object]]]] = [
         ("create", lambda: engine.put("k", "1", expected_version=None, writer=WRITER)),
         ("put", lambda: engine.put("k", "2", expected_version=1, writer=WRITER)),
@@ -263,12 +260,12 @@ async def test_an_unreachable_server_fails_fast_with_the_password_masked(auth: s
 @pytest.mark.redis
 async def test_a_dropped_connection_is_replaced_on_the_next_call(engine: RedisStore, raw: Redis) -> None:
     await engine.put("k", "1", expected_version=None, writer=WRITER)
-    own_id = await engine._client.client_id()
+    own_id = await engine.connection.client.client_id()
     assert await raw.client_kill_filter(_id=str(own_id)) == 1
     await asyncio.sleep(0.1)  # let the loop see the closed socket, as it would between two requests
     written = await engine.put("k", "2", expected_version=1, writer=WRITER)
     assert written.version == 2
-    assert await engine._client.client_id() != own_id
+    assert await engine.connection.client.client_id() != own_id
 
 
 # -- persistence ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import keel
 from keel.backends import open_backend
 from keel.backends.base import InstanceRef, NewEvent, NewMessage, Pruned, StoreOptions, TurnCommit
 from keel.backends.redis import cleanup
-from keel.backends.redis.store import STORE_SCHEMA_VERSION
+from keel.backends.redis.migrate import STORE_SCHEMA_VERSION
 from tests.backends.redis._support import (
     APP,
     STORE_LOGGER,
@@ -112,7 +112,7 @@ async def test_a_commit_with_sends_and_events_is_one_script_call(
 ) -> None:
     await send(backend, ref(), {})
     claim = await claim_one(backend)
-    sent = count_commands(monkeypatch, backend._client)
+    sent = count_commands(monkeypatch, backend.store.connection.client)
     outbox = (NewMessage(ref("b"), "m-b", "{}"), NewMessage(ref("c"), "m-c", "{}", "k", 5.0))
     events = (event_of("e1", ("mail", "audit")), event_of("e2", ("mail",), key="once"))
     await backend.commit_turn(commit_of(claim, {}, sends=outbox, events=events))

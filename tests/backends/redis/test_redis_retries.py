@@ -18,8 +18,7 @@ from keel.backends import open_backend
 from keel.backends.base import MessageStatus, StoreOptions
 from keel.backends.redis import migrate
 from keel.backends.redis.keys import RedisKeys
-from keel.backends.redis.migrate import upgrade_layout
-from keel.backends.redis.store import STORE_SCHEMA_VERSION
+from keel.backends.redis.migrate import STORE_SCHEMA_VERSION, upgrade_layout
 from tests.backends.redis._support import (
     APP,
     EPOCH,

@@ -14,8 +14,7 @@ from keel.backends import open_backend
 from keel.backends.base import InstanceRef, NewMessage, StoreOptions, TurnCommit
 from keel.backends.redis import migrate
 from keel.backends.redis.keys import RedisKeys, instance_member
-from keel.backends.redis.migrate import upgrade_layout
-from keel.backends.redis.store import STORE_SCHEMA_VERSION
+from keel.backends.redis.migrate import STORE_SCHEMA_VERSION, upgrade_layout
 from tests.backends.redis._support import MIGRATE_LOGGER, micros, prefixed_url, reopen, server_now, snapshot
 
 if TYPE_CHECKING:

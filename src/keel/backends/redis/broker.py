@@ -45,7 +45,6 @@ Turn records are JSON (``rows.py``); the newest ``TURNS_LIMIT`` are kept per ins
 
 from __future__ import annotations
 
-from functools import cache
 from typing import TYPE_CHECKING, cast
 
 from keel.backends.base import (
@@ -66,7 +65,8 @@ from keel.backends.base import (
     TurnRecordRow,
 )
 from keel.backends.redis.cleanup import delete_call, prune_app
-from keel.backends.redis.keys import RedisKeys, instance_member, parse_instance_member
+from keel.backends.redis.keys import instance_member, parse_instance_member
+from keel.backends.redis.lua import runtime_script
 from keel.backends.redis.outbox import event_from_row, event_unit, outbox, send_unit
 from keel.backends.redis.rows import (
     claim_from_row,
@@ -74,20 +74,20 @@ from keel.backends.redis.rows import (
     lease_lost,
     micros,
     micros_since_epoch,
+    record_from_fields,
     turn_from_json,
     turn_json,
 )
-from keel.backends.redis.store import _record_from_fields, _script_text
+from keel.backends.redis.wake import WakeStreams
+from keel.backends.wake import WakeGate
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Sequence
-    from contextlib import AbstractAsyncContextManager
+    from collections.abc import Collection, Sequence
     from datetime import datetime
 
     from redis.asyncio import Redis
 
-    from keel.backends.redis.wake import WakeStreams
-    from keel.backends.wake import WakeGate
+    from keel.backends.redis.connection import RedisConnection
 
 #: Turn records kept per instance, newest first; older ones are trimmed by the commit that pushes a new one.
 TURNS_LIMIT = 1000
@@ -122,28 +122,17 @@ RUNTIME_SCRIPTS = (
 _STATE_FIELDS = ("v", "d", "t", "w")
 
 
-@cache
-def runtime_script(name: str) -> str:
-    """Return the text of one runtime script with the shared helpers in front of it."""
-    return _script_text("runtime_lib.lua") + "\n" + _script_text(name)
-
-
 class RedisBroker:
     """Inboxes, leases and turn commits in Redis, shared by every process using the same server, DB and prefix."""
 
-    def __init__(
-        self,
-        client: Redis,
-        keys: RedisKeys,
-        boundary: Callable[[str], AbstractAsyncContextManager[None]],
-        waker: WakeStreams,
-        gate: WakeGate,
-    ) -> None:
+    def __init__(self, connection: RedisConnection, waiting: Redis) -> None:
+        """Use ``connection`` for every call but the blocking reads of waits, which use ``waiting``."""
+        client = connection.client
         self._client = client
-        self._keys = keys
-        self._boundary = boundary
-        self._waker = waker
-        self._gate = gate
+        self._keys = connection.keys
+        self._boundary = connection.boundary
+        self._gate = WakeGate(connection.url)
+        self._waker = WakeStreams(waiting, connection.keys, connection.boundary, self._gate)
         scripts = {name: client.register_script(runtime_script(name)) for name in RUNTIME_SCRIPTS}
         self._scripts = scripts
         self._send, self._claim, self._renew = scripts["send.lua"], scripts["claim.lua"], scripts["renew.lua"]
@@ -423,7 +412,7 @@ class RedisBroker:
         """
         async with self._boundary("state"):
             fields = await self._client.hmget(self._keys.instance(instance_member(instance)), _STATE_FIELDS)
-        return _record_from_fields(f"{instance.workflow}/{instance.workflow_id}", cast("list[str | None]", fields))
+        return record_from_fields(f"{instance.workflow}/{instance.workflow_id}", cast("list[str | None]", fields))
 
     async def turns(self, instance: InstanceRef, /, *, limit: int) -> list[TurnRecordRow]:
         """Return up to ``limit`` of the instance's kept turn records, newest first.
@@ -436,6 +425,11 @@ class RedisBroker:
         async with self._boundary("turns"):
             entries = await self._client.lrange(self._keys.turns(instance_member(instance)), 0, limit - 1)
         return [turn_from_json(instance, entry) for entry in cast("list[str]", entries)]
+
+    async def aclose(self) -> None:
+        """Let the waiters go, stop the wake pumps and close the waiting pool (the main one is the store's)."""
+        self._gate.close()
+        await self._waker.aclose()
 
     async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:
         """Return when a message may have been sent to ``app``, or after ``timeout_s`` at the latest.

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from keel.backends.redis.keys import parse_instance_member
+from keel.backends.redis.lua import runtime_script
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -37,6 +38,16 @@ if TYPE_CHECKING:
     from keel.backends.redis.keys import RedisKeys
 
 logger = logging.getLogger(__name__)
+
+#: The layout version this code reads and writes, kept in the schema hash under ``SCHEMA_COMPONENT``:
+#: 1 the versioned store, 2 adds the runtime's keys (created on first use, so 1 -> 2 only records the number),
+#: 3 adds step results, retry holds and dead letters (2 -> 3 indexes the failed messages: ``migrate.py``),
+#: 4 adds timers, pruning and deletion (3 -> 4 dates the messages and builds the new indexes: ``migrate.py``),
+#: 5 adds the event log and handler deliveries (keys created on first use, so 4 -> 5 only records the number).
+STORE_SCHEMA_VERSION = 5
+
+#: The field of the schema hash that holds the store's layout version.
+SCHEMA_COMPONENT = "store"
 
 #: Keys asked of each ``SCAN`` or ``HSCAN`` call, and so about the instances or messages one script handles.
 SCAN_COUNT = 500
@@ -55,9 +66,6 @@ async def upgrade_layout(client: Redis, keys: RedisKeys, found: int, *, url: str
 
 
 def _runtime_script(client: Redis, name: str) -> Any:
-    # Imported here: store.py, which calls this module, defines it.
-    from keel.backends.redis.broker import runtime_script
-
     return client.register_script(runtime_script(name))
 
 

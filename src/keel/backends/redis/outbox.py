@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from keel.backends.base import EventRow, InstanceRef
 from keel.backends.redis.keys import instance_member
-from keel.backends.redis.rows import micros
-from keel.backends.redis.store import _from_micros
+from keel.backends.redis.rows import from_micros, micros
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -98,7 +97,7 @@ def event_from_row(app: str, row: list[Any]) -> EventRow:
         source,
         fields.get("m"),
         fields.get("k"),
-        _from_micros(fields["a"]),
+        from_micros(fields["a"]),
     )
 
 

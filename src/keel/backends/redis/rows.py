@@ -8,18 +8,42 @@ A turn record is kept as a JSON object with the keys ``message_id``, ``worker``,
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from keel.backends.base import Claim, DeadLetter, InstanceRef, TurnRecordRow
+from keel.backends.base import Claim, DeadLetter, InstanceRef, StoredRecord, TurnRecordRow
 from keel.backends.redis.keys import parse_instance_member
-from keel.backends.redis.store import _EPOCH, _from_micros
 from keel.errors import LeaseLostError
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from keel.backends.base import TurnCommit, TurnFailure
+
+
+#: Where the server's microsecond times count from.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+#: The fields of a current-record hash (a store key's, or an instance's state), in the order HMGET returns them.
+RECORD_FIELDS = ("v", "d", "t", "w")
+
+
+def from_micros(text: str | int) -> datetime:
+    """Microseconds since the epoch (as the server's ``TIME`` gives them) as a UTC datetime."""
+    # Microseconds since the epoch as an integer: exact, where a float timestamp would round.
+    return EPOCH + timedelta(microseconds=int(text))
+
+
+def record_from_fields(key: str, fields: list[str | None]) -> StoredRecord | None:
+    """A current-record hash's fields (``RECORD_FIELDS``) as a ``StoredRecord``, or None if there is none."""
+    version, value_json, written_at, writer = fields
+    if version is None:
+        return None
+    return StoredRecord(key, int(version), value_json, from_micros(written_at or 0), writer or "")
+
+
+def record_from_entry(key: str, entry: str) -> StoredRecord:
+    """A history entry (JSON) as a ``StoredRecord``."""
+    fields: dict[str, str] = json.loads(entry)
+    return StoredRecord(key, int(fields["v"]), fields.get("d"), from_micros(fields["t"]), fields.get("w", ""))
 
 
 def micros(seconds: float) -> int:
@@ -29,7 +53,7 @@ def micros(seconds: float) -> int:
 
 def micros_since_epoch(moment: datetime) -> int:
     """A moment as microseconds since the epoch."""
-    return (moment - _EPOCH) // timedelta(microseconds=1)
+    return (moment - EPOCH) // timedelta(microseconds=1)
 
 
 def claim_from_row(row: list[Any]) -> Claim:
@@ -40,7 +64,7 @@ def claim_from_row(row: list[Any]) -> Claim:
     return Claim(
         InstanceRef(*parse_instance_member(member)),
         int(token),
-        _from_micros(expires_us),
+        from_micros(expires_us),
         message_id,
         payload_json,
         int(attempt),
@@ -54,7 +78,7 @@ def dead_letter_from_row(row: list[Any]) -> DeadLetter:
     """One dead letter of ``dead_letters.lua``'s reply."""
     member, message_id, error, attempts, failed_at_us = row
     return DeadLetter(
-        InstanceRef(*parse_instance_member(member)), message_id, error, int(attempts), _from_micros(failed_at_us)
+        InstanceRef(*parse_instance_member(member)), message_id, error, int(attempts), from_micros(failed_at_us)
     )
 
 
@@ -87,7 +111,7 @@ def turn_from_json(instance: InstanceRef, entry: str) -> TurnRecordRow:
         record["fencing_token"],
         record["version_read"],
         record["version_written"],
-        _from_micros(record["started_at_us"]),
+        from_micros(record["started_at_us"]),
         record["duration_s"],
         record["outcome"],
         record["error"],
