@@ -1,4 +1,9 @@
-"""Engines behind one protocol, picked by URL scheme; each is imported only when asked for."""
+"""Engines behind one contract (``base.py``), picked by URL scheme; each is imported only when asked for.
+
+Each scheme names the module holding its engine's entry points, ``open_engine(url, options)`` (the store alone)
+and ``open_backend(url, options)`` (store and broker composed, ``composed.py``): ``backend.py`` of the engine's
+package (``sqlite/memory.py`` for ``memory://``). ``wake.py`` holds the one wake gate every engine's broker uses.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from keel.errors import ConfigurationError, MissingExtraError, UnknownSchemeErro
 if TYPE_CHECKING:
     from keel.backends.base import Backend, StoreEngine, StoreOptions
 
-#: scheme -> (module, engine name, extra that installs its driver, the driver's import name)
+#: scheme -> (module of the entry points, engine name, extra that installs its driver, the driver's import name)
 _ENGINES: dict[str, tuple[str, str, str | None, str | None]] = {
     "sqlite": ("keel.backends.sqlite.backend", "SQLite", None, None),
     "postgresql": ("keel.backends.postgres.backend", "PostgreSQL", "postgres", "psycopg"),

@@ -287,13 +287,16 @@ class SqliteBroker:
         loop = asyncio.get_running_loop()
         # Listening starts before the first poll reads the file, so a send committed after that read rings this
         # socket; the gate's deadline also bounds a poll stuck behind a write that waits for another process's lock.
-        await self._gate.wait(
-            app,
-            timeout_s=timeout_s,
-            listen=lambda: self._bell.listen(loop),
-            poll=lambda: self._bell.has_new_work(app),
-            poll_interval_s=POLL_INTERVAL_S,
-        )
+        try:
+            await self._gate.wait(
+                app,
+                timeout_s=timeout_s,
+                listen=lambda: self._bell.listen(loop),
+                poll=lambda: self._bell.has_new_work(app),
+                poll_interval_s=POLL_INTERVAL_S,
+            )
+        finally:
+            self._bell.returned(app)
 
     async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:
         """Delete the app's done and skipped messages (with their steps), turn records and events past the cut-offs.

@@ -69,10 +69,21 @@ class SqliteWake:
         #: Per app, the newest seq the last claim saw (0 after a claim that filled its limit: work may be left) and
         #: the clock reading it was made at (a next message visible since then may be work).
         self._seen: dict[str, tuple[int, int]] = {}
+        #: Apps whose last wait returned with no claim since: the next poll starts from where the file stands then.
+        self._returned: set[str] = set()
 
     def claimed(self, app: str, latest_seq: int, now_us: int) -> None:
         """Note what a claim of ``app`` saw: the poll looks for work after it."""
         self._seen[app] = (latest_seq, now_us)
+        self._returned.discard(app)
+
+    def returned(self, app: str) -> None:
+        """Note that a wait for ``app`` returned: what the file held by then no longer ends the next one.
+
+        The gate still counts what is announced from now on; what is not announced (a lost datagram, a timer coming
+        due) in between is found by the next claim, or the next wait's timeout.
+        """
+        self._returned.add(app)
 
     def listen(self, loop: asyncio.AbstractEventLoop) -> None:
         """Have the doorbell heard on ``loop`` (bound once; a folder that cannot be used leaves the poll alone)."""
@@ -89,9 +100,10 @@ class SqliteWake:
         return lambda found: None if found is None else self._doorbell.ring((app,))
 
     async def has_new_work(self, app: str) -> bool:
-        """True if the file shows work since the last claim (or the last look that found some) of ``app``."""
+        """True if the file shows work since the last claim of ``app`` (or the last wait, or look, that found some)."""
         seen = self._seen.get(app)
-        if seen is None:  # no claim yet: only what comes from now on counts
+        if seen is None or app in self._returned:  # no claim yet, or none since the last wait: from now on
+            self._returned.discard(app)
             since = now_us()
             self._seen[app] = ((await self._work_signals(app, since))[0], since)
             return False
