@@ -67,22 +67,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from keel.backends.base import (
-    DELIVERY_PREFIX,
-    Claim,
-    DeadLetter,
-    EventRow,
-    InstanceRef,
-    MessageInfo,
-    NewEvent,
-    NewMessage,
-    Pruned,
-    StepRecord,
-    StoredRecord,
-    TurnCommit,
-    TurnFailure,
-    TurnRecordRow,
-)
+from keel.backends.base import DELIVERY_PREFIX, InstanceRef, Pruned
 from keel.backends.postgres.connection import fetch_one
 from keel.backends.postgres.rows import claim as claim_from_row
 from keel.backends.postgres.rows import dead_letter, event_row, message_info, stored_record, turn_record
@@ -107,6 +92,19 @@ if TYPE_CHECKING:
     import psycopg
     from psycopg.rows import TupleRow
 
+    from keel.backends.base import (
+        Claim,
+        DeadLetter,
+        EventRow,
+        MessageInfo,
+        NewEvent,
+        NewMessage,
+        StepRecord,
+        StoredRecord,
+        TurnCommit,
+        TurnFailure,
+        TurnRecordRow,
+    )
     from keel.backends.postgres.connection import PostgresConnection
 
 #: How many messages, turn records and events one statement of ``prune`` deletes at most; it repeats until done.
