@@ -115,7 +115,7 @@ _PUBLISH_ATTEMPTS = 3
 
 
 class PostgresBroker:
-    """Inboxes, leases and turn commits in the tables of one PostgreSQL schema, over the store's pool."""
+    """Inboxes, leases and turn commits in the tables of one PostgreSQL schema, over the engine's pool."""
 
     def __init__(self, connection: PostgresConnection, schema: str) -> None:
         self._connection = connection

@@ -26,7 +26,7 @@ How it works:
 - psycopg holds the connection's lock while it waits for notifications, so the pump waits in slices of
   ``SUBSCRIBE_POLL_S``, between which it LISTENs on the channels new waiters asked for.
 - Pool connections are never held while waiting. Connection failures become ``BackendUnavailable`` through the
-  store's error boundary; a waiter that needs a connection that cannot be opened gets that error.
+  engine's error boundary (``connection.py``); a waiter that needs a connection that cannot be opened gets that error.
 """
 
 from __future__ import annotations

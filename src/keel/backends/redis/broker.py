@@ -36,9 +36,10 @@ Map of the design:
   ``resolve.lua`` takes it out again, retrying or skipping it, and un-pauses the instance.
 - Time: lease expiries and ``written_at`` come from the server's ``TIME``, in microseconds since the epoch.
 - Waking: a send (by ``send``, ``publish`` or ``commit``) and ``resolve.lua`` append to the app's wake
-  stream; ``wait_for_work`` blocks on it (``wake.py``). The end of a hold, or a timer coming due, wakes no
-  one: idle workers see it at their next poll.
-- Errors: every call runs inside the store's error boundary, so driver errors become ``BackendUnavailable``.
+  stream; ``wait_for_work`` waits on the backend's wake gate, fed by a pump blocking on that stream
+  (``wake.py``). The end of a hold, or a timer coming due, wakes no one: idle workers see it at their next poll.
+- Errors: every call runs inside the connection's error boundary (``connection.py``), so driver errors become
+  ``BackendUnavailable``.
 
 Turn records are JSON (``rows.py``); the newest ``TURNS_LIMIT`` are kept per instance.
 """
