@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from keel.backends._url import mask_password
 from keel.errors import InstanceNotFoundError
 from keel.payload import coerce
 from keel.records import HandlerDelivery, WorkflowInstance
@@ -112,7 +113,8 @@ def _dead_letter_block(letter: DeadLetter, app_path: str, url: str | None) -> st
         if isinstance(target, HandlerDelivery)
         else f"{target.workflow} {target.workflow_id}"
     )
-    where = "" if url is None else f" --url {url}"
+    # A typed password must not end up in output that gets pasted into tickets: the user puts it back.
+    where = "" if url is None else f" --url {mask_password(url)}"
     return (
         f"{what}  message {letter.message_id}\n"
         f"  failed at {letter.failed_at.isoformat(timespec='seconds')} after {letter.attempts} attempt(s)\n"

@@ -14,6 +14,7 @@ import keel
 from keel.backends import open_backend
 from keel.backends.base import StoreOptions, TurnFailure
 from keel.cli import EXIT_STATUS, RET_FAILED, RET_USAGE, exit_status, main
+from keel.commands import list_dead_letters
 from keel.events import build_event
 from tests.processes.workflows import Placed
 from tests.processes.workflows import app as process_app
@@ -160,3 +161,10 @@ def test_a_target_named_wrongly_gets_a_clear_error(tmp_path: Path, args: list[st
     status, _, stderr = run(*args, "--url", f"sqlite:///{tmp_path / 'k.db'}")
     assert status == RET_USAGE
     assert message in stderr
+
+
+async def test_the_retry_hint_masks_a_password(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'masked.db'}"
+    await _dead_delivery(url)
+    listed = await list_dead_letters(process_app, url.replace("sqlite:///", "sqlite://user:secret@/"), 5)
+    assert "secret" not in listed and "user:***@" in listed

@@ -177,3 +177,27 @@ async def test_delivery_log_lines_show_the_handler_and_event_and_no_state_versio
     [committed] = [r for r in caplog.records if r.getMessage().startswith("turn committed")]
     assert "state_version=1" in ContextFormatter("%(message)s").format(committed)
     assert "handler" not in json.loads(JsonFormatter().format(committed))
+
+
+async def test_a_handler_sees_what_emitted_its_event_as_a_typed_value() -> None:
+    app = keel.App("testing-sources", retry=keel.RetryPolicy(max_attempts=1))
+    sources: list[keel.Target | None] = []
+
+    @app.workflow(state=Sum, message=Add)
+    async def adder(ctx: keel.TurnContext[Sum], msg: Add) -> None:
+        ctx.emit(Added(total=msg.n))
+
+    @app.on(Added)
+    async def relay(event: Added, ctx: keel.HandlerContext) -> None:
+        sources.append(ctx.source)
+        if event.total > 0:
+            ctx.publish(Added(total=-event.total))
+
+    async with WorkflowTester(app) as tester:
+        await tester.run("adder", "a", Add(n=3))
+        [emitted] = [e for e in await tester.events() if e.source == keel.WorkflowInstance("adder", "a")]
+        await tester.client.wait_event(emitted.event_id, timeout_s=5)  # its handler's publish is committed too
+        [relayed] = [e for e in await tester.events() if e.event_id != emitted.event_id]
+        await tester.client.wait_event(relayed.event_id, timeout_s=5)
+        assert relayed.source == keel.HandlerDelivery("relay", emitted.event_id)
+    assert sources == [keel.WorkflowInstance("adder", "a"), keel.HandlerDelivery("relay", emitted.event_id)]
