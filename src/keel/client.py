@@ -381,7 +381,9 @@ class Client:
             if workflow_id is not None:
                 raise ConfigurationError(f"pass {workflow!r} alone, without a workflow_id (got {workflow_id!r})")
             self.app.job(workflow)
-            validate_key(workflow.workflow_id, what="event_id" if isinstance(workflow, HandlerDelivery) else "id")
+            validate_key(
+                workflow.workflow_id, what="event_id" if isinstance(workflow, HandlerDelivery) else "workflow_id"
+            )
             return workflow
         if not isinstance(workflow, str) or workflow_id is None:
             raise ConfigurationError(
