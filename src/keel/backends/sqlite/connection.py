@@ -166,7 +166,8 @@ class SqliteDatabase:
             self._thread = BlockingThread(f"keel-sqlite:{self.path.name}")
 
     def __del__(self) -> None:
-        if not self._closed and self._conn is not None:
+        # An in-memory database lives as long as the process by design (until forget_memory): no leak to report.
+        if not self._closed and self._conn is not None and not self.in_memory:
             warnings.warn(f"keel SQLite store {self.path} was not closed", ResourceWarning, stacklevel=1)
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
