@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from keel.backends._url import mask_password
+from keel.backends import mask_password
 from keel.errors import InstanceNotFoundError
 from keel.payload import coerce
 from keel.records import HandlerDelivery, WorkflowInstance

@@ -32,8 +32,7 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from keel.backends import open_backend
-from keel.backends._url import scheme_of
+from keel.backends import open_backend, scheme_of
 from keel.backends.base import Claim, StoreOptions
 from keel.errors import BackendUnavailable, ConfigurationError
 from keel.identity import process_identity

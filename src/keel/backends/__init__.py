@@ -16,6 +16,8 @@ from keel.errors import ConfigurationError, MissingExtraError, UnknownSchemeErro
 if TYPE_CHECKING:
     from keel.backends.base import Backend, StoreEngine, StoreOptions
 
+__all__ = ["SUPPORTED_SCHEMES", "forget_memory", "mask_password", "open_backend", "open_store_engine", "scheme_of"]
+
 #: scheme -> (module of the entry points, engine name, extra that installs its driver, the driver's import name)
 _ENGINES: dict[str, tuple[str, str, str | None, str | None]] = {
     "sqlite": ("keel.backends.sqlite.backend", "SQLite", None, None),
