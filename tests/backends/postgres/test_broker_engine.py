@@ -20,18 +20,8 @@ from keel.backends.base import STATE_HISTORY_LIMIT, InstanceRef, MessageStatus, 
 from keel.backends.postgres import store as pg_store
 from keel.backends.postgres.backend import open_backend
 from keel.backends.postgres.transactions import BROKER_QUERIES, channel_for
-from tests.backends.postgres._support import (
-    APP,
-    backends_opened_together,
-    claim_one,
-    claims,
-    commit_of,
-    db_rows,
-    opened_backend,
-    ref,
-    send,
-    send_params,
-)
+from tests._engine import APP, claim_all, claim_one, commit_of, ref, send
+from tests.backends.postgres._support import backends_opened_together, db_rows, opened_backend, send_params
 
 if TYPE_CHECKING:
     from keel.backends.base import Backend
@@ -91,7 +81,7 @@ async def test_leased_and_paused_instances_are_not_work_for_a_new_listener(
     backend: PostgresBackend, other: PostgresBackend
 ) -> None:
     await send(other, ref("leased"), {})
-    await claims(other, limit=1, lease_s=60)
+    await claim_all(other, limit=1, lease_s=60)
     started = time.monotonic()
     await backend.wait_for_work(APP, timeout_s=0.4)
     assert time.monotonic() - started >= 0.3
@@ -100,7 +90,7 @@ async def test_leased_and_paused_instances_are_not_work_for_a_new_listener(
 async def test_a_waiter_wakes_only_for_the_workflows_its_backend_claims(
     backend: PostgresBackend, other: PostgresBackend
 ) -> None:
-    assert await claims(backend) == []  # from now on it waits for "loan" only
+    assert await claim_all(backend) == []  # from now on it waits for "loan" only
     waiter = asyncio.create_task(_timed_wait(backend, APP, 0.5))
     await _listening(backend, APP)
     started = time.monotonic()
@@ -117,13 +107,13 @@ async def test_a_send_noticed_while_no_one_waits_returns_the_next_wait_at_once(
     backend: PostgresBackend, other: PostgresBackend
 ) -> None:
     await backend.wait_for_work(APP, timeout_s=0.2)  # the listener is up; nobody waits any more
-    assert await claims(backend) == []
+    assert await claim_all(backend) == []
     await send(other, ref(), {})  # notified while the worker would be busy claiming or running turns
     await asyncio.sleep(0.3)
     started = time.monotonic()
     await backend.wait_for_work(APP, timeout_s=10)  # its commit may have come after the claim's snapshot
     assert time.monotonic() - started < 0.1
-    assert len(await claims(backend)) == 1
+    assert len(await claim_all(backend)) == 1
 
 
 async def test_a_send_noticed_before_the_last_claim_does_not_return_the_next_wait(
@@ -132,7 +122,7 @@ async def test_a_send_noticed_before_the_last_claim_does_not_return_the_next_wai
     await backend.wait_for_work(APP, timeout_s=0.2)
     await send(other, ref(), {})
     await asyncio.sleep(0.3)  # noticed by the listener before the claim below starts
-    assert len(await claims(backend)) == 1
+    assert len(await claim_all(backend)) == 1
     started = time.monotonic()
     await backend.wait_for_work(APP, timeout_s=0.5)  # that claim saw it: nothing to look at again
     assert time.monotonic() - started >= 0.4
@@ -370,9 +360,9 @@ async def test_a_repeated_message_id_is_not_appended_twice(backend: PostgresBack
     message = NewMessage(ref(), "m-1", "{}")
     assert await backend.send(message) == "m-1"
     assert await backend.send(message) == "m-1"
-    claimed = await claims(backend, limit=5, lease_s=5)
+    claimed = await claim_all(backend, limit=5, lease_s=5)
     await backend.commit_turn(commit_of(claimed[0], {}))
-    assert await claims(backend, limit=5, lease_s=5) == []
+    assert await claim_all(backend, limit=5, lease_s=5) == []
 
 
 async def test_concurrent_sends_with_one_idempotency_key_append_once(
@@ -385,10 +375,10 @@ async def test_concurrent_sends_with_one_idempotency_key_append_once(
         )
     )
     assert len(set(ids)) == 1
-    claimed = await claims(backend, limit=5, lease_s=5)
+    claimed = await claim_all(backend, limit=5, lease_s=5)
     assert [c.message_id for c in claimed] == ids[:1]
     await backend.commit_turn(commit_of(claimed[0], {}))
-    assert await claims(backend, limit=5, lease_s=5) == []
+    assert await claim_all(backend, limit=5, lease_s=5) == []
 
 
 async def test_a_message_sent_while_a_commit_waits_for_the_row_is_queued_next(

@@ -15,19 +15,8 @@ import pytest
 import keel
 from keel.backends.base import MessageStatus, StepRecord
 from keel.backends.postgres import store as pg_store
-from tests.backends.postgres._support import (
-    APP,
-    backends_opened_together,
-    claim_one,
-    claims,
-    commit_of,
-    db_rows,
-    failure_of,
-    ref,
-    send,
-    snapshot,
-    step_of,
-)
+from tests._engine import APP, claim_all, claim_one, commit_of, failure_of, ref, send, step_of
+from tests.backends.postgres._support import backends_opened_together, db_rows, snapshot
 
 if TYPE_CHECKING:
     from keel.backends.postgres.backend import PostgresBackend
@@ -192,7 +181,7 @@ async def test_skipping_the_last_message_leaves_an_empty_inbox_that_a_send_refil
     dead_id = await send(backend, ref(), {})
     await backend.fail_turn(failure_of(await claim_one(backend)))
     assert await backend.resolve_dead_letter(ref(), skip=True) == dead_id
-    assert await claims(backend, limit=5) == []
+    assert await claim_all(backend, limit=5) == []
     assert await backend.resolve_dead_letter(ref(), skip=True) is None  # no longer paused
     later_id = await send(backend, ref(), {})
     assert (await claim_one(backend)).message_id == later_id

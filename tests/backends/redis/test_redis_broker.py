@@ -28,20 +28,8 @@ from keel.backends.base import (
 from keel.backends.redis import broker as redis_broker
 from keel.backends.redis.store import STORE_SCHEMA_VERSION
 from keel.backends.redis.wake import WAIT_BLOCK_S, block_seconds
-from tests.backends.redis._support import (
-    APP,
-    STORE_LOGGER,
-    claim_one,
-    commit_of,
-    count_commands,
-    micros,
-    ref,
-    reopen,
-    send,
-    server_now,
-    snapshot,
-    step_of,
-)
+from tests._engine import APP, claim_one, commit_of, ref, send, step_of
+from tests.backends.redis._support import STORE_LOGGER, count_commands, micros, reopen, server_now, snapshot
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

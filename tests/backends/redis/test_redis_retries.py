@@ -20,22 +20,8 @@ from keel.backends.redis import migrate
 from keel.backends.redis.keys import RedisKeys
 from keel.backends.redis.migrate import upgrade_layout
 from keel.backends.redis.store import STORE_SCHEMA_VERSION
-from tests.backends.redis._support import (
-    APP,
-    EPOCH,
-    MIGRATE_LOGGER,
-    claim_one,
-    commit_of,
-    failure_of,
-    micros,
-    prefixed_url,
-    ref,
-    reopen,
-    send,
-    server_now,
-    snapshot,
-    step_of,
-)
+from tests._engine import APP, claim_one, commit_of, failure_of, ref, send, step_of
+from tests.backends.redis._support import EPOCH, MIGRATE_LOGGER, micros, prefixed_url, reopen, server_now, snapshot
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

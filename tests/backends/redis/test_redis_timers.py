@@ -13,19 +13,8 @@ import pytest
 import keel
 from keel.backends.base import Pruned
 from keel.backends.redis import cleanup
-from tests.backends.redis._support import (
-    APP,
-    EPOCH,
-    claim_all,
-    commit_of,
-    failure_of,
-    micros,
-    ref,
-    send,
-    server_now_us,
-    snapshot,
-    step_of,
-)
+from tests._engine import APP, claim_all, commit_of, failure_of, ref, send, step_of
+from tests.backends.redis._support import EPOCH, micros, server_now_us, snapshot
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -21,18 +21,8 @@ from keel.backends.base import STATE_HISTORY_LIMIT, InstanceRef, MessageStatus, 
 from keel.backends.sqlite import broker
 from keel.backends.sqlite.backend import SqliteBackend
 from keel.backends.sqlite.database import SCHEMA_VERSION
-from tests.backends.sqlite._support import (
-    APP,
-    claim_one,
-    commit_of,
-    open_sqlite,
-    opened,
-    ref,
-    send,
-    sql,
-    timed_wait,
-    write_file,
-)
+from tests._engine import APP, claim_one, commit_of, opened, ref, send, timed_wait
+from tests.backends.sqlite._support import open_sqlite, sql, write_file
 
 #: What keel's first SQLite schema (version 1, the store alone) created; a file written by that release.
 SCHEMA_V1 = """

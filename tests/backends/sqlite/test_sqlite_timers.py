@@ -15,19 +15,8 @@ from keel.backends import open_backend
 from keel.backends.base import Pruned, StoreOptions
 from keel.backends.sqlite import broker
 from keel.backends.sqlite.database import SCHEMA_VERSION
-from tests.backends.sqlite._support import (
-    APP,
-    claim_one,
-    commit_of,
-    failure_of,
-    opened,
-    ref,
-    send,
-    sql,
-    step_of,
-    timed_wait,
-    write_version_file,
-)
+from tests._engine import APP, claim_one, commit_of, failure_of, opened, ref, send, step_of, timed_wait
+from tests.backends.sqlite._support import sql, write_version_file
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from keel.backends.base import InstanceRef, NewMessage
+from keel.backends.base import Backend, InstanceRef, NewMessage
 from keel.backends.sqlite import broker, wake
-from tests.backends.sqlite._support import APP, open_sqlite, opened, ref, send, timed_wait
+from tests._engine import APP, opened, ref, send, timed_wait
+from tests.backends.sqlite._support import open_sqlite
 
 WAKER = Path(__file__).with_name("waker.py")
 
@@ -24,7 +25,7 @@ def database_of(url: str) -> Path:
     return Path(url.removeprefix("sqlite:///"))
 
 
-async def woken_at(backend: broker.SqliteBroker, timeout_s: float) -> float:
+async def woken_at(backend: Backend, timeout_s: float) -> float:
     """The wall clock when ``wait_for_work`` returned."""
     await backend.wait_for_work(APP, timeout_s=timeout_s)
     return time.time()
