@@ -133,18 +133,6 @@ async def test_concurrent_publishes_of_one_key_append_one_event_and_its_deliveri
     assert db_rows(postgres_url, "SELECT DISTINCT workflow_id FROM keel_instances") == [(ids[0],)]
 
 
-async def test_a_commits_events_with_one_key_append_the_first_only(backend: PostgresBackend, postgres_url: str) -> None:
-    await send(backend, ref(), {})
-    claim = await claim_one(backend)
-    first, second = new_event(key="k"), new_event(key="k")
-    await backend.commit_turn(commit_of(claim, {}, events=(first, second)))
-    assert [row.event_id for row in await backend.events(APP, limit=5)] == [first.event_id]
-    assert [c.instance.workflow_id for c in await claim_deliveries(backend)] == [first.event_id]
-    assert db_rows(postgres_url, "SELECT count(*) FROM keel_instances WHERE workflow_id = %s", second.event_id) == [
-        (0,)
-    ]
-
-
 # --- Commits with sends and events -------------------------------------------------------------------------
 
 
@@ -215,14 +203,6 @@ async def test_a_renewal_and_a_commit_sending_to_a_renewed_instance_do_not_deadl
         assert await asyncio.wait_for(committing, 5) == 1
         renewed = await asyncio.wait_for(renewing, 5)
     assert renewed[1] is True  # a's lease, whichever went first; b's is gone if the commit did
-
-
-async def test_a_commit_may_send_to_its_own_instance(backend: PostgresBackend) -> None:
-    await send(backend, ref(), {})
-    claim = await claim_one(backend)
-    again = new_message(ref())
-    assert await backend.commit_turn(commit_of(claim, {"n": 1}, sends=(again, new_message(ref("0"))))) == 1
-    assert {c.message_id for c in await claim_all(backend)} >= {again.message_id}
 
 
 async def test_a_refused_or_failed_write_leaves_its_connection_clean(

@@ -117,29 +117,6 @@ async def test_a_timer_is_due_by_the_servers_clock_and_stored_durably(
     assert (await claim_one(other)).message_id == message_id
 
 
-async def test_instances_are_claimed_in_the_order_their_next_messages_become_visible(
-    backend: PostgresBackend,
-) -> None:
-    await send(backend, ref("late"), {}, delay_s=0.4)
-    await send(backend, ref("now"), {})
-    await send(backend, ref("soon"), {}, delay_s=0.2)
-    assert [c.instance.workflow_id for c in await claim_all(backend)] == ["now"]
-    await asyncio.sleep(0.5)
-    assert [c.instance.workflow_id for c in await claim_all(backend)] == ["soon", "late"]
-
-
-async def test_a_message_sent_while_paused_waits_behind_the_dead_letter(backend: PostgresBackend) -> None:
-    dead = await send(backend, ref(), {})
-    await backend.fail_turn(failure_of(await claim_one(backend)))
-    later = await send(backend, ref(), {})
-    assert await claim_all(backend) == []
-    assert await backend.resolve_dead_letter(ref(), skip=False) == dead
-    retried = await claim_one(backend)
-    assert retried.message_id == dead
-    await backend.commit_turn(commit_of(retried, {}))
-    assert (await claim_one(backend)).message_id == later
-
-
 async def test_only_visible_work_wakes_a_new_listener(backend: PostgresBackend, postgres_url: str) -> None:
     await send(backend, ref("timer"), {}, delay_s=3600)
     await send(backend, ref("soon"), {}, delay_s=0.2)

@@ -1,6 +1,6 @@
 """Redis-only behaviour of events: the keys of the event log, one script per commit with its outbox, the fenced
 commit that writes nothing, prune's event batches and whole delivery instances, and the schema step from 4 to 5.
-What every engine shares is in tests/conformance/test_events_broker.py."""
+What every engine shares is in tests/conformance/test_events_broker.py and test_events_log.py."""
 
 from __future__ import annotations
 
@@ -86,21 +86,6 @@ async def test_a_fenced_commit_with_an_outbox_changes_no_key(backend: Backend, r
     with pytest.raises(keel.LeaseLostError, match="released"):
         await backend.commit_turn(commit)
     assert await snapshot(raw) == before
-
-
-async def test_an_event_repeated_in_one_commit_sends_its_deliveries_once(backend: Backend) -> None:
-    await send(backend, ref(), {})
-    claim = await claim_one(backend)
-    events = (
-        new_event(("mail",), event_id="e1", key="k"),
-        new_event(("mail", "audit"), event_id="e2", key="k"),  # the key again: skipped, deliveries and all
-        new_event(("mail",), event_id="e1"),  # the id again: skipped
-        new_event(("audit",), event_id="e3"),  # read past the skipped units' arguments, and appended
-    )
-    await backend.commit_turn(commit_of(claim, {}, events=events, sends=(NewMessage(ref("b"), "m-b", "{}"),)))
-    assert [row.event_id for row in await backend.events(APP, limit=10)] == ["e3", "e1"]
-    claimed = await backend.claim(APP, ["loan", "on/mail", "on/audit"], worker="w1", lease_s=5, limit=10)
-    assert sorted(c.message_id for c in claimed) == ["e1-mail", "e3-audit", "m-b"]
 
 
 async def test_prune_deletes_a_finished_delivery_instance_whole(backend: Backend, raw: Redis) -> None:
