@@ -304,3 +304,14 @@ async def test_prune_keeps_the_steps_of_messages_it_keeps_and_only_touches_its_a
     assert await backend.prune(APP, finished_before=soon, keys_before=soon) == Pruned(messages=1, turns=1)
     await backend.release(held)
     assert dict((await claim_one(backend)).steps) == {"charge": json.dumps({"kept": True})}
+
+
+async def test_turn_records_come_newest_first_and_honour_the_limit(backend: Backend) -> None:
+    ids = [await send(backend, ref()) for _ in range(3)]
+    for _ in ids:
+        await backend.commit_turn(commit_of(await claim_one(backend)))
+    turns = await backend.turns(ref(), limit=10)
+    assert [t.message_id for t in turns] == ids[::-1]
+    assert [t.version_written for t in turns] == [3, 2, 1]
+    assert [t.message_id for t in await backend.turns(ref(), limit=2)] == ids[:0:-1]
+    assert await backend.turns(ref("never-seen"), limit=5) == []

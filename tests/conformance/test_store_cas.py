@@ -14,6 +14,8 @@ import keel
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from keel.backends.base import Backend
+
 #: (case, the write, the live version the error reports): "live" is at version 2, "gone" deleted at version 2.
 STALE_WRITES: list[tuple[str, Callable[[keel.Store], Awaitable[object]], int | None]] = [
     ("create over a live key", lambda s: s.put("live", "x", expected_version=None), 2),
@@ -63,3 +65,18 @@ async def test_concurrent_swaps_from_one_version_through_several_stores_have_one
         history = await opened[1].history("k")
     assert sum(wins) == 1
     assert [(h.version, h.value) for h in history] == [(2, wins.index(True)), (1, 0)]
+
+
+async def test_an_engine_delete_returns_its_tombstone_and_a_create_goes_on_from_it(backend: Backend) -> None:
+    engine = backend.store
+    written = await engine.put("k", '"a"', expected_version=None, writer="w1")
+    tombstone = await engine.delete("k", expected_version=written.version, writer="w1")
+    assert (tombstone.key, tombstone.version, tombstone.value_json, tombstone.writer) == ("k", 2, None, "w1")
+    assert await engine.get("k") is None
+    assert [(r.version, r.value_json) for r in await engine.history("k", limit=10)] == [(2, None), (1, '"a"')]
+    assert (await engine.put("k", '"b"', expected_version=None, writer="w1")).version == 3
+
+
+async def test_a_backend_and_its_store_name_one_url(backend: Backend, backend_url: str) -> None:
+    assert backend.url == backend.store.url
+    assert backend.url.split(":", 1)[0] == backend_url.split(":", 1)[0]

@@ -49,6 +49,7 @@ async def test_a_send_to_another_app_does_not_wake_a_waiter(backend: Backend, ot
 async def test_a_send_between_an_empty_claim_and_the_wait_is_not_slept_through(
     backend: Backend, other: Backend
 ) -> None:
+    await timed_wait(backend, 0.2)  # it has waited before: whatever it listens with is up
     assert await claim_all(backend) == []
     await send(other, ref())  # while the worker would be busy between its claim and its wait
     await asyncio.sleep(0.3)
