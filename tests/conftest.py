@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import keel
-from keel.backends import memory
+from keel.backends import forget_memory
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -106,10 +106,10 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def memory_url() -> Iterator[str]:
-    name = f"test-{uuid.uuid4().hex}"
-    yield f"memory://{name}"
-    memory.reset(name)
+async def memory_url() -> AsyncIterator[str]:
+    url = f"memory://test-{uuid.uuid4().hex}"
+    yield url
+    await forget_memory(url)
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@
         assert state.value.step == 1
         await tester.deliver(Decided(loan_id="42", approved=True))  # every handler of Decided has succeeded
 
-The tester uses a private ``memory://`` backend and a real ``keel.worker.Worker`` in the same event loop,
-so turns go through exactly what production runs: validation, steps, timeouts, retries, dead letters.
+The tester uses a private ``memory://`` backend (SQLite in memory: the same engine as the embedded default) and a
+real ``keel.worker.Worker`` in the same event loop, so turns go through exactly what production runs: validation,
+steps, timeouts, retries, dead letters.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from keel.backends import memory, open_backend
+from keel.backends import forget_memory, open_backend
 from keel.backends.base import StoreOptions
 from keel.errors import ConfigurationError
 from keel.worker import Worker, WorkerSettings
@@ -70,7 +71,7 @@ class WorkflowTester:
             await self._client.aclose()
         if self._backend is not None:
             await self._backend.aclose()
-        memory.reset(self._space)
+        await forget_memory(f"memory://{self._space}")
 
     async def run(
         self, workflow: str, workflow_id: str, message: BaseModel | dict[str, Any], *, timeout_s: float = 10.0

@@ -5,14 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from typing import TYPE_CHECKING
 
 import pytest
 from pydantic import BaseModel
 
 import keel
-from keel.backends import memory
-from keel.backends.base import StoreOptions, TurnCommit
+from keel.backends import open_backend
+from keel.backends.base import StoreOptions
 from keel.worker import Worker, WorkerSettings
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from keel.backends.base import Backend, TurnCommit
+
+    Commit = Callable[[TurnCommit], Awaitable[int]]
 
 
 class Msg(BaseModel):
@@ -23,16 +31,34 @@ class State(BaseModel):
     seen: list[int] = []
 
 
-class FlakyCommitBackend(memory.MemoryBackend):
-    """The memory backend, whose first commit fails with an unexpected error (a bug, say)."""
+async def backend_whose_commits(url: str, wrap: Callable[[Commit], Commit]) -> Backend:
+    """A real backend on ``url`` whose ``commit_turn`` goes through ``wrap``: a fault put in the worker's way."""
+    backend = await open_backend(url, StoreOptions())
+    setattr(backend, "commit_turn", wrap(backend.commit_turn))  # noqa: B010 - mypy refuses assigning to a method
+    return backend
 
-    failures = 1
 
-    async def commit_turn(self, commit: TurnCommit, /) -> int:
-        if self.failures:
-            self.failures -= 1
-            raise RuntimeError("an unexpected failure inside the backend")
-        return await super().commit_turn(commit)
+def fail_first(commit: Commit) -> Commit:
+    """The first commit fails with an unexpected error (a bug, say); the rest go through."""
+    failures = [RuntimeError("an unexpected failure inside the backend")]
+
+    async def flaky(turn: TurnCommit) -> int:
+        if failures:
+            raise failures.pop()
+        return await commit(turn)
+
+    return flaky
+
+
+def reply_late(commit: Commit) -> Commit:
+    """Commits are applied, but their answers arrive late."""
+
+    async def slow(turn: TurnCommit) -> int:
+        version = await commit(turn)
+        await asyncio.sleep(0.5)  # the lease is already released; heartbeats run meanwhile
+        return version
+
+    return slow
 
 
 async def test_an_unexpected_failure_is_logged_and_the_turn_runs_again(caplog: pytest.LogCaptureFixture) -> None:
@@ -43,7 +69,7 @@ async def test_an_unexpected_failure_is_logged_and_the_turn_runs_again(caplog: p
     async def record(ctx: keel.TurnContext[State], msg: Msg) -> None:
         ctx.state.seen.append(msg.n)
 
-    backend = FlakyCommitBackend(url, StoreOptions())
+    backend = await backend_whose_commits(url, fail_first)
     stop = asyncio.Event()
     settings = WorkerSettings(lease_s=0.6, idle_poll_s=0.05)
     with caplog.at_level(logging.ERROR, logger="keel"):
@@ -54,7 +80,7 @@ async def test_an_unexpected_failure_is_logged_and_the_turn_runs_again(caplog: p
             state = await client.state("record", "r")
         stop.set()
         await worker
-    memory.reset(url.split("://", 1)[1])
+    await backend.aclose()
     assert state is not None and state.value.seen == [1]
     [failure] = [r for r in caplog.records if "turn runner failed" in r.getMessage()]
     assert failure.exc_info is not None and "unexpected failure" in str(failure.exc_info[1])
@@ -85,15 +111,6 @@ async def test_list_limits_are_checked(memory_url: str) -> None:
                 await client.turns("record", "x", limit=bad)
 
 
-class SlowReplyBackend(memory.MemoryBackend):
-    """The memory backend whose commit replies arrive late: the commit is applied, the answer takes a while."""
-
-    async def commit_turn(self, commit: TurnCommit, /) -> int:
-        version = await super().commit_turn(commit)
-        await asyncio.sleep(0.5)  # the lease is already released; heartbeats run meanwhile
-        return version
-
-
 async def test_a_heartbeat_during_a_slow_commit_reply_is_not_a_lost_lease(caplog: pytest.LogCaptureFixture) -> None:
     url = f"memory://robust-{uuid.uuid4().hex}"
     app = keel.App("robust", backend=url)
@@ -102,7 +119,7 @@ async def test_a_heartbeat_during_a_slow_commit_reply_is_not_a_lost_lease(caplog
     async def record(ctx: keel.TurnContext[State], msg: Msg) -> None:
         ctx.state.seen.append(msg.n)
 
-    backend = SlowReplyBackend(url, StoreOptions())
+    backend = await backend_whose_commits(url, reply_late)
     stop = asyncio.Event()
     settings = WorkerSettings(lease_s=0.3, idle_poll_s=0.05)  # a heartbeat every 0.1 s, during the reply
     with caplog.at_level(logging.INFO, logger="keel"):
@@ -113,6 +130,7 @@ async def test_a_heartbeat_during_a_slow_commit_reply_is_not_a_lost_lease(caplog
             await asyncio.sleep(0.6)
         stop.set()
         await worker
+    await backend.aclose()
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("turn committed") for m in messages), messages
     assert not [m for m in messages if "lease lost" in m or "cancelled" in m], messages

@@ -6,7 +6,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from keel.backends._url import mask_password, scheme_of
-from keel.errors import MissingExtraError, UnknownSchemeError
+from keel.errors import ConfigurationError, MissingExtraError, UnknownSchemeError
 
 if TYPE_CHECKING:
     from keel.backends.base import Backend, StoreEngine, StoreOptions
@@ -18,7 +18,7 @@ _ENGINES: dict[str, tuple[str, str, str | None, str | None]] = {
     "postgres": ("keel.backends.postgres.store", "PostgreSQL", "postgres", "psycopg"),
     "redis": ("keel.backends.redis.store", "Redis", "redis", "redis"),
     "rediss": ("keel.backends.redis.store", "Redis", "redis", "redis"),
-    "memory": ("keel.backends.memory", "memory", None, None),
+    "memory": ("keel.backends.sqlite.memory", "memory", None, None),
 }
 
 #: The schemes a URL may use, as listed in errors.
@@ -49,6 +49,17 @@ async def open_backend(url: str, options: StoreOptions) -> Backend:
     module = _engine_module(url)
     opened: Backend = await module.open_backend(url, options)
     return opened
+
+
+async def forget_memory(url: str) -> None:
+    """Drop the ``memory://`` database ``url`` names with all its data (it otherwise lives as long as the process).
+
+    Raises:
+        ConfigurationError: ``url`` is not a ``memory://`` URL.
+    """
+    if scheme_of(url) != "memory":
+        raise ConfigurationError(f"forget_memory() takes a memory:// URL, not {mask_password(url)!r}")
+    await _engine_module(url).forget(url)
 
 
 def _engine_module(url: str) -> Any:

@@ -9,7 +9,7 @@ from keel.backends.sqlite.store import SqliteStore
 
 if TYPE_CHECKING:
     from keel.backends.base import StoreEngine, StoreOptions
-    from keel.backends.sqlite.database import SqliteDatabase
+    from keel.backends.sqlite.database import Database
 
 
 class SqliteBackend(SqliteBroker):
@@ -19,7 +19,7 @@ class SqliteBackend(SqliteBroker):
     ``store.aclose()``.
     """
 
-    def __init__(self, database: SqliteDatabase, options: StoreOptions) -> None:
+    def __init__(self, database: Database, options: StoreOptions) -> None:
         super().__init__(database)
         self.url = database.url
         # Typed as the protocol says: Backend.store is a mutable attribute, so its type must match exactly.

@@ -78,7 +78,7 @@ if TYPE_CHECKING:
         TurnFailure,
         TurnRecordRow,
     )
-    from keel.backends.sqlite.database import SqliteDatabase
+    from keel.backends.sqlite.database import Database
 
 #: How often an idle worker looks in the file for work no wake-up announced: a delayed message coming due, or a
 #: send whose wake-up was lost (or could not be sent: see ``wake``). Each look is one indexed read on the database
@@ -93,7 +93,7 @@ PRUNE_BATCH = 500
 class SqliteBroker:
     """The broker of one SQLite file, over the connection and thread it shares with the store."""
 
-    def __init__(self, database: SqliteDatabase) -> None:
+    def __init__(self, database: Database) -> None:
         self.database = database
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._doorbell = Doorbell(database.path)

@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from keel.backends._sql import load_queries
 from keel.backends.sqlite.thread import BlockingThread
@@ -60,12 +60,46 @@ BUSY_MAX_PAUSE_S = 0.001
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
-class SqliteDatabase:
-    """A connection to one database file, driven from a dedicated thread."""
+class Database(Protocol):
+    """What the store and the broker need of their connection: a ``SqliteDatabase``, or a handle sharing one."""
 
-    def __init__(self, path: Path, url: str, *, synchronous: str, busy_timeout_s: float) -> None:
+    #: The file (for ``memory://``, a name standing for the in-memory database: it keys wake-ups, nothing is written).
+    path: Path
+    #: The URL it was opened with: safe to log and to put in errors.
+    url: str
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` on the database thread (see ``SqliteDatabase.run``)."""
+        ...
+
+    async def write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        after_commit: Callable[[T], object] | None = None,
+        read_first: Callable[[sqlite3.Connection], T | None] | None = None,
+    ) -> T:
+        """Run ``fn(connection)`` in a write transaction (see ``SqliteDatabase.write``)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the connection. Safe to call twice."""
+        ...
+
+
+class SqliteDatabase:
+    """A connection to one database file (or one in-memory database), driven from a dedicated thread.
+
+    With ``in_memory`` the database lives in this connection alone (``:memory:``): no file, no WAL, no sync; ``path``
+    only names it. It is what ``memory://`` runs on, shared by handles (``keel.backends.sqlite.memory``).
+    """
+
+    def __init__(
+        self, path: Path, url: str, *, synchronous: str, busy_timeout_s: float, in_memory: bool = False
+    ) -> None:
         self.path = path
         self.url = url
+        self.in_memory = in_memory
         self._synchronous = synchronous
         self.busy_timeout_s = busy_timeout_s
         self._thread = BlockingThread(f"keel-sqlite:{path.name}")
@@ -129,6 +163,15 @@ class SqliteDatabase:
         self._closed = True
         await self._thread.call(self._disconnect)
         self._thread.stop()
+
+    def park(self) -> None:
+        """Stop the thread after the calls already submitted, keeping the connection (and its data) for ``unpark``."""
+        self._thread.stop()
+
+    def unpark(self) -> None:
+        """Start a thread again for a parked connection; nothing to do for one that is running."""
+        if not self._thread.alive:
+            self._thread = BlockingThread(f"keel-sqlite:{self.path.name}")
 
     def __del__(self) -> None:
         if not self._closed and self._conn is not None:
@@ -201,7 +244,10 @@ class SqliteDatabase:
     def _connect(self) -> None:
         try:
             conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+                ":memory:" if self.in_memory else self.path,
+                timeout=self.busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
             )
         except sqlite3.Error as exc:
             raise BackendUnavailable(self.url, str(exc), hint=_hint(exc)) from exc
@@ -220,11 +266,13 @@ class SqliteDatabase:
 
     def _configure(self, conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if self.in_memory:
+            return  # one connection, no file: no other process to share a journal with, nothing to sync
         mode = self._switch_to_wal(conn)
         if mode != "wal":
             raise BackendUnavailable(self.url, f"could not switch the database to WAL mode (it stays {mode})")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        conn.execute("PRAGMA foreign_keys = ON")
 
     def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
         """Set WAL mode, waiting out other openers of a new file.

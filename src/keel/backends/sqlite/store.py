@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import sqlite3
 
     from keel.backends.sqlite.backend import SqliteBackend
+    from keel.backends.sqlite.database import Database
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ _KNOWN_OPTIONS = frozenset({"synchronous", "busy_timeout_s"})
 class SqliteStore:
     """A versioned store in one SQLite file, shared by every process on the machine that opens it."""
 
-    def __init__(self, database: SqliteDatabase, options: StoreOptions) -> None:
+    def __init__(self, database: Database, options: StoreOptions) -> None:
         self.url = database.url
         self.database = database
         self._history_limit = options.history_limit

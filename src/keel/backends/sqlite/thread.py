@@ -39,6 +39,11 @@ class BlockingThread:
         self._queue.put((loop, future, fn))
         return await future
 
+    @property
+    def alive(self) -> bool:
+        """True until ``stop`` has ended the thread."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         """Finish the calls already submitted, then end the thread."""
         if self._thread.is_alive():
