@@ -11,6 +11,8 @@ from keel.context import HandlerContext, TurnContext
 from keel.errors import (
     BackendUnavailable,
     ConfigurationError,
+    ErrorCode,
+    InstanceNotFoundError,
     InvalidKeyError,
     KeelError,
     KeyNotFoundError,
@@ -18,6 +20,7 @@ from keel.errors import (
     MessageNotFoundError,
     MissingExtraError,
     NonRetryable,
+    NotFoundError,
     NotPausedError,
     NotSerializableError,
     PayloadError,
@@ -38,6 +41,7 @@ from keel.errors import (
     WaitTimeoutError,
 )
 from keel.events import Event
+from keel.records import DeadLetter, HandlerDelivery, MessageStatus, Target, TurnOutcome, TurnRecord, WorkflowInstance
 from keel.retention import Retention
 from keel.retry import RetryPolicy
 from keel.store import Store, open_store
@@ -49,15 +53,21 @@ __all__ = [
     "BackendUnavailable",
     "Client",
     "ConfigurationError",
+    "DeadLetter",
+    "ErrorCode",
     "Event",
     "HandlerContext",
+    "HandlerDelivery",
+    "InstanceNotFoundError",
     "InvalidKeyError",
     "KeelError",
     "KeyNotFoundError",
     "LeaseLostError",
     "MessageNotFoundError",
+    "MessageStatus",
     "MissingExtraError",
     "NonRetryable",
+    "NotFoundError",
     "NotPausedError",
     "NotSerializableError",
     "PayloadError",
@@ -72,8 +82,11 @@ __all__ = [
     "StepTimeoutError",
     "Store",
     "StoreError",
+    "Target",
     "TurnContext",
     "TurnFailedError",
+    "TurnOutcome",
+    "TurnRecord",
     "TurnTimeoutError",
     "UnknownSchemeError",
     "UnknownWorkflowError",
@@ -81,6 +94,7 @@ __all__ = [
     "UpdateContentionError",
     "Versioned",
     "WaitTimeoutError",
+    "WorkflowInstance",
     "__version__",
     "open_store",
 ]

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
-from keel.backends.base import DELIVERY_PREFIX
 from keel.config import resolve_url
 from keel.context import HandlerContext, TurnContext
 from keel.errors import ConfigurationError, RegistrationError, UnknownWorkflowError
-from keel.events import Event, delivery_workflow, event_type_name
+from keel.events import Event, event_type_name
 from keel.payload import validate_key
+from keel.records import HandlerDelivery, WorkflowInstance, delivery_workflow, handler_of
 from keel.retention import DEFAULT_RETENTION, Retention
 from keel.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from keel.steps import DEFAULT_STEP_TIMEOUT_S
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from keel.client import Client
+    from keel.records import Target
 
 StateT = TypeVar("StateT", bound=BaseModel)
 MessageT = TypeVar("MessageT", bound=BaseModel)
@@ -70,7 +71,7 @@ class HandlerSpec:
 
     @property
     def workflow(self) -> str:
-        """The pseudo-workflow whose instances are this handler's deliveries: ``on/NAME``."""
+        """The pseudo-workflow the engines store this handler's deliveries under: ``on/NAME``."""
         return delivery_workflow(self.name)
 
 
@@ -111,11 +112,30 @@ class App:
         self._handlers: dict[str, HandlerSpec] = {}
         self._event_types: dict[str, type[Event]] = {}
         self._frozen = False
+        self._testing_url: str | None = None
 
     @property
     def backend_url(self) -> str:
-        """The backend URL this app uses: the argument, else ``KEEL_URL``, else ``sqlite:///keel.db``."""
-        return resolve_url(self._backend)
+        """The backend URL this app uses: the argument, else ``KEEL_URL``, else ``sqlite:///keel.db``.
+
+        Inside ``async with keel.testing.WorkflowTester(app)``, the tester's private backend instead.
+        """
+        return self._testing_url or resolve_url(self._backend)
+
+    def use_testing_backend(self, url: str | None) -> None:
+        """Point ``backend_url`` (so ``app.client()`` too) at a test's private backend, or back with None.
+
+        ``keel.testing.WorkflowTester`` calls it, so that code under test that opens ``app.client()`` sends to
+        the tester's backend rather than to a real ``./keel.db``.
+
+        Raises:
+            ConfigurationError: Another tester already has the app.
+        """
+        if url is not None and self._testing_url is not None:
+            raise ConfigurationError(
+                f"app {self.name!r} is already under test by another WorkflowTester: nest none, one at a time"
+            )
+        self._testing_url = url
 
     @property
     def workflows(self) -> dict[str, WorkflowSpec]:
@@ -143,9 +163,11 @@ class App:
 
     def workflow(
         self,
+        _fn: None = None,
+        /,
         *,
-        state: type[StateT],
-        message: type[MessageT],
+        state: type[StateT] | None = None,
+        message: type[MessageT] | None = None,
         name: str | None = None,
         retry: RetryPolicy | None = None,
         timeout_s: float | None = None,
@@ -168,9 +190,16 @@ class App:
                 that does (or a ``state`` instance). Without it such an instance is paused with the error.
 
         Raises:
-            RegistrationError: The app has started, the name is taken, the models are not pydantic models, or
-                the function is not async, takes other parameters, or is annotated with other types.
+            RegistrationError: The app has started, the name is taken, the models are missing or not pydantic
+                models (``@app.workflow`` without its parentheses), or the function is not async, takes other
+                parameters, or is annotated with other types.
         """
+        if _fn is not None or state is None or message is None:
+            named = f" {getattr(_fn, '__name__', '')!r}" if _fn is not None else ""
+            raise RegistrationError(
+                f"workflow{named} needs its models: write @app.workflow(state=StateModel, message=MessageModel), "
+                "with the parentheses"
+            )
         _require_model(state, "state")
         _require_model(message, "message")
 
@@ -230,7 +259,8 @@ class App:
                 parameters, or is annotated with other types.
         """
         if not (isinstance(event_type, type) and issubclass(event_type, Event)):
-            raise RegistrationError(f"@app.on() takes a keel.Event subclass, not {event_type!r}")
+            hint = " (write @app.on(EventType), with the event type)" if callable(event_type) else ""
+            raise RegistrationError(f"@app.on() takes a keel.Event subclass, not {event_type!r}{hint}")
 
         def register(
             fn: Callable[[EventT, HandlerContext], Awaitable[None]],
@@ -275,29 +305,35 @@ class App:
         return found
 
     def handler(self, name: str) -> HandlerSpec:
-        """Return the registered handler named ``name``, or ``on/NAME`` (its deliveries' pseudo-workflow).
+        """Return the registered handler named ``name`` (``on/NAME``, its deliveries' stored name, works too).
 
         Raises:
             UnknownWorkflowError: No such handler; the error lists the registered ones.
         """
-        found = self._handlers.get(name.removeprefix(DELIVERY_PREFIX))
+        found = self._handlers.get(handler_of(name) or name)
         if found is None:
-            raise UnknownWorkflowError(self.name, name, sorted(map(delivery_workflow, self._handlers)))
+            raise UnknownWorkflowError(self.name, name, sorted(self._handlers), kind="handler")
         return found
 
-    def job(self, workflow: str) -> WorkflowSpec | HandlerSpec:
-        """Return what runs the messages of ``workflow``: a workflow, or a handler for ``on/NAME``.
+    def job(self, target: Target | str) -> WorkflowSpec | HandlerSpec:
+        """Return what runs ``target``: the workflow of a ``WorkflowInstance``, the handler of a ``HandlerDelivery``.
+
+        Args:
+            target: What a claim runs; or a stored workflow name, where ``on/NAME`` names handler NAME's deliveries.
 
         Raises:
-            UnknownWorkflowError: Neither is registered; the error lists both.
+            UnknownWorkflowError: Nothing of that name is registered; the error lists what is (for a stored
+                name, workflows and ``on/NAME`` of every handler).
         """
-        if workflow.startswith(DELIVERY_PREFIX):
-            found: WorkflowSpec | HandlerSpec | None = self._handlers.get(workflow.removeprefix(DELIVERY_PREFIX))
-        else:
-            found = self._workflows.get(workflow)
+        if isinstance(target, WorkflowInstance):
+            return self.spec(target.workflow)
+        if isinstance(target, HandlerDelivery):
+            return self.handler(target.handler)
+        handler = handler_of(target)
+        found = self._workflows.get(target) if handler is None else self._handlers.get(handler)
         if found is None:
             registered = sorted([*self._workflows, *map(delivery_workflow, self._handlers)])
-            raise UnknownWorkflowError(self.name, workflow, registered)
+            raise UnknownWorkflowError(self.name, target, registered)
         return found
 
     def spec(self, workflow: str) -> WorkflowSpec:

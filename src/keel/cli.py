@@ -1,7 +1,8 @@
 """The ``keel`` command: parses options and calls library functions, nothing more.
 
-Exit codes are named constants: 0 when all went well, 2 for bad options (click's own), and one code
-per way a command can fail.
+Exit codes are named constants: 0 when all went well, 2 for bad options (click's own) and for input the
+library refuses, and one code per way a command can fail. ``EXIT_STATUS`` maps each ``keel.ErrorCode`` to
+one of them: the one table that decides how an error ends a command.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from rich.console import Console
 
 from keel.app import load_app
 from keel.commands import (
-    InstanceNotFoundError,
     list_dead_letters,
     list_events,
     publish_event,
@@ -25,30 +25,31 @@ from keel.commands import (
     trace,
 )
 from keel.demo import DemoError, DemoSettings, Verdict, run_demo
-from keel.errors import (
-    BackendUnavailable,
-    ConfigurationError,
-    InvalidKeyError,
-    MessageNotFoundError,
-    NotPausedError,
-    PayloadError,
-    TurnFailedError,
-    UnknownWorkflowError,
-    WaitTimeoutError,
-)
+from keel.errors import BackendUnavailable, ConfigurationError, ErrorCode, InvalidKeyError, KeelError
 from keel.observe import configure_logging
+from keel.records import HandlerDelivery, parse_target
 from keel.version import __version__
-from keel.worker import DEFAULT_CONCURRENCY, DEFAULT_GRACE_S, DEFAULT_LEASE_S, WorkerSettings, serve
+from keel.worker import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_GRACE_S,
+    DEFAULT_LEASE_S,
+    WorkerSettings,
+    refuse_unshareable,
+    serve,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
     from keel.app import App
+    from keel.records import Target
 
 #: Everything went as promised.
 RET_OK = 0
 #: keel lost an update: the one thing it exists to prevent.
 RET_LOST_UPDATES = 1
+#: Bad options (click's own code), or input the library refused: a bad URL, id or payload, an unknown name.
+RET_USAGE = 2
 #: A naive way lost nothing: the demo failed to reproduce the race, so it would be lying.
 RET_NAIVE_LOST_NOTHING = 3
 #: The command could not run to the end: backend unreachable, a process died, keys in use.
@@ -62,11 +63,67 @@ _DEMO_EXIT = {
     Verdict.naive_lost_nothing: RET_NAIVE_LOST_NOTHING,
 }
 
+#: How each error ends a command: what the user gave is wrong (RET_USAGE), or the command could not run to the
+#: end (RET_FAILED). Every ``ErrorCode`` is here; a test checks it.
+EXIT_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.error: RET_FAILED,
+    ErrorCode.configuration: RET_USAGE,
+    ErrorCode.unknown_scheme: RET_USAGE,
+    ErrorCode.missing_extra: RET_USAGE,
+    ErrorCode.unsafe_location: RET_USAGE,
+    ErrorCode.backend_unavailable: RET_FAILED,
+    ErrorCode.invalid_key: RET_USAGE,
+    ErrorCode.payload: RET_USAGE,
+    ErrorCode.not_serializable: RET_USAGE,
+    ErrorCode.payload_too_large: RET_USAGE,
+    ErrorCode.payload_validation: RET_USAGE,
+    ErrorCode.store: RET_FAILED,
+    ErrorCode.stale_write: RET_FAILED,
+    ErrorCode.key_not_found: RET_USAGE,
+    ErrorCode.contention: RET_FAILED,
+    ErrorCode.lease_lost: RET_FAILED,
+    ErrorCode.registration: RET_USAGE,
+    ErrorCode.not_found: RET_USAGE,
+    ErrorCode.unknown_workflow: RET_USAGE,
+    ErrorCode.message_not_found: RET_USAGE,
+    ErrorCode.instance_not_found: RET_USAGE,
+    ErrorCode.not_paused: RET_USAGE,
+    ErrorCode.turn_failed: RET_FAILED,
+    ErrorCode.wait_timeout: RET_FAILED,
+    ErrorCode.turn_timeout: RET_FAILED,
+    ErrorCode.step_timeout: RET_FAILED,
+    ErrorCode.non_retryable: RET_FAILED,
+    ErrorCode.step_misuse: RET_FAILED,
+    ErrorCode.retry_after: RET_FAILED,
+    ErrorCode.demo_failed: RET_FAILED,
+}
+
 
 class CommandFailed(click.ClickException):
-    """A failure the user can act on: shown as ``Error: message``, without a traceback."""
+    """A failure the user can act on: shown as ``Error: message``, without a traceback or a usage banner."""
 
     exit_code = RET_FAILED
+
+
+class InputRefused(CommandFailed):
+    """Input the library refused (an unknown name, a bad id or payload): ``Error: message``, exit status 2.
+
+    No usage banner: the options parsed, and the message says what is wrong with their values.
+    """
+
+    exit_code = RET_USAGE
+
+
+_RAISED_AS: dict[int, type[CommandFailed]] = {RET_USAGE: InputRefused, RET_FAILED: CommandFailed}
+
+
+def exit_status(error: KeelError) -> int:
+    """Return the exit status a command that failed with ``error`` ends with (``EXIT_STATUS``)."""
+    return EXIT_STATUS[error.code]
+
+
+def _failed(error: KeelError) -> CommandFailed:
+    return _RAISED_AS[exit_status(error)](str(error))
 
 
 @click.group()
@@ -111,7 +168,7 @@ def demo(url: str | None, processes: int, updates: int, key: str | None) -> None
     except InvalidKeyError as exc:
         raise click.BadParameter(str(exc), param_hint="'--key'") from None
     except (BackendUnavailable, DemoError) as exc:
-        raise CommandFailed(str(exc)) from None
+        raise _failed(exc) from None
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         raise SystemExit(RET_INTERRUPTED) from None
@@ -129,6 +186,46 @@ def _load(app_path: str) -> App:
         return load_app(app_path)
     except ConfigurationError as exc:
         raise click.BadParameter(str(exc), param_hint="'MODULE:APP'") from None
+
+
+def _shared_url(app: App, url: str | None, command: str) -> str:
+    """Return the URL a command that exits uses, refusing ``memory://``: what it wrote would vanish with it."""
+    resolved = url or app.backend_url
+    try:
+        refuse_unshareable(resolved, user=f"`keel {command}`")
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--url' (or KEEL_URL)") from None
+    return resolved
+
+
+def _handler_option(fn: Any) -> Any:
+    return click.option(
+        "--handler",
+        metavar="NAME",
+        help="Name a handler's delivery of an event: --handler NAME EVENT_ID, instead of WORKFLOW WORKFLOW_ID.",
+    )(fn)
+
+
+def _target(names: tuple[str, ...], handler: str | None) -> Target:
+    """Read ``WORKFLOW WORKFLOW_ID``, or ``--handler NAME EVENT_ID``, into what a claim runs."""
+    if handler is not None:
+        if len(names) != 1:
+            raise click.UsageError(f"--handler {handler} takes one EVENT_ID, not {len(names)} argument(s)")
+        return HandlerDelivery(handler, names[0])
+    if len(names) != 2:
+        raise click.UsageError(
+            f"name an instance as WORKFLOW WORKFLOW_ID, or a delivery as --handler NAME EVENT_ID; got {len(names)} "
+            "argument(s)"
+        )
+    target = parse_target(*names)
+    if isinstance(target, HandlerDelivery):
+        # Kept working: dead letters printed this form before --handler existed.
+        click.echo(
+            f"note: {names[0]} {names[1]} is deprecated; name a delivery as --handler {target.handler} "
+            f"{target.event_id}",
+            err=True,
+        )
+    return target
 
 
 @main.command()
@@ -196,7 +293,7 @@ def worker(
     except ConfigurationError as exc:
         raise click.BadParameter(str(exc), param_hint="'--url'") from None
     except BackendUnavailable as exc:
-        raise CommandFailed(str(exc)) from None
+        raise _failed(exc) from None
 
 
 @main.command()
@@ -236,6 +333,7 @@ def send(
         payload = json.loads(message)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="'JSON'") from None
+    url = _shared_url(app, url, "send")
     sending = send_message(app, url, workflow, workflow_id, payload, idempotency_key, wait_s, delay_s=delay_s)
     result = _run(sending)
     click.echo(result)
@@ -263,6 +361,7 @@ def publish(
         document = json.loads(payload)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="'JSON'") from None
+    url = _shared_url(app, url, "publish")
     click.echo(_run(publish_event(app, url, event_type, document, idempotency_key, wait_s)))
 
 
@@ -274,7 +373,7 @@ def publish(
 def state(app_path: str, workflow: str, workflow_id: str, url: str | None) -> None:
     """Print the committed state of instance WORKFLOW_ID of WORKFLOW, with its version, as JSON."""
     app = _load(app_path)
-    click.echo(_run(read_state(app, url, workflow, workflow_id)))
+    click.echo(_run(read_state(app, _shared_url(app, url, "state"), workflow, workflow_id)))
 
 
 @main.command()
@@ -282,40 +381,53 @@ def state(app_path: str, workflow: str, workflow_id: str, url: str | None) -> No
 @_url_option
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 def dead(app_path: str, url: str | None, limit: int) -> None:
-    """List MODULE:APP's dead letters, newest first, with their errors."""
-    click.echo(_run(list_dead_letters(_load(app_path), url, limit)))
+    """List MODULE:APP's dead letters, newest first, with their errors and the command that retries each."""
+    app = _load(app_path)
+    _shared_url(app, url, "dead")
+    click.echo(_run(list_dead_letters(app, url, limit, app_path=app_path)))
+
+
+_TARGET = "WORKFLOW WORKFLOW_ID | --handler NAME EVENT_ID"
 
 
 @main.command()
 @click.argument("app_path", metavar="MODULE:APP")
-@click.argument("workflow")
-@click.argument("workflow_id")
+@click.argument("names", nargs=-1, metavar=_TARGET)
+@_handler_option
 @_url_option
-def retry(app_path: str, workflow: str, workflow_id: str, url: str | None) -> None:
-    """Run the dead message of a paused instance again, before the messages that wait behind it."""
-    click.echo(_run(resolve_dead_letter(_load(app_path), url, workflow, workflow_id, skip=False)))
+def retry(app_path: str, names: tuple[str, ...], handler: str | None, url: str | None) -> None:
+    """Run the dead message of a paused instance (or a handler's dead delivery) again, before those behind it."""
+    app = _load(app_path)
+    target = _target(names, handler)
+    click.echo(_run(resolve_dead_letter(app, _shared_url(app, url, "retry"), target, skip=False)))
 
 
 @main.command()
 @click.argument("app_path", metavar="MODULE:APP")
-@click.argument("workflow")
-@click.argument("workflow_id")
+@click.argument("names", nargs=-1, metavar=_TARGET)
+@_handler_option
 @_url_option
-def skip(app_path: str, workflow: str, workflow_id: str, url: str | None) -> None:
-    """Drop the dead message of a paused instance (recorded as skipped) and let the instance go on."""
-    click.echo(_run(resolve_dead_letter(_load(app_path), url, workflow, workflow_id, skip=True)))
+def skip(app_path: str, names: tuple[str, ...], handler: str | None, url: str | None) -> None:
+    """Drop the dead message of a paused instance (or a handler's dead delivery), recorded as skipped."""
+    app = _load(app_path)
+    target = _target(names, handler)
+    click.echo(_run(resolve_dead_letter(app, _shared_url(app, url, "skip"), target, skip=True)))
 
 
 @main.command("trace")
 @click.argument("app_path", metavar="MODULE:APP")
-@click.argument("workflow")
-@click.argument("workflow_id")
+@click.argument("names", nargs=-1, metavar=_TARGET)
+@_handler_option
 @_url_option
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="The last N turns.")
 @click.option("--json", "as_json", is_flag=True, help="Print the turn records as JSON.")
-def trace_command(app_path: str, workflow: str, workflow_id: str, url: str | None, limit: int, as_json: bool) -> None:
-    """Rebuild the timeline of instance WORKFLOW_ID of WORKFLOW: every turn, who ran it, how it ended."""
-    click.echo(_run(trace(_load(app_path), url, workflow, workflow_id, limit, as_json=as_json)))
+def trace_command(
+    app_path: str, names: tuple[str, ...], handler: str | None, url: str | None, limit: int, as_json: bool
+) -> None:
+    """Rebuild the timeline of an instance, or of a handler's delivery of an event: each turn and how it ended."""
+    app = _load(app_path)
+    target = _target(names, handler)
+    click.echo(_run(trace(app, _shared_url(app, url, "trace"), target, limit, as_json=as_json)))
 
 
 @main.command("events")
@@ -325,24 +437,15 @@ def trace_command(app_path: str, workflow: str, workflow_id: str, url: str | Non
 @click.option("--json", "as_json", is_flag=True, help="Print the events as JSON.")
 def events_command(app_path: str, url: str | None, limit: int, as_json: bool) -> None:
     """List MODULE:APP's recent events, newest first, with each handler's delivery status."""
-    click.echo(_run(list_events(_load(app_path), url, limit, as_json=as_json)))
+    app = _load(app_path)
+    click.echo(_run(list_events(app, _shared_url(app, url, "events"), limit, as_json=as_json)))
 
 
 def _run(coroutine: Coroutine[Any, Any, str]) -> str:
     try:
         return asyncio.run(coroutine)
-    except (
-        UnknownWorkflowError,
-        InstanceNotFoundError,
-        MessageNotFoundError,
-        NotPausedError,
-        PayloadError,
-        InvalidKeyError,
-        ConfigurationError,
-    ) as exc:
-        raise click.UsageError(str(exc)) from None
-    except (BackendUnavailable, TurnFailedError, WaitTimeoutError) as exc:
-        raise CommandFailed(str(exc)) from None
+    except KeelError as exc:
+        raise _failed(exc) from None
 
 
 if __name__ == "__main__":

@@ -8,11 +8,20 @@ import uuid
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from keel.backends import open_backend
-from keel.backends.base import InstanceRef, MessageStatus, StoreOptions
+from keel.backends.base import InstanceRef, StoreOptions
 from keel.errors import ConfigurationError, MessageNotFoundError, NotPausedError, TurnFailedError, WaitTimeoutError
 from keel.events import Delivery, EventInfo, delivery_message_id
 from keel.outbox import build_message, build_published_event
 from keel.payload import DEFAULT_MAX_VALUE_BYTES, decode, validate_key
+from keel.records import (
+    DeadLetter,
+    HandlerDelivery,
+    MessageStatus,
+    TurnOutcome,
+    TurnRecord,
+    WorkflowInstance,
+    parse_target,
+)
 from keel.types import Versioned
 
 if TYPE_CHECKING:
@@ -21,8 +30,10 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from keel.app import App
-    from keel.backends.base import Backend, DeadLetter, EventRow, MessageInfo, TurnRecordRow
+    from keel.backends.base import Backend, EventRow, MessageInfo, TurnRecordRow
+    from keel.backends.base import DeadLetter as DeadLetterRow
     from keel.events import Event
+    from keel.records import Target
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +192,8 @@ class Client:
                 _raise_if_dead(info, f"handler {handler} on event {event_id}")
             return True if all(info.status is MessageStatus.done for _, info in infos) else None
 
-        await _poll(all_done, timeout_s, lambda: WaitTimeoutError(f"event {event_id}", event_id, timeout_s))
+        url = backend.url
+        await _poll(all_done, timeout_s, lambda: WaitTimeoutError(f"event {event_id}", event_id, timeout_s, url=url))
 
     async def _event_info(self, backend: Backend, row: EventRow) -> EventInfo:
         deliveries = []
@@ -195,7 +207,7 @@ class Client:
             row.type,
             decode(row.payload_json),
             row.published_at,
-            row.source,
+            None if row.source is None else parse_target(row.source.workflow, row.source.workflow_id),
             row.source_message_id,
             row.idempotency_key,
             tuple(deliveries),
@@ -226,9 +238,11 @@ class Client:
             The state version that turn committed.
 
         Raises:
-            MessageNotFoundError: No such message was sent to this instance.
+            MessageNotFoundError: No such message was sent to this instance (the error says so when it was sent
+                to another one).
             TurnFailedError: The turn failed for good (its traceback in the error), or was skipped after that.
-            WaitTimeoutError: Not committed within ``timeout_s``; the message stays queued.
+            WaitTimeoutError: Not committed within ``timeout_s``; the message stays queued. The error names the
+                backend's URL (a SQLite file as an absolute path), so a client on another file than the worker's shows.
             BackendUnavailable: The backend cannot be reached.
         """
         self.app.spec(workflow)
@@ -237,29 +251,40 @@ class Client:
 
         async def committed() -> int | None:
             info = await self._open().message(self.app.name, message_id)
-            if info is None or info.instance != ref:
+            if info is None:
                 raise MessageNotFoundError(self.app.name, message_id)
+            if info.instance != ref:
+                sent_to = str(parse_target(info.instance.workflow, info.instance.workflow_id))
+                raise MessageNotFoundError(self.app.name, message_id, expected=where, sent_to=sent_to)
             _raise_if_dead(info, where)
             return info.state_version if info.status is MessageStatus.done else None
 
-        return await _poll(committed, timeout_s, lambda: WaitTimeoutError(where, message_id, timeout_s))
+        url = self._open().url
+        return await _poll(committed, timeout_s, lambda: WaitTimeoutError(where, message_id, timeout_s, url=url))
 
-    async def turns(self, workflow: str, workflow_id: str, *, limit: int = 100) -> list[TurnRecordRow]:
-        """Return the instance's last ``limit`` turn records, oldest first.
+    async def turns(
+        self, workflow: str | Target, workflow_id: str | None = None, *, limit: int = 100
+    ) -> list[TurnRecord]:
+        """Return the last ``limit`` turn records of an instance (or of a handler's delivery), oldest first.
 
         Each says who ran the attempt, under which fencing token, from which state version to which, how long
-        it took and how it ended (committed, retry, failed), with the error of a failed one. A handler's
-        delivery of an event has its records too: ``turns("on/HANDLER", EVENT_ID)``.
+        it took and how it ended (``keel.TurnOutcome``), with the error of a failed one.
+
+        Args:
+            workflow: A workflow's name, with ``workflow_id``; or, alone, what to read: a ``keel.WorkflowInstance``,
+                or a ``keel.HandlerDelivery(handler, event_id)`` for a handler's delivery of an event.
+            workflow_id: The instance's id, with a workflow name.
+            limit: How many records, at most.
 
         Raises:
-            UnknownWorkflowError: No such workflow.
-            ConfigurationError: ``limit`` is not a positive integer.
+            UnknownWorkflowError: No such workflow or handler.
+            ConfigurationError: ``limit`` is not a positive integer, or the target is given wrongly.
             BackendUnavailable: The backend cannot be reached.
         """
-        self.app.job(workflow)
+        target = self._target(workflow, workflow_id)
         _check_limit(limit)
-        ref = InstanceRef(self.app.name, workflow, validate_key(workflow_id, what="workflow_id"))
-        return list(reversed(await self._open().turns(ref, limit=limit)))
+        rows = await self._open().turns(self._ref(target), limit=limit)
+        return [_turn_record(target, row) for row in reversed(rows)]
 
     async def delete(self, workflow: str, workflow_id: str) -> bool:
         """Delete an instance and everything it owns: state, history, messages (queued ones too), records.
@@ -289,59 +314,88 @@ class Client:
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
         """Return the app's dead-lettered messages, newest first, each with its error, attempts and time.
 
+        ``letter.instance`` says what failed, and is what ``retry()`` and ``skip()`` take: a
+        ``keel.WorkflowInstance``, or a ``keel.HandlerDelivery`` for a handler's delivery of an event.
+
         Raises:
             ConfigurationError: ``limit`` is not a positive integer.
             BackendUnavailable: The backend cannot be reached.
         """
         _check_limit(limit)
-        return await self._open().dead_letters(self.app.name, limit=limit)
+        return [_dead_letter(row) for row in await self._open().dead_letters(self.app.name, limit=limit)]
 
-    async def retry(self, workflow: str, workflow_id: str) -> str:
+    async def retry(self, workflow: str | Target, workflow_id: str | None = None) -> str:
         """Run the dead message of a paused instance again (attempts start afresh) and un-pause the instance.
 
-        A dead-lettered handler delivery is retried the same way: ``retry("on/HANDLER", EVENT_ID)``, as
-        ``dead_letters()`` lists it.
+        Args:
+            workflow: A workflow's name, with ``workflow_id``; or, alone, what to retry: a dead letter's
+                ``instance``, e.g. ``keel.HandlerDelivery("notify", event_id)`` for a handler's delivery.
+            workflow_id: The instance's id, with a workflow name.
 
         Returns:
             The message id, for ``wait()``.
 
         Raises:
-            UnknownWorkflowError: No such workflow.
-            NotPausedError: No dead letter pauses the instance.
+            UnknownWorkflowError: No such workflow or handler.
+            NotPausedError: No dead letter pauses the instance (or the delivery).
+            ConfigurationError: The target is given wrongly.
             BackendUnavailable: The backend cannot be reached.
         """
-        return await self._resolve(workflow, workflow_id, skip=False)
+        return await self._resolve(self._target(workflow, workflow_id), skip=False)
 
-    async def skip(self, workflow: str, workflow_id: str) -> str:
+    async def skip(self, workflow: str | Target, workflow_id: str | None = None) -> str:
         """Drop the dead message of a paused instance (recorded as skipped) and let the instance go on.
 
-        ``skip("on/HANDLER", EVENT_ID)`` drops a dead-lettered handler delivery.
+        Args:
+            workflow: A workflow's name, with ``workflow_id``; or, alone, what to skip: a dead letter's
+                ``instance``, e.g. ``keel.HandlerDelivery("notify", event_id)`` for a handler's delivery.
+            workflow_id: The instance's id, with a workflow name.
 
         Returns:
             The skipped message's id.
 
         Raises:
-            UnknownWorkflowError: No such workflow.
-            NotPausedError: No dead letter pauses the instance.
+            UnknownWorkflowError: No such workflow or handler.
+            NotPausedError: No dead letter pauses the instance (or the delivery).
+            ConfigurationError: The target is given wrongly.
             BackendUnavailable: The backend cannot be reached.
         """
-        return await self._resolve(workflow, workflow_id, skip=True)
+        return await self._resolve(self._target(workflow, workflow_id), skip=True)
 
-    async def _resolve(self, workflow: str, workflow_id: str, *, skip: bool) -> str:
-        self.app.job(workflow)
-        ref = InstanceRef(self.app.name, workflow, validate_key(workflow_id, what="workflow_id"))
-        message_id = await self._open().resolve_dead_letter(ref, skip=skip)
+    async def _resolve(self, target: Target, *, skip: bool) -> str:
+        message_id = await self._open().resolve_dead_letter(self._ref(target), skip=skip)
         if message_id is None:
-            raise NotPausedError(f"{workflow}/{workflow_id}")
+            raise NotPausedError(str(target))
         logger.info(
-            "dead letter %s of %s/%s %s",
+            "dead letter %s of %s %s",
             message_id,
-            workflow,
-            workflow_id,
+            target,
             "skipped" if skip else "sent to run again",
-            extra={"workflow": workflow, "workflow_id": workflow_id, "message_id": message_id},
+            extra={"workflow": target.workflow, "workflow_id": target.workflow_id, "message_id": message_id},
         )
         return message_id
+
+    def _target(self, workflow: str | Target, workflow_id: str | None) -> Target:
+        """Resolve a (workflow, workflow_id) pair or a typed target into a registered, checked target."""
+        if isinstance(workflow, WorkflowInstance | HandlerDelivery):
+            if workflow_id is not None:
+                raise ConfigurationError(f"pass {workflow!r} alone, without a workflow_id (got {workflow_id!r})")
+            self.app.job(workflow)
+            validate_key(
+                workflow.workflow_id, what="event_id" if isinstance(workflow, HandlerDelivery) else "workflow_id"
+            )
+            return workflow
+        if not isinstance(workflow, str) or workflow_id is None:
+            raise ConfigurationError(
+                "name the instance as (workflow, workflow_id), or pass a keel.WorkflowInstance or "
+                f"keel.HandlerDelivery alone; got {workflow!r}, {workflow_id!r}"
+            )
+        # A stored name: ``on/NAME`` still names handler NAME's deliveries, as dead letters listed them before.
+        self.app.job(workflow)
+        return parse_target(workflow, validate_key(workflow_id, what="workflow_id"))
+
+    def _ref(self, target: Target) -> InstanceRef:
+        return InstanceRef(self.app.name, target.workflow, target.workflow_id)
 
     def _open(self) -> Backend:
         if self._backend is None:
@@ -374,6 +428,33 @@ def _raise_if_dead(info: MessageInfo, where: str) -> None:
     if info.status is MessageStatus.skipped:
         error = (info.error or "").rstrip() + "\nthe dead letter was skipped (keel skip): it will never run"
         raise TurnFailedError(where, info.message_id, error.lstrip())
+
+
+def _turn_record(target: Target, row: TurnRecordRow) -> TurnRecord:
+    stateless = isinstance(target, HandlerDelivery)
+    return TurnRecord(
+        instance=target,
+        message_id=row.message_id,
+        worker=row.worker,
+        attempt=row.attempt,
+        fencing_token=row.fencing_token,
+        version_read=None if stateless else row.version_read,
+        version_written=None if stateless else row.version_written,
+        started_at=row.started_at,
+        duration_s=row.duration_s,
+        outcome=TurnOutcome(row.outcome),
+        error=row.error,
+    )
+
+
+def _dead_letter(row: DeadLetterRow) -> DeadLetter:
+    return DeadLetter(
+        instance=parse_target(row.instance.workflow, row.instance.workflow_id),
+        message_id=row.message_id,
+        error=row.error,
+        attempts=row.attempts,
+        failed_at=row.failed_at,
+    )
 
 
 def _check_limit(limit: object) -> None:

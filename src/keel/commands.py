@@ -8,26 +8,15 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from keel.backends.base import is_delivery
-from keel.errors import KeelError
+from keel.backends._url import mask_password
+from keel.errors import InstanceNotFoundError
 from keel.payload import coerce
+from keel.records import HandlerDelivery, WorkflowInstance
 
 if TYPE_CHECKING:
     from keel.app import App
-    from keel.backends.base import DeadLetter, TurnRecordRow
     from keel.events import EventInfo
-
-
-class InstanceNotFoundError(KeelError, LookupError):
-    """Raised when a workflow instance has no committed state yet."""
-
-    def __init__(self, workflow: str, workflow_id: str) -> None:
-        self.workflow = workflow
-        self.workflow_id = workflow_id
-        super().__init__(
-            f"instance {workflow_id!r} of workflow {workflow!r} has no committed state: no turn of it has "
-            "committed yet (was a message sent, and is a worker running on this backend?)"
-        )
+    from keel.records import DeadLetter, Target, TurnRecord
 
 
 async def send_message(
@@ -93,64 +82,101 @@ async def _state_text(client: Any, workflow: str, workflow_id: str) -> str:
     return json.dumps(document, indent=2, ensure_ascii=False)
 
 
-async def list_dead_letters(app: App, url: str | None, limit: int) -> str:
-    """Return the app's dead letters, newest first, one block each, with the last line of their error."""
+async def list_dead_letters(app: App, url: str | None, limit: int, *, app_path: str = "MODULE:APP") -> str:
+    """Return the app's dead letters, newest first, one block each, with the last line of their error.
+
+    Args:
+        app: The app.
+        url: The backend URL, or None for the app's.
+        limit: How many dead letters, at most.
+        app_path: How the command line named the app, for the ``keel retry`` command each block shows.
+    """
     async with app.client(url=url) as client:
         letters = await client.dead_letters(limit=limit)
     if not letters:
         return "no dead letters"
-    return "\n\n".join(_dead_letter_block(letter) for letter in letters)
+    return "\n\n".join(_dead_letter_block(letter, app_path, url) for letter in letters)
 
 
-def _dead_letter_block(letter: DeadLetter) -> str:
-    workflow, workflow_id = letter.instance.workflow, letter.instance.workflow_id
+def command_args(target: Target) -> str:
+    """Return how the command line names ``target``: ``WORKFLOW WORKFLOW_ID``, or ``--handler NAME EVENT_ID``."""
+    if isinstance(target, HandlerDelivery):
+        return f"--handler {target.handler} {target.event_id}"
+    return f"{target.workflow} {target.workflow_id}"
+
+
+def _dead_letter_block(letter: DeadLetter, app_path: str, url: str | None) -> str:
+    target = letter.instance
     lines = letter.error.strip().splitlines() or ["(no error text)"]
     what = (
-        f"handler {workflow.split('/', 1)[1]}  event {workflow_id}"
-        if is_delivery(workflow)
-        else f"{workflow} {workflow_id}"
+        f"handler {target.handler}  event {target.event_id}"
+        if isinstance(target, HandlerDelivery)
+        else f"{target.workflow} {target.workflow_id}"
     )
+    # A typed password must not end up in output that gets pasted into tickets: the user puts it back.
+    where = "" if url is None else f" --url {mask_password(url)}"
     return (
         f"{what}  message {letter.message_id}\n"
         f"  failed at {letter.failed_at.isoformat(timespec='seconds')} after {letter.attempts} attempt(s)\n"
         f"  {lines[-1]}\n"
-        f"  keel retry MODULE:APP {workflow} {workflow_id} runs it again; keel skip drops it"
+        f"  keel retry {app_path} {command_args(target)}{where} runs it again; keel skip drops it"
     )
 
 
-async def resolve_dead_letter(app: App, url: str | None, workflow: str, workflow_id: str, *, skip: bool) -> str:
-    """Retry or skip the dead letter pausing an instance; return what was done."""
+async def resolve_dead_letter(app: App, url: str | None, target: Target, *, skip: bool) -> str:
+    """Retry or skip the dead letter pausing an instance (or a handler's delivery); return what was done."""
     async with app.client(url=url) as client:
         if skip:
-            message_id = await client.skip(workflow, workflow_id)
-            return f"skipped message {message_id}; {workflow} {workflow_id} goes on with its next message"
-        message_id = await client.retry(workflow, workflow_id)
-    if is_delivery(workflow):
-        return f"event {workflow_id} will be delivered to handler {workflow.split('/', 1)[1]} again"
-    return f"message {message_id} of {workflow} {workflow_id} will run again, before the messages after it"
+            message_id = await client.skip(target)
+        else:
+            message_id = await client.retry(target)
+    if isinstance(target, HandlerDelivery):
+        if skip:
+            return f"skipped message {message_id}; event {target.event_id} will not reach handler {target.handler}"
+        return f"event {target.event_id} will be delivered to handler {target.handler} again"
+    if skip:
+        return f"skipped message {message_id}; {target.workflow} {target.workflow_id} goes on with its next message"
+    instance = f"{target.workflow} {target.workflow_id}"
+    return f"message {message_id} of {instance} will run again, before the messages after it"
 
 
-async def trace(app: App, url: str | None, workflow: str, workflow_id: str, limit: int, *, as_json: bool) -> str:
-    """Rebuild an instance's timeline from the backend: its turns, oldest first, and its current state version."""
+async def trace(app: App, url: str | None, target: Target, limit: int, *, as_json: bool) -> str:
+    """Rebuild an instance's (or a delivery's) timeline from the backend: its turns, oldest first."""
     async with app.client(url=url) as client:
-        turns = await client.turns(workflow, workflow_id, limit=limit)
-        current = await client.state(workflow, workflow_id) if turns and not is_delivery(workflow) else None
+        turns = await client.turns(target, limit=limit)
+        current = None
+        if turns and isinstance(target, WorkflowInstance):
+            current = await client.state(target.workflow, target.workflow_id)
     if as_json:
         return json.dumps([_turn_document(t) for t in turns], indent=2, ensure_ascii=False)
+    title, version = _title(target), ""
+    if isinstance(target, WorkflowInstance):
+        version = ", no committed state" if current is None else f", state version {current.version}"
     if not turns:
-        return f"{workflow} {workflow_id}: no turn recorded (never sent to, pruned, or deleted)"
-    version = "no committed state" if current is None else f"state version {current.version}"
-    lines = [f"{workflow} {workflow_id}: {len(turns)} turn record(s), {version}"]
+        return f"{title}: no turn recorded (never sent to, pruned, or deleted)"
+    lines = [f"{title}: {len(turns)} turn record(s){version}"]
     for turn in turns:
-        written = "-" if turn.version_written is None else f"v{turn.version_written}"
         lines.append(
             f"{turn.started_at.isoformat(timespec='milliseconds')}  {turn.outcome:<9}  "
             f"message {turn.message_id}  attempt {turn.attempt}  token {turn.fencing_token}  "
-            f"v{turn.version_read} -> {written}  {turn.duration_s:.3f}s  worker {turn.worker}"
+            f"{_versions(turn)}{turn.duration_s:.3f}s  worker {turn.worker}"
         )
         if turn.error:
             lines.append(f"    {_last_line(turn.error)}")
     return "\n".join(lines)
+
+
+def _title(target: Target) -> str:
+    if isinstance(target, HandlerDelivery):
+        return f"handler {target.handler} on event {target.event_id}"
+    return f"{target.workflow} {target.workflow_id}"
+
+
+def _versions(turn: TurnRecord) -> str:
+    if turn.version_read is None:
+        return ""  # a delivery: no state to read or write
+    written = "-" if turn.version_written is None else f"v{turn.version_written}"
+    return f"v{turn.version_read} -> {written}  "
 
 
 async def list_events(app: App, url: str | None, limit: int, *, as_json: bool) -> str:
@@ -165,7 +191,7 @@ async def list_events(app: App, url: str | None, limit: int, *, as_json: bool) -
     for event in events:
         source = "published by a client"
         if event.source is not None:
-            source = f"emitted by {event.source.workflow} {event.source.workflow_id}"
+            source = f"emitted by {_title(event.source)}"
         lines = [f"{event.published_at.isoformat(timespec='milliseconds')}  {event.type}  {event.event_id}  {source}"]
         if not event.deliveries:
             lines.append("    no handler")
@@ -182,9 +208,7 @@ def _event_document(event: EventInfo) -> dict[str, Any]:
         "event_id": event.event_id,
         "type": event.type,
         "published_at": event.published_at.isoformat(),
-        "source": None
-        if event.source is None
-        else {"workflow": event.source.workflow, "workflow_id": event.source.workflow_id},
+        "source": None if event.source is None else _target_document(event.source),
         "source_message_id": event.source_message_id,
         "idempotency_key": event.idempotency_key,
         "payload": event.payload,
@@ -195,10 +219,16 @@ def _event_document(event: EventInfo) -> dict[str, Any]:
     }
 
 
-def _turn_document(turn: TurnRecordRow) -> dict[str, Any]:
+def _target_document(target: Target) -> dict[str, str]:
+    if isinstance(target, HandlerDelivery):
+        return {"handler": target.handler, "event_id": target.event_id}
+    return {"workflow": target.workflow, "workflow_id": target.workflow_id}
+
+
+def _turn_document(turn: TurnRecord) -> dict[str, Any]:
     return {
         "started_at": turn.started_at.isoformat(),
-        "outcome": turn.outcome,
+        "outcome": turn.outcome.value,
         "message_id": turn.message_id,
         "attempt": turn.attempt,
         "fencing_token": turn.fencing_token,

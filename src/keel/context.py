@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 from pydantic import BaseModel
 
 from keel.errors import StepError
+from keel.records import parse_target
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from keel.backends.base import InstanceRef
     from keel.events import Event
     from keel.outbox import Outbox
+    from keel.records import Target
     from keel.steps import StepRunner
 
 StateT = TypeVar("StateT", bound=BaseModel)
@@ -169,8 +171,10 @@ class HandlerContext(_Effects):
         idempotency_key: ``HANDLER:EVENT_ID``, the same on every redelivery of this event to this handler: pass
             it to outside APIs that deduplicate (payments, mail) so a rerun does not repeat the effect.
         published_at: When the event was published (the publishing process's clock).
-        source_workflow: The workflow whose turn emitted the event, or None when it was published by a client.
-        source_workflow_id: That turn's instance, or None.
+        source: What emitted the event: a ``keel.WorkflowInstance`` (a turn) or a ``keel.HandlerDelivery`` (a
+            handler's publish); None when a client published it.
+        source_workflow: The stored workflow name of ``source`` (``on/NAME`` for a handler), or None.
+        source_workflow_id: The stored id of ``source`` (the event's id for a handler), or None.
         attempt: 1 on the first delivery, more on redeliveries (after a failure, a crash or a lost lease).
         fencing_token: Grows with every lease on this delivery; outside systems can refuse a zombie's writes.
         worker: The worker running the handler, as ``host:pid``.
@@ -196,6 +200,7 @@ class HandlerContext(_Effects):
         self.event_type = event_type
         self.idempotency_key = idempotency_key
         self.published_at = published_at
+        self.source: Target | None = None if source is None else parse_target(source.workflow, source.workflow_id)
         self.source_workflow = None if source is None else source.workflow
         self.source_workflow_id = None if source is None else source.workflow_id
         self.message_id = message_id

@@ -18,11 +18,13 @@ KeelError
 │   ├── UpdateContentionError     update() kept losing until its deadline
 │   └── LeaseLostError            a worker's lease on an instance is gone: its commit is refused
 ├── RegistrationError             a workflow or handler registered wrongly, or after start-up
-├── UnknownWorkflowError          a workflow name the app does not have
-├── MessageNotFoundError          wait() for a message that was never sent
+├── NotFoundError                 a lookup found nothing of that name
+│   ├── UnknownWorkflowError      a workflow, handler or event type name the app does not have
+│   ├── MessageNotFoundError      wait() for a message that was never sent (to that instance)
+│   ├── InstanceNotFoundError     keel state of an instance no turn of which has committed
+│   └── NotPausedError            keel retry / skip of an instance no dead letter pauses
 ├── TurnFailedError               the turn that ran a message raised
 ├── WaitTimeoutError              wait() ran out of time before the turn committed
-├── NotPausedError                keel retry / skip of an instance no dead letter pauses
 ├── TurnTimeoutError              a turn ran past its timeout (a failed attempt)
 ├── StepTimeoutError              a step ran past its timeout (a failed attempt)
 ├── NonRetryable                  raised by user code: dead-letter at once, do not retry
@@ -31,7 +33,8 @@ KeelError
 ```
 
 The class docstring is the default message. Domain data travels in attributes, so callers never parse
-messages. A rejected write never changes anything stored.
+messages. A rejected write never changes anything stored. Every class declares its own ``code`` (an
+``ErrorCode``): what HTTP responses and the command line's exit statuses are chosen by.
 """
 
 from __future__ import annotations
@@ -46,25 +49,45 @@ if TYPE_CHECKING:
 
 
 class ErrorCode(StrEnum):
-    """Stable identifiers for errors, for HTTP responses and machine-readable output."""
+    """Stable identifiers for errors, for HTTP responses and machine-readable output: one per error class."""
 
+    error = "error"
     configuration = "configuration"
+    unknown_scheme = "unknown_scheme"
+    missing_extra = "missing_extra"
+    unsafe_location = "unsafe_location"
     backend_unavailable = "backend_unavailable"
     invalid_key = "invalid_key"
     payload = "payload"
+    not_serializable = "not_serializable"
+    payload_too_large = "payload_too_large"
+    payload_validation = "payload_validation"
+    store = "store"
     stale_write = "stale_write"
-    not_found = "not_found"
+    key_not_found = "key_not_found"
     contention = "contention"
     lease_lost = "lease_lost"
     registration = "registration"
+    not_found = "not_found"
+    unknown_workflow = "unknown_workflow"
+    message_not_found = "message_not_found"
+    instance_not_found = "instance_not_found"
+    not_paused = "not_paused"
     turn_failed = "turn_failed"
-    timeout = "timeout"
+    wait_timeout = "wait_timeout"
+    turn_timeout = "turn_timeout"
+    step_timeout = "step_timeout"
+    non_retryable = "non_retryable"
+    step_misuse = "step_misuse"
+    retry_after = "retry_after"
+    #: ``keel demo`` could not run to the end (``keel.demo.DemoError``).
+    demo_failed = "demo_failed"
 
 
 class KeelError(Exception):
     """Raised by keel."""
 
-    code: ClassVar[ErrorCode] = ErrorCode.configuration
+    code: ClassVar[ErrorCode] = ErrorCode.error
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
@@ -78,9 +101,13 @@ class KeelError(Exception):
 class ConfigurationError(KeelError):
     """Raised when a URL, option or environment setting cannot be used."""
 
+    code = ErrorCode.configuration
+
 
 class UnknownSchemeError(ConfigurationError):
     """Raised when a backend URL's scheme names no engine keel knows."""
+
+    code = ErrorCode.unknown_scheme
 
     def __init__(self, url: str, scheme: str, supported: list[str]) -> None:
         self.url = url
@@ -92,6 +119,8 @@ class UnknownSchemeError(ConfigurationError):
 
 class MissingExtraError(ConfigurationError):
     """Raised when a backend's driver is not installed."""
+
+    code = ErrorCode.missing_extra
 
     def __init__(self, engine: str, extra: str, module: str) -> None:
         self.engine = engine
@@ -105,6 +134,8 @@ class MissingExtraError(ConfigurationError):
 
 class UnsafeLocationError(ConfigurationError):
     """Raised when a SQLite database would live where its locks cannot be trusted."""
+
+    code = ErrorCode.unsafe_location
 
     def __init__(self, path: str, fstype: str) -> None:
         self.path = path
@@ -152,6 +183,8 @@ class PayloadError(KeelError):
 class NotSerializableError(PayloadError, TypeError):
     """Raised when a value is not a JSON document."""
 
+    code = ErrorCode.not_serializable
+
     def __init__(self, what: str, detail: str) -> None:
         self.what = what
         self.detail = detail
@@ -160,6 +193,8 @@ class NotSerializableError(PayloadError, TypeError):
 
 class PayloadTooLargeError(PayloadError, ValueError):
     """Raised when a value's JSON encoding is over the size limit."""
+
+    code = ErrorCode.payload_too_large
 
     def __init__(self, what: str, size_bytes: int, limit_bytes: int) -> None:
         self.what = what
@@ -173,6 +208,8 @@ class PayloadTooLargeError(PayloadError, ValueError):
 
 class PayloadValidationError(PayloadError, ValueError):
     """Raised when a value does not fit its pydantic model."""
+
+    code = ErrorCode.payload_validation
 
     def __init__(self, what: str, model: str, errors: Sequence[Mapping[str, Any]]) -> None:
         self.what = what
@@ -188,6 +225,8 @@ class PayloadValidationError(PayloadError, ValueError):
 
 class StoreError(KeelError):
     """Raised when a store operation cannot be carried out."""
+
+    code = ErrorCode.store
 
 
 class StaleWriteError(StoreError):
@@ -211,7 +250,7 @@ class StaleWriteError(StoreError):
 class KeyNotFoundError(StoreError, KeyError):
     """Raised when update() finds no value and was given no default."""
 
-    code = ErrorCode.not_found
+    code = ErrorCode.key_not_found
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -257,10 +296,16 @@ class RegistrationError(KeelError):
     code = ErrorCode.registration
 
 
-class UnknownWorkflowError(KeelError, LookupError):
-    """Raised when a workflow (or handler, or event type) name is not registered in the app."""
+class NotFoundError(KeelError, LookupError):
+    """Raised when a lookup finds nothing: no such workflow, handler, event type, message or instance."""
 
     code = ErrorCode.not_found
+
+
+class UnknownWorkflowError(NotFoundError):
+    """Raised when a workflow (or handler, or event type) name is not registered in the app."""
+
+    code = ErrorCode.unknown_workflow
 
     def __init__(self, app: str, workflow: str, registered: list[str], *, kind: str = "workflow") -> None:
         self.app = app
@@ -270,15 +315,35 @@ class UnknownWorkflowError(KeelError, LookupError):
         super().__init__(f"app {app!r} has no {kind} {workflow!r}; registered {kind}s: {known}")
 
 
-class MessageNotFoundError(KeelError, LookupError):
-    """Raised when a message id was never sent to the app."""
+class MessageNotFoundError(NotFoundError):
+    """Raised when a message id was never sent to the app, or was sent to another instance than the one named."""
 
-    code = ErrorCode.not_found
+    code = ErrorCode.message_not_found
 
-    def __init__(self, app: str, message_id: str) -> None:
+    def __init__(self, app: str, message_id: str, *, expected: str | None = None, sent_to: str | None = None) -> None:
         self.app = app
         self.message_id = message_id
-        super().__init__(f"app {app!r} has no message {message_id!r}")
+        #: The instance the caller named, and the one the message was sent to, when they differ.
+        self.expected = expected
+        self.sent_to = sent_to
+        if expected is not None and sent_to is not None:
+            super().__init__(f"message {message_id!r} of app {app!r} was sent to {sent_to}, not to {expected}")
+        else:
+            super().__init__(f"app {app!r} has no message {message_id!r}")
+
+
+class InstanceNotFoundError(NotFoundError):
+    """Raised when a workflow instance has no committed state yet."""
+
+    code = ErrorCode.instance_not_found
+
+    def __init__(self, workflow: str, workflow_id: str) -> None:
+        self.workflow = workflow
+        self.workflow_id = workflow_id
+        super().__init__(
+            f"instance {workflow_id!r} of workflow {workflow!r} has no committed state: no turn of it has "
+            "committed yet (was a message sent, and is a worker running on this backend?)"
+        )
 
 
 class TurnFailedError(KeelError):
@@ -297,24 +362,32 @@ class TurnFailedError(KeelError):
 class WaitTimeoutError(KeelError, TimeoutError):
     """Raised by wait() when the message's turn did not commit in time; the message is still queued."""
 
-    code = ErrorCode.timeout
+    code = ErrorCode.wait_timeout
 
-    def __init__(self, instance: str, message_id: str, timeout_s: float) -> None:
+    def __init__(self, instance: str, message_id: str, timeout_s: float, *, url: str | None = None) -> None:
         self.instance = instance
         self.message_id = message_id
         self.timeout_s = timeout_s
+        #: The backend the message was sent to (password masked): a client started in the wrong folder opens
+        #: another ``./keel.db`` than the worker's, and this is how it shows.
+        self.url = url
+        backend = "this backend" if url is None else url
         super().__init__(
             f"message {message_id} to {instance} was not committed within {timeout_s:g} s; it stays queued "
-            "(is a `keel worker` running for this app and backend?)"
+            f"(is a `keel worker` running for this app on {backend}?)"
         )
 
 
 class NonRetryable(KeelError):
     """Raise it (or a subclass) in a workflow to dead-letter the message at once: retrying cannot help."""
 
+    code = ErrorCode.non_retryable
+
 
 class StepError(NonRetryable):
     """Raised when a step is used wrongly, such as one name twice in one turn; retrying would do the same."""
+
+    code = ErrorCode.step_misuse
 
 
 class TurnTimeoutError(KeelError, TimeoutError):
@@ -322,6 +395,8 @@ class TurnTimeoutError(KeelError, TimeoutError):
 
     ``instance`` says what ran: ``the turn of WORKFLOW/ID``, or ``handler NAME on event ID``.
     """
+
+    code = ErrorCode.turn_timeout
 
     def __init__(self, instance: str, timeout_s: float) -> None:
         self.instance = instance
@@ -332,6 +407,8 @@ class TurnTimeoutError(KeelError, TimeoutError):
 class StepTimeoutError(KeelError, TimeoutError):
     """Raised when a step runs past its timeout; the turn fails and counts as a failed attempt."""
 
+    code = ErrorCode.step_timeout
+
     def __init__(self, step: str, timeout_s: float) -> None:
         self.step = step
         self.timeout_s = timeout_s
@@ -341,6 +418,8 @@ class StepTimeoutError(KeelError, TimeoutError):
 class RetryAfter(KeelError):
     """Raise it in a workflow to retry the turn after ``delay_s`` seconds, e.g. a rate limit's Retry-After."""
 
+    code = ErrorCode.retry_after
+
     def __init__(self, delay_s: float, reason: str = "") -> None:
         if not delay_s >= 0:
             raise ValueError(f"RetryAfter needs a delay of 0 seconds or more, not {delay_s!r}")
@@ -349,10 +428,10 @@ class RetryAfter(KeelError):
         super().__init__(f"retry after {delay_s:g} s" + (f": {reason}" if reason else ""))
 
 
-class NotPausedError(KeelError, LookupError):
+class NotPausedError(NotFoundError):
     """Raised by retry and skip when no dead letter pauses the instance."""
 
-    code = ErrorCode.not_found
+    code = ErrorCode.not_paused
 
     def __init__(self, instance: str) -> None:
         self.instance = instance

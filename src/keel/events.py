@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from keel.backends.base import DELIVERY_PREFIX, InstanceRef, MessageStatus, NewEvent, NewMessage
+from keel.backends.base import InstanceRef, NewEvent, NewMessage
 from keel.errors import PayloadValidationError
 from keel.payload import encode
+from keel.records import MessageStatus, Target, delivery_workflow
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -50,11 +51,6 @@ def derived_id(*parts: str) -> str:
 def event_type_name(event_type: type[Event]) -> str:
     """Return the type name stored with events of ``event_type``."""
     return event_type.__name__
-
-
-def delivery_workflow(handler: str) -> str:
-    """Return the name of the pseudo-workflow whose instances are ``handler``'s deliveries."""
-    return DELIVERY_PREFIX + handler
 
 
 def delivery_message_id(event_id: str, handler: str) -> str:
@@ -184,7 +180,8 @@ class EventInfo:
     type: str
     payload: dict[str, Any]
     published_at: datetime
-    source: InstanceRef | None
+    #: What emitted it (a workflow instance's turn, or a handler's delivery); None when a client published it.
+    source: Target | None
     source_message_id: str | None
     idempotency_key: str | None
     #: One per handler the event was sent to; ``status`` None once the delivery was pruned (it finished long ago).

@@ -7,8 +7,20 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-#: The fields of G9, in the order they are shown.
-CONTEXT_FIELDS = ("workflow", "workflow_id", "worker", "state_version", "fencing_token", "attempt", "message_id")
+#: The fields of G9, in the order they are shown; a handler's delivery has ``handler`` and ``event_id`` (and the
+#: event's type, in the handler's own records) where a turn has ``state_version``.
+CONTEXT_FIELDS = (
+    "workflow",
+    "workflow_id",
+    "handler",
+    "event_id",
+    "event_type",
+    "worker",
+    "state_version",
+    "fencing_token",
+    "attempt",
+    "message_id",
+)
 
 
 class ContextFormatter(logging.Formatter):

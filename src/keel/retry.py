@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from keel.errors import InvalidKeyError, NonRetryable, PayloadError, RetryAfter, UnknownWorkflowError
+from keel.errors import (
+    ConfigurationError,
+    InvalidKeyError,
+    NonRetryable,
+    PayloadError,
+    RegistrationError,
+    RetryAfter,
+    UnknownWorkflowError,
+)
 
 
 @dataclass(frozen=True)
@@ -44,17 +52,29 @@ class RetryPolicy:
 #: The policy used when neither the app nor the workflow gives one.
 DEFAULT_RETRY_POLICY = RetryPolicy()
 
+#: Failures that happen again, the same way, on every attempt: dead-lettered at once, never retried.
+FAILS_THE_SAME_WAY = (
+    NonRetryable,
+    PayloadError,
+    ValidationError,
+    InvalidKeyError,
+    UnknownWorkflowError,
+    RegistrationError,
+    ConfigurationError,
+)
+
 
 def retry_delay_s(exc: BaseException, attempt: int, policy: RetryPolicy) -> float | None:
     """Return how long to wait before retrying after ``exc``, or None to dead-letter now.
 
     Not retried: ``NonRetryable`` and its subclasses, payload errors (a state or message that does not
     validate, a result that is not JSON or too large: the same input fails the same way), a bad key or an
-    unknown workflow named by ``ctx.send`` or ``ctx.step`` (the same code fails the same way until a deployment
-    changes it, and then ``keel retry`` runs it again), and any failure once ``attempt`` reached
-    ``policy.max_attempts``. ``RetryAfter`` sets its own delay.
+    unknown workflow named by ``ctx.send`` or ``ctx.step``, a registration inside a turn (registering per
+    request: the app is frozen, so it raises every time) and a configuration keel cannot work with (the same
+    code fails the same way until a deployment changes it, and then ``keel retry`` runs it again), and any
+    failure once ``attempt`` reached ``policy.max_attempts``. ``RetryAfter`` sets its own delay.
     """
-    if isinstance(exc, NonRetryable | PayloadError | ValidationError | InvalidKeyError | UnknownWorkflowError):
+    if isinstance(exc, FAILS_THE_SAME_WAY):
         return None
     if attempt >= policy.max_attempts:
         return None

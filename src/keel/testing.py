@@ -7,7 +7,9 @@
 
 The tester uses a private ``memory://`` backend (SQLite in memory: the same engine as the embedded default) and a
 real ``keel.worker.Worker`` in the same event loop, so turns go through exactly what production runs: validation,
-steps, timeouts, retries, dead letters.
+steps, timeouts, retries, dead letters. While it runs, ``app.client()`` (in the code under test too) opens that same
+private backend, never ``./keel.db``; ``tester.client`` is an open one, for ``dead_letters``, ``retry``, ``skip``,
+``turns``, ``wait``...
 """
 
 from __future__ import annotations
@@ -51,27 +53,42 @@ class WorkflowTester:
 
     @property
     def client(self) -> Client:
-        """The client, for anything ``run`` does not cover (``dead_letters``, ``retry``, ``skip``...)."""
+        """An open client on the tester's backend, for what ``run`` does not cover.
+
+        That is ``dead_letters``, ``retry``, ``skip``, ``turns``, ``wait``, ``events``... ``app.client()`` opened
+        inside the tester reaches the same backend.
+
+        Raises:
+            ConfigurationError: The tester is not running (use it inside ``async with``).
+        """
         if self._client is None:
             raise ConfigurationError("use the tester inside `async with WorkflowTester(app) as tester:`")
         return self._client
 
     async def __aenter__(self) -> WorkflowTester:
         url = f"memory://{self._space}"
-        self._backend = await open_backend(url, StoreOptions())
-        self._client = await self.app.client(url=url).__aenter__()
+        self.app.use_testing_backend(url)
+        try:
+            self._backend = await open_backend(url, StoreOptions())
+            self._client = await self.app.client(url=url).__aenter__()
+        except BaseException:
+            self.app.use_testing_backend(None)
+            raise
         self._worker = asyncio.create_task(Worker(self.app, self._backend, self._settings).run(self._stop))
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._stop.set()
-        if self._worker is not None:
-            await self._worker
-        if self._client is not None:
-            await self._client.aclose()
-        if self._backend is not None:
-            await self._backend.aclose()
-        await forget_memory(f"memory://{self._space}")
+        try:
+            if self._worker is not None:
+                await self._worker
+            if self._client is not None:
+                await self._client.aclose()
+            if self._backend is not None:
+                await self._backend.aclose()
+            await forget_memory(f"memory://{self._space}")
+        finally:
+            self.app.use_testing_backend(None)
 
     async def run(
         self, workflow: str, workflow_id: str, message: BaseModel | dict[str, Any], *, timeout_s: float = 10.0

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from keel.app import HandlerSpec
-from keel.backends.base import TurnCommit, TurnFailure, is_delivery
+from keel.backends.base import TurnCommit, TurnFailure
 from keel.context import HandlerContext, TurnContext
 from keel.errors import BackendUnavailable, LeaseLostError, PayloadValidationError, TurnTimeoutError
 from keel.events import Envelope, handler_idempotency_key
 from keel.outbox import Outbox
 from keel.payload import coerce, decode, encode
+from keel.records import HandlerDelivery, parse_target
 from keel.retry import retry_delay_s
 from keel.steps import StepRunner
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
     from keel.app import App, WorkflowSpec
     from keel.backends.base import Backend, Claim
+    from keel.records import Target
 
     Job = WorkflowSpec | HandlerSpec
 
@@ -59,7 +61,7 @@ class TurnRunner:
 
     async def run(self, claim: Claim) -> None:
         """Run ``claim``'s turn (or handler delivery) and record how it ended; never raises but for cancellation."""
-        job = self.app.job(claim.instance.workflow)
+        job = self.app.job(target_of(claim))
         extra = log_fields(claim, self.worker)
         started_at, started = datetime.now(UTC), time.monotonic()
         if claim.attempt > job.retry.max_attempts:
@@ -240,7 +242,7 @@ class TurnRunner:
 
     async def _dead_letter(self, claim: Claim, error: str, started_at: datetime, duration_s: float) -> None:
         extra = log_fields(claim, self.worker)
-        paused = "the delivery waits" if is_delivery(claim.instance.workflow) else "the instance is paused"
+        paused = "the delivery waits" if isinstance(target_of(claim), HandlerDelivery) else "the instance is paused"
         logger.error(
             "%s dead-lettered at attempt %d; %s until `keel retry` or `keel skip`:\n%s",
             _noun(claim),
@@ -257,26 +259,29 @@ class TurnRunner:
             logger.error("dead letter not recorded, the backend is unavailable: %s", exc, extra=extra)
 
 
+def target_of(claim: Claim) -> Target:
+    """What ``claim`` runs: a workflow instance's turn, or a handler's delivery of an event."""
+    return parse_target(claim.instance.workflow, claim.instance.workflow_id)
+
+
 def log_fields(claim: Claim, worker: str) -> dict[str, Any]:
-    """The fields every log record about ``claim``'s turn (or delivery) carries (G9)."""
-    fields: dict[str, Any] = {
-        "workflow": claim.instance.workflow,
-        "workflow_id": claim.instance.workflow_id,
-        "worker": worker,
-        "state_version": claim.state_version,
-        "fencing_token": claim.fencing_token,
-        "attempt": claim.attempt,
-        "message_id": claim.message_id,
-    }
-    if is_delivery(claim.instance.workflow):
-        fields["handler"] = claim.instance.workflow.split("/", 1)[1]
-        fields["event_id"] = claim.instance.workflow_id
+    """The fields every log record about ``claim``'s turn (or delivery) carries (G9).
+
+    A delivery's records carry ``handler`` and ``event_id`` instead of a ``state_version``: it has no state.
+    """
+    fields: dict[str, Any] = {"workflow": claim.instance.workflow, "workflow_id": claim.instance.workflow_id}
+    target = target_of(claim)
+    if isinstance(target, HandlerDelivery):
+        fields.update(handler=target.handler, event_id=target.event_id)
+    else:
+        fields["state_version"] = claim.state_version
+    fields.update(worker=worker, fencing_token=claim.fencing_token, attempt=claim.attempt, message_id=claim.message_id)
     return fields
 
 
 def _noun(claim: Claim) -> str:
-    workflow = claim.instance.workflow
-    return f"handler {workflow.split('/', 1)[1]}" if is_delivery(workflow) else "turn"
+    target = target_of(claim)
+    return f"handler {target.handler}" if isinstance(target, HandlerDelivery) else "turn"
 
 
 def _effects(commit: TurnCommit) -> str:

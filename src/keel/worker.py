@@ -296,18 +296,29 @@ async def _sleep_or_stop(stop: asyncio.Event, delay_s: float) -> None:
         await asyncio.wait_for(stop.wait(), delay_s)
 
 
-def refuse_unshareable(url: str) -> None:
+def refuse_unshareable(url: str, *, user: str = "a worker") -> None:
     """Raise if ``url`` is a backend that other processes cannot see (``memory://``).
+
+    Args:
+        url: The backend URL.
+        user: Who would use it, for the error: a worker, or a command (``keel send``) whose writes would vanish
+            when it exits.
 
     Raises:
         ConfigurationError: The URL is ``memory://``.
     """
-    if scheme_of(url) == "memory":
-        raise ConfigurationError(
-            f"a worker cannot use {url}: memory:// lives inside one process, so clients in other processes could "
-            "never reach this worker. Use sqlite:///path.db on one machine, or postgresql:// or redis:// across "
-            "machines; for tests, run the worker in the test's own process (keel.worker.Worker)"
-        )
+    if scheme_of(url) != "memory":
+        return
+    if user == "a worker":
+        why = "so clients in other processes could never reach this worker"
+        tests = "run the worker in the test's own process (keel.worker.Worker)"
+    else:
+        why = "so what it writes would vanish when the command exits, and it could read nothing another process wrote"
+        tests = "use keel.testing.WorkflowTester in the test's own process"
+    raise ConfigurationError(
+        f"{user} cannot use {url}: memory:// lives inside one process, {why}. Use sqlite:///path.db on one "
+        f"machine, or postgresql:// or redis:// across machines (check KEEL_URL); for tests, {tests}"
+    )
 
 
 async def serve(

@@ -16,6 +16,7 @@ import pytest
 
 from keel.commands import list_dead_letters, list_events, resolve_dead_letter, trace
 from keel.errors import TurnFailedError
+from keel.records import HandlerDelivery
 from tests.cli.test_runtime_commands import keel
 from tests.conformance.test_events import Ledger, Order, Shipped, make_app
 from tests.conformance.test_runtime import running_worker
@@ -50,17 +51,22 @@ async def test_events_dead_retry_skip_and_trace_speak_of_handlers_and_events() -
         assert documents[0]["source"] is None
         assert documents[1]["source"] == {"workflow": "order", "workflow_id": "o1"}
 
-        dead = await list_dead_letters(app, None, 10)
+        dead = await list_dead_letters(app, None, 10, app_path="shop.workflows:app")
         assert f"handler mail  event {poison}" in dead
-        assert f"keel retry MODULE:APP on/mail {poison}" in dead
-        timeline = await trace(app, None, "on/mail", poison, 10, as_json=False)
-        assert timeline.startswith(f"on/mail {poison}: 1 turn record(s), no committed state")
+        assert f"keel retry shop.workflows:app --handler mail {poison} runs it again" in dead
+        delivery = HandlerDelivery("mail", poison)
+        timeline = await trace(app, None, delivery, 10, as_json=False)
+        assert timeline.startswith(f"handler mail on event {poison}: 1 turn record(s)\n")
         assert "failed" in timeline
-        retried = await resolve_dead_letter(app, None, "on/mail", poison, skip=False)
+        assert " -> " not in timeline and " v0" not in timeline  # a delivery has no state versions
+        [record] = json.loads(await trace(app, None, delivery, 10, as_json=True))
+        assert (record["version_read"], record["version_written"], record["outcome"]) == (None, None, "failed")
+        retried = await resolve_dead_letter(app, None, delivery, skip=False)
         assert retried == f"event {poison} will be delivered to handler mail again"
         await asyncio.sleep(0.3)
-        skipped = await resolve_dead_letter(app, None, "on/mail", poison, skip=True)
+        skipped = await resolve_dead_letter(app, None, delivery, skip=True)
         assert skipped.startswith("skipped message")
+        assert skipped.endswith(f"event {poison} will not reach handler mail")
     assert await list_events(make_app(f"memory://cli-{uuid.uuid4().hex}", Ledger()), None, 5, as_json=False) == (
         "no events (none published yet, or all pruned)"
     )

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.processes
 
 
 def keel(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
     return subprocess.run(
         [sys.executable, "-m", "keel.cli", *args],
         capture_output=True,
@@ -63,6 +63,7 @@ def test_state_of_an_instance_without_a_turn(url: str) -> None:
     result = keel("state", APP_PATH, "counter", "nobody", "--url", url)
     assert result.returncode == 2
     assert "no committed state" in result.stderr
+    assert "Usage:" not in result.stderr  # the options were right: no banner, just what is wrong
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,9 @@ def test_state_of_an_instance_without_a_turn(url: str) -> None:
         (["publish", APP_PATH, "Nope", "{}"], "registered event types: Placed, Relay, Relayed"),
         (["publish", APP_PATH, "Placed", '{"order_id": "p1"}'], "ledger: Field required"),
         (["publish", APP_PATH, "Placed", "{oops"], "not JSON"),
-        (["retry", APP_PATH, "on/nobody", "e1"], "on/confirm"),
+        (["retry", APP_PATH, "on/nobody", "e1"], "registered handlers: bill, confirm"),
+        (["retry", APP_PATH, "--handler", "nobody", "e1"], "registered handlers: bill, confirm"),
+        (["send", APP_PATH, "counter", "c1", '{"seq": 1}', "--url", "memory://"], "cannot use memory://"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_no_traceback(url: str, args: list[str], message: str) -> None:
@@ -111,6 +114,7 @@ def test_dead_letters_are_listed_skipped_and_retried_from_the_command_line(url: 
         listed = keel("dead", APP_PATH, "--url", url)
         assert listed.returncode == 0
         assert "counter d1" in listed.stdout and "told to fail" in listed.stdout
+        assert f"keel retry {APP_PATH} counter d1 --url {url} runs it again" in listed.stdout
         skipped = keel("skip", APP_PATH, "counter", "d1", "--url", url)
         assert skipped.returncode == 0 and "skipped message" in skipped.stdout
         shown = keel("send", APP_PATH, "counter", "d1", '{"seq": 3}', "--url", url, "--wait", "30")

@@ -8,6 +8,7 @@ import pytest
 from pydantic import BaseModel
 
 import keel
+from keel.testing import WorkflowTester
 
 
 class State(BaseModel):
@@ -144,3 +145,42 @@ def test_backend_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_app_names_are_checked() -> None:
     with pytest.raises(keel.InvalidKeyError, match="app name"):
         keel.App("")
+
+
+def test_a_decorator_without_its_parentheses_says_what_to_write() -> None:
+    app = keel.App("t")
+
+    async def w(ctx: keel.TurnContext[State], msg: Msg) -> None:
+        return None
+
+    with pytest.raises(keel.RegistrationError, match=r"workflow 'w' needs its models: write @app\.workflow\(state="):
+        app.workflow(w)  # type: ignore[arg-type]
+    with pytest.raises(keel.RegistrationError, match=r"needs its models"):
+        app.workflow(state=State)
+    with pytest.raises(keel.RegistrationError, match=r"write @app\.on\(EventType\)"):
+        app.on(w)  # type: ignore[arg-type, type-var]
+    assert app.workflows == {}
+
+
+class Pinged(keel.Event):
+    n: int
+
+
+async def test_registering_inside_a_turn_is_dead_lettered_at_once() -> None:
+    # The second article's anti-pattern: a listener registered per request. The app is frozen, so it raises the
+    # same way on every attempt: retrying five times with backoff would only delay the dead letter.
+    app = keel.App("per-request")
+
+    @app.workflow(state=State, message=Msg)
+    async def handle(ctx: keel.TurnContext[State], msg: Msg) -> None:
+        @app.on(Pinged)
+        async def listener(event: Pinged, ctx: keel.HandlerContext) -> None:
+            return None
+
+    async with WorkflowTester(app) as tester:
+        with pytest.raises(keel.TurnFailedError, match="RegistrationError: cannot register handler 'listener'"):
+            await tester.run("handle", "r1", Msg(amount=1), timeout_s=3)
+        [dead] = await tester.client.dead_letters()
+        assert (dead.instance, dead.attempts) == (keel.WorkflowInstance("handle", "r1"), 1)
+        [turn] = await tester.client.turns(dead.instance)
+        assert turn.outcome is keel.TurnOutcome.failed

@@ -7,8 +7,12 @@ retry loop live above them (``keel.store``), written once for all engines.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
+
+# Defined with the public read types (a leaf module): the encoding of a handler's deliveries as instances
+# (``on/HANDLER``), next to the typed value it maps to, and the message statuses the client reports.
+from keel.records import DELIVERY_PREFIX as DELIVERY_PREFIX
+from keel.records import MessageStatus as MessageStatus
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
@@ -108,17 +112,6 @@ class StoreEngine(Protocol):
 # --- The runtime: inboxes, leases and the atomic turn commit (G2, G3) -------------------------------------
 
 
-class MessageStatus(StrEnum):
-    """Where a message sent to a workflow instance stands."""
-
-    pending = "pending"
-    done = "done"
-    #: Dead-lettered: attempts ran out or the failure was not worth retrying; its instance is paused.
-    failed = "failed"
-    #: Dead-lettered, then dropped on purpose (``keel skip``); its instance went on.
-    skipped = "skipped"
-
-
 @dataclass(frozen=True, slots=True)
 class InstanceRef:
     """One workflow instance of one app."""
@@ -190,11 +183,6 @@ class DeadLetter:
     error: str
     attempts: int
     failed_at: datetime
-
-
-#: Workflow names starting with this hold handler deliveries: instance ``on/HANDLER`` / ``EVENT_ID`` has one message,
-#: the event for that handler, and no state. User workflow names cannot contain ``/``, so the two never collide.
-DELIVERY_PREFIX = "on/"
 
 
 def is_delivery(workflow: str) -> bool:

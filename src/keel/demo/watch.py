@@ -30,6 +30,8 @@ STALL_TIMEOUT_S = 120.0
 class DemoError(keel.KeelError):
     """Raised when the demo cannot run to the end: a process failed, or the keys are in use."""
 
+    code = keel.ErrorCode.demo_failed
+
 
 @contextmanager
 def progress_display(console: Console) -> Iterator[Progress]:
