@@ -7,59 +7,12 @@ import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 import pytest
 
 import keel
-from keel.backends import open_backend
-from keel.backends.base import (
-    Backend,
-    Claim,
-    InstanceRef,
-    MessageStatus,
-    NewMessage,
-    Pruned,
-    StepRecord,
-    StoreOptions,
-    TurnCommit,
-    TurnFailure,
-)
-
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
-APP = "loans"
-LEASE_S = 5.0
-
-
-@pytest.fixture
-async def backend(backend_url: str) -> AsyncIterator[Backend]:
-    opened = await open_backend(backend_url, StoreOptions())
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
-def ref(workflow_id: str = "42", workflow: str = "loan", app: str = APP) -> InstanceRef:
-    return InstanceRef(app, workflow, workflow_id)
-
-
-async def send(backend: Backend, instance: InstanceRef, payload: object, key: str | None = None) -> str:
-    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload), key))
-
-
-async def claim_one(
-    backend: Backend, *, worker: str = "w1", lease_s: float = LEASE_S, workflows: tuple[str, ...] = ("loan",)
-) -> Claim:
-    claims = await backend.claim(APP, workflows, worker=worker, lease_s=lease_s, limit=1)
-    assert len(claims) == 1, claims
-    return claims[0]
-
-
-def commit_of(claim: Claim, state: object, worker: str = "w1") -> TurnCommit:
-    return TurnCommit(claim, json.dumps(state), worker, datetime.now(UTC), 0.01)
+from keel.backends.base import Backend, MessageStatus, NewMessage, Pruned, TurnFailure
+from tests._engine import APP, LEASE_S, claim_one, commit_of, failure_of, ref, send, step_of
 
 
 async def test_first_claim_starts_from_no_state_at_version_zero(backend: Backend) -> None:
@@ -265,14 +218,6 @@ async def test_wait_for_work_wakes_on_a_send_and_times_out_otherwise(backend: Ba
     await sender
 
 
-def step_of(claim: Claim, name: str, result: object) -> StepRecord:
-    return StepRecord(claim, name, json.dumps(result), claim.instance.workflow, 0.01)
-
-
-def failure_of(claim: Claim, error: str = "Traceback...\nRuntimeError: flaky") -> TurnFailure:
-    return TurnFailure(claim, error, "w1", datetime.now(UTC), 0.01)
-
-
 async def test_step_results_are_replayed_to_the_next_claim_of_the_message(backend: Backend) -> None:
     await send(backend, ref(), {})
     first = await claim_one(backend, lease_s=0.3)
@@ -376,12 +321,8 @@ async def test_a_committed_claim_cannot_be_renewed(backend: Backend) -> None:
     assert await backend.renew([claim], lease_s=LEASE_S) == [False]
 
 
-async def send_delayed(backend: Backend, instance: InstanceRef, payload: object, delay_s: float) -> str:
-    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload), None, delay_s))
-
-
 async def test_a_delayed_message_waits_for_its_time_without_blocking_later_ones(backend: Backend) -> None:
-    timer = await send_delayed(backend, ref(), {"n": "timer"}, 0.8)
+    timer = await send(backend, ref(), {"n": "timer"}, delay_s=0.8)
     later = await send(backend, ref(), {"n": "later"})
     claim = await claim_one(backend)
     assert claim.message_id == later  # sent after the timer, visible before it
@@ -392,8 +333,8 @@ async def test_a_delayed_message_waits_for_its_time_without_blocking_later_ones(
 
 
 async def test_delayed_messages_run_in_the_order_they_become_visible(backend: Backend) -> None:
-    slow = await send_delayed(backend, ref(), {"n": 1}, 0.9)
-    quick = await send_delayed(backend, ref(), {"n": 2}, 0.3)
+    slow = await send(backend, ref(), {"n": 1}, delay_s=0.9)
+    quick = await send(backend, ref(), {"n": 2}, delay_s=0.3)
     await asyncio.sleep(1.1)
     first = await claim_one(backend)
     assert first.message_id == quick
@@ -409,7 +350,7 @@ async def test_prune_removes_finished_records_and_never_anything_undelivered(bac
     dead = await send(backend, ref("b"), {"n": 3})
     await backend.fail_turn(failure_of(await claim_one(backend)))
     waiting = await send(backend, ref("b"), {"n": 4})
-    timer = await send_delayed(backend, ref("c"), {"n": 5}, 3600)
+    timer = await send(backend, ref("c"), {"n": 5}, delay_s=3600)
     soon = datetime.now(UTC) + timedelta(seconds=5)
     pruned = await backend.prune(APP, finished_before=soon, keys_before=soon - timedelta(days=7))
     assert (pruned.messages, pruned.turns) == (1, 3)

@@ -1,5 +1,5 @@
-"""Helpers shared by the PostgreSQL engine tests: opening backends, raw SQL on a connection of the test's own,
-and short ways to send, claim, commit, fail and record steps for instances of the ``loans`` app.
+"""Helpers shared by the PostgreSQL engine tests: opening stores and backends, and raw SQL on a connection of the
+test's own. Sending, claiming, committing, failing and recording steps come from ``tests._engine``.
 
 The fixtures built on these (``backend``, ``other``, ``engine``) live in ``conftest.py`` next to this file.
 """
@@ -8,33 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import uuid
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import psycopg
 
-from keel.backends.base import (
-    Backend,
-    Claim,
-    InstanceRef,
-    NewMessage,
-    StepRecord,
-    StoreOptions,
-    TurnCommit,
-    TurnFailure,
-)
+from keel.backends.base import StoreOptions
 from keel.backends.postgres.backend import PostgresBackend, open_backend, open_engine
+from tests._engine import APP
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Sequence
     from contextlib import AbstractAsyncContextManager
 
     from keel.backends.postgres.store import PostgresStore
-
-#: The app every instance of these tests belongs to.
-APP = "loans"
 
 #: The runtime's tables, each holding rows of instances.
 RUNTIME_TABLES = ("keel_instances", "keel_messages", "keel_state_history", "keel_turns", "keel_steps", "keel_events")
@@ -111,35 +97,3 @@ def send_params(backend: PostgresBackend, message_id: str = "late") -> dict[str,
         "delay_s": 0.0,
         "channel": backend.broker.listener.channel(APP),
     }
-
-
-# --- Messages and turns ------------------------------------------------------------------------------------
-
-
-def ref(workflow_id: str = "42", app: str = APP) -> InstanceRef:
-    return InstanceRef(app, "loan", workflow_id)
-
-
-async def send(backend: Backend, instance: InstanceRef, payload: object, *, delay_s: float = 0.0, key: str = "") -> str:
-    return await backend.send(NewMessage(instance, uuid.uuid4().hex, json.dumps(payload), key or None, delay_s))
-
-
-async def claims(backend: Backend, *, limit: int = 10, lease_s: float = 30) -> list[Claim]:
-    return await backend.claim(APP, ["loan"], worker="w1", lease_s=lease_s, limit=limit)
-
-
-async def claim_one(backend: Backend, *, lease_s: float = 30) -> Claim:
-    [claim] = await claims(backend, limit=1, lease_s=lease_s)
-    return claim
-
-
-def commit_of(claim: Claim, state: object, worker: str = "w1") -> TurnCommit:
-    return TurnCommit(claim, json.dumps(state), worker, datetime.now(UTC), 0.01)
-
-
-def failure_of(claim: Claim, error: str = "RuntimeError: flaky") -> TurnFailure:
-    return TurnFailure(claim, error, "w1", datetime.now(UTC), 0.01)
-
-
-def step_of(claim: Claim, name: str, result: object) -> StepRecord:
-    return StepRecord(claim, name, json.dumps(result), "w1", 0.01)

@@ -1,14 +1,12 @@
-"""PostgreSQL-only broker behaviour: LISTEN/NOTIFY wake-ups, listener reconnection, SKIP LOCKED claims across
-backends and processes, the runtime_v1 migration from a store-only database, and what the tables hold."""
+"""PostgreSQL-only broker behaviour: LISTEN/NOTIFY wake-ups and what postgres adds to the wake rule, listener
+reconnection, the runtime_v1 migration from a store-only database, what the tables hold, and row locks between a
+send and a commit. Claims across backends and processes are in tests/conformance/."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
-import subprocess
-import sys
-import textwrap
 import time
 from typing import TYPE_CHECKING
 
@@ -16,25 +14,14 @@ import psycopg
 import pytest
 
 import keel
-from keel.backends.base import STATE_HISTORY_LIMIT, InstanceRef, MessageStatus, NewMessage, StoreOptions
+from keel.backends.base import STATE_HISTORY_LIMIT, InstanceRef, MessageStatus, StoreOptions
 from keel.backends.postgres import migrate as pg_store
 from keel.backends.postgres.backend import open_backend
 from keel.backends.postgres.transactions import BROKER_QUERIES, channel_for
-from tests.backends.postgres._support import (
-    APP,
-    backends_opened_together,
-    claim_one,
-    claims,
-    commit_of,
-    db_rows,
-    opened_backend,
-    ref,
-    send,
-    send_params,
-)
+from tests._engine import APP, claim_all, claim_one, commit_of, ref, send
+from tests.backends.postgres._support import backends_opened_together, db_rows, opened_backend, send_params
 
 if TYPE_CHECKING:
-    from keel.backends.base import Backend
     from keel.backends.postgres.backend import PostgresBackend
 
 pytestmark = pytest.mark.postgres
@@ -70,14 +57,6 @@ async def test_a_notify_from_another_backend_wakes_a_waiter_promptly(
     assert woke - sent < 0.3  # typically a few ms; the margin is for a loaded CI machine, far below the 10 s wait
 
 
-async def test_a_send_to_another_app_does_not_wake_the_waiter(backend: PostgresBackend, other: PostgresBackend) -> None:
-    waiter = asyncio.create_task(_timed_wait(backend, APP, 0.5))
-    await _listening(backend, APP)
-    started = time.monotonic()
-    await send(other, ref(app="other-app"), {})
-    assert await waiter - started >= 0.4
-
-
 async def test_work_sent_before_the_first_listen_is_found_at_once(
     backend: PostgresBackend, other: PostgresBackend
 ) -> None:
@@ -87,20 +66,10 @@ async def test_work_sent_before_the_first_listen_is_found_at_once(
     assert time.monotonic() - started < 1.0
 
 
-async def test_leased_and_paused_instances_are_not_work_for_a_new_listener(
-    backend: PostgresBackend, other: PostgresBackend
-) -> None:
-    await send(other, ref("leased"), {})
-    await claims(other, limit=1, lease_s=60)
-    started = time.monotonic()
-    await backend.wait_for_work(APP, timeout_s=0.4)
-    assert time.monotonic() - started >= 0.3
-
-
 async def test_a_waiter_wakes_only_for_the_workflows_its_backend_claims(
     backend: PostgresBackend, other: PostgresBackend
 ) -> None:
-    assert await claims(backend) == []  # from now on it waits for "loan" only
+    assert await claim_all(backend) == []  # from now on it waits for "loan" only
     waiter = asyncio.create_task(_timed_wait(backend, APP, 0.5))
     await _listening(backend, APP)
     started = time.monotonic()
@@ -113,26 +82,13 @@ async def test_a_waiter_wakes_only_for_the_workflows_its_backend_claims(
     assert await waiter - sent < 0.3
 
 
-async def test_a_send_noticed_while_no_one_waits_returns_the_next_wait_at_once(
-    backend: PostgresBackend, other: PostgresBackend
-) -> None:
-    await backend.wait_for_work(APP, timeout_s=0.2)  # the listener is up; nobody waits any more
-    assert await claims(backend) == []
-    await send(other, ref(), {})  # notified while the worker would be busy claiming or running turns
-    await asyncio.sleep(0.3)
-    started = time.monotonic()
-    await backend.wait_for_work(APP, timeout_s=10)  # its commit may have come after the claim's snapshot
-    assert time.monotonic() - started < 0.1
-    assert len(await claims(backend)) == 1
-
-
 async def test_a_send_noticed_before_the_last_claim_does_not_return_the_next_wait(
     backend: PostgresBackend, other: PostgresBackend
 ) -> None:
     await backend.wait_for_work(APP, timeout_s=0.2)
     await send(other, ref(), {})
     await asyncio.sleep(0.3)  # noticed by the listener before the claim below starts
-    assert len(await claims(backend)) == 1
+    assert len(await claim_all(backend)) == 1
     started = time.monotonic()
     await backend.wait_for_work(APP, timeout_s=0.5)  # that claim saw it: nothing to look at again
     assert time.monotonic() - started >= 0.4
@@ -213,105 +169,6 @@ def test_channels_differ_by_app_and_by_schema() -> None:
     assert channel_for("s1", "loans") == channel_for("s1", "loans")
 
 
-# --- Claims across backends and processes -----------------------------------------------------------------
-
-
-async def test_skip_locked_claims_from_two_backends_never_overlap(
-    backend: PostgresBackend, other: PostgresBackend
-) -> None:
-    instances = [ref(str(n)) for n in range(30)]
-    sent: dict[InstanceRef, list[str]] = {inst: [] for inst in instances}
-    held: set[InstanceRef] = set()
-    committed: list[tuple[InstanceRef, str]] = []
-
-    async def sender() -> None:
-        for round_ in range(3):
-            for inst in instances:
-                sent[inst].append(await send(backend if round_ % 2 else other, inst, {"round": round_}))
-
-    async def claimer(engine: Backend, name: str) -> None:
-        idle_since = time.monotonic()
-        while time.monotonic() - idle_since < 0.5:
-            claims = await engine.claim(APP, ["loan"], worker=name, lease_s=30, limit=3)
-            if not claims:
-                await asyncio.sleep(0.01)
-                continue
-            idle_since = time.monotonic()
-            for claim in claims:
-                assert claim.instance not in held, f"{claim.instance} claimed while leased"
-                held.add(claim.instance)
-            await asyncio.sleep(0.005)  # a turn
-            for claim in claims:
-                held.discard(claim.instance)
-                await engine.commit_turn(commit_of(claim, {"n": claim.state_version + 1}, worker=name))
-                committed.append((claim.instance, claim.message_id))
-
-    await asyncio.gather(
-        sender(),
-        *(
-            claimer(engine, f"{engine_name}-{i}")
-            for engine_name, engine in (("a", backend), ("b", other))
-            for i in range(4)
-        ),
-    )
-    assert sorted(m for _, m in committed) == sorted(m for ids in sent.values() for m in ids)
-    for inst in instances:
-        assert [m for i, m in committed if i == inst] == sent[inst]  # each inbox ran in send order
-        state = await backend.state(inst)
-        assert state is not None and state.version == 3
-        turns = await backend.turns(inst, limit=10)
-        assert [t.attempt for t in turns] == [1, 1, 1]
-        tokens = [t.fencing_token for t in reversed(turns)]
-        assert tokens == sorted(set(tokens))
-
-
-_CLAIMER = textwrap.dedent(
-    """
-    import asyncio, json, sys, time
-    from datetime import UTC, datetime
-    from keel.backends.base import StoreOptions, TurnCommit
-    from keel.backends.postgres.backend import open_backend
-
-    async def main(url, name):
-        backend = await open_backend(url, StoreOptions())
-        done = []
-        try:
-            idle_since = time.monotonic()
-            while time.monotonic() - idle_since < 1.0:
-                claims = await backend.claim("loans", ["loan"], worker=name, lease_s=30, limit=2)
-                if not claims:
-                    await asyncio.sleep(0.01)
-                    continue
-                idle_since = time.monotonic()
-                for claim in claims:
-                    await backend.commit_turn(TurnCommit(claim, "{}", name, datetime.now(UTC), 0.0))
-                    done.append([claim.message_id, claim.attempt])
-        finally:
-            await backend.aclose()
-        print(json.dumps(done))
-
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
-    """
-)
-
-
-@pytest.mark.processes
-async def test_claims_from_two_processes_never_overlap(backend: PostgresBackend, postgres_url: str) -> None:
-    sent = [await send(backend, ref(str(n % 20)), {"n": n}) for n in range(100)]
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _CLAIMER, postgres_url, f"p{i}", stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        for i in range(2)
-    ]
-    outputs = [await proc.communicate() for proc in procs]
-    assert all(proc.returncode == 0 for proc in procs), [err.decode() for _, err in outputs]
-    done = [entry for out, _ in outputs for entry in json.loads(out)]
-    assert sorted(m for m, _ in done) == sorted(sent)  # every message ran once, in one of the two processes
-    assert {attempt for _, attempt in done} == {1}  # and no claim ever took over a live lease
-    assert all(len(json.loads(out)) > 0 for out, _ in outputs)
-
-
 # --- Migration and tables ----------------------------------------------------------------------------------
 
 
@@ -364,31 +221,6 @@ async def test_a_refused_commit_writes_nothing_anywhere(backend: PostgresBackend
     assert [db_rows(postgres_url, f"SELECT * FROM {table}") for table in tables] == before
     info = await backend.message(APP, message_id)
     assert info is not None and info.status is MessageStatus.pending
-
-
-async def test_a_repeated_message_id_is_not_appended_twice(backend: PostgresBackend) -> None:
-    message = NewMessage(ref(), "m-1", "{}")
-    assert await backend.send(message) == "m-1"
-    assert await backend.send(message) == "m-1"
-    claimed = await claims(backend, limit=5, lease_s=5)
-    await backend.commit_turn(commit_of(claimed[0], {}))
-    assert await claims(backend, limit=5, lease_s=5) == []
-
-
-async def test_concurrent_sends_with_one_idempotency_key_append_once(
-    backend: PostgresBackend, other: PostgresBackend
-) -> None:
-    ids = await asyncio.gather(
-        *(
-            (backend if n % 2 else other).send(NewMessage(ref(), f"m-{n}", "{}", idempotency_key="req-1"))
-            for n in range(10)
-        )
-    )
-    assert len(set(ids)) == 1
-    claimed = await claims(backend, limit=5, lease_s=5)
-    assert [c.message_id for c in claimed] == ids[:1]
-    await backend.commit_turn(commit_of(claimed[0], {}))
-    assert await claims(backend, limit=5, lease_s=5) == []
 
 
 async def test_a_message_sent_while_a_commit_waits_for_the_row_is_queued_next(

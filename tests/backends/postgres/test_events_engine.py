@@ -6,9 +6,7 @@ pruning of events and of finished deliveries' instances."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -16,64 +14,35 @@ import psycopg
 import pytest
 
 import keel
-from keel.backends.base import Claim, InstanceRef, NewEvent, NewMessage, TurnCommit
 from keel.backends.postgres import broker as pg_broker
 from keel.backends.postgres import migrate as pg_store
 from keel.backends.postgres.transactions import BROKER_QUERIES
-from tests.backends.postgres._support import (
+from tests._engine import (
     APP,
-    RUNTIME_TABLES,
-    backends_opened_together,
+    ack_of,
+    claim_all,
+    claim_deliveries,
     claim_one,
-    claims,
     commit_of,
-    db_rows,
-    opened_backend,
+    new_event,
+    new_message,
     ref,
     send,
+    step_of,
+)
+from tests.backends.postgres._support import (
+    RUNTIME_TABLES,
+    backends_opened_together,
+    db_rows,
+    opened_backend,
     send_params,
     snapshot,
-    step_of,
 )
 
 if TYPE_CHECKING:
     from keel.backends.postgres.backend import PostgresBackend
 
 pytestmark = pytest.mark.postgres
-
-
-def _event(handlers: tuple[str, ...] = ("mail",), *, key: str | None = None, source: Claim | None = None) -> NewEvent:
-    event_id = uuid.uuid4().hex
-    deliveries = tuple(
-        NewMessage(InstanceRef(APP, f"on/{h}", event_id), f"{event_id}-{h}", json.dumps({"event_id": event_id}))
-        for h in handlers
-    )
-    return NewEvent(
-        APP,
-        event_id,
-        "Approved",
-        '{"loan": "42"}',
-        handlers,
-        deliveries,
-        None if source is None else source.instance,
-        None if source is None else source.message_id,
-        key,
-    )
-
-
-def _commit(
-    claim: Claim, state: object, *, sends: tuple[NewMessage, ...] = (), events: tuple[NewEvent, ...] = ()
-) -> TurnCommit:
-    state_json = None if state is None else json.dumps(state)
-    return TurnCommit(claim, state_json, "w1", datetime.now(UTC), 0.01, sends, events)
-
-
-async def _delivery_claims(backend: PostgresBackend, handler: str = "mail") -> list[Claim]:
-    return await backend.claim(APP, [f"on/{handler}"], worker="w1", lease_s=30, limit=10)
-
-
-def _message(instance: InstanceRef) -> NewMessage:
-    return NewMessage(instance, uuid.uuid4().hex, "{}")
 
 
 # --- Migration ---------------------------------------------------------------------------------------------
@@ -105,10 +74,10 @@ async def test_a_database_at_schema_version_4_is_upgraded_in_place(postgres_url:
         assert db_rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", 5)]
         claim = await claim_one(opened[0])
         assert (claim.message_id, claim.fencing_token) == ("old", 4)
-        event = _event(source=claim)
-        assert await opened[1].commit_turn(_commit(claim, {"n": 1}, events=(event,))) == 1
+        event = new_event(source=claim)
+        assert await opened[1].commit_turn(commit_of(claim, {"n": 1}, events=(event,))) == 1
         assert [row.event_id for row in await opened[2].events(APP, limit=5)] == [event.event_id]
-        assert [c.instance.workflow_id for c in await _delivery_claims(opened[0])] == [event.event_id]
+        assert [c.instance.workflow_id for c in await claim_deliveries(opened[0])] == [event.event_id]
 
 
 # --- The event log -----------------------------------------------------------------------------------------
@@ -119,8 +88,8 @@ async def test_the_log_holds_an_events_fields_and_the_servers_publish_time(
 ) -> None:
     await send(backend, ref(), {})
     claim = await claim_one(backend)
-    event = _event(("mail", "audit"), key="loan-42-approved", source=claim)
-    await backend.commit_turn(_commit(claim, {}, events=(event,)))
+    event = new_event(("mail", "audit"), key="loan-42-approved", source=claim, payload={"loan": "42"}, type="Approved")
+    await backend.commit_turn(commit_of(claim, {}, events=(event,)))
     [row] = db_rows(
         postgres_url,
         "SELECT event_id, type, payload, handlers, source_app, source_workflow, source_workflow_id,"
@@ -155,25 +124,13 @@ def test_the_log_is_read_newest_first_by_its_index(postgres_url: str) -> None:
 async def test_concurrent_publishes_of_one_key_append_one_event_and_its_deliveries(
     backend: PostgresBackend, other: PostgresBackend, postgres_url: str
 ) -> None:
-    events = [_event(("mail", "audit"), key="once") for _ in range(10)]
+    events = [new_event(("mail", "audit"), key="once") for _ in range(10)]
     ids = await asyncio.gather(*((backend if n % 2 else other).publish(e) for n, e in enumerate(events)))
     assert len(set(ids)) == 1
     assert db_rows(postgres_url, "SELECT event_id FROM keel_events") == [(ids[0],)]
     # Only the appended event's deliveries were sent, and no instance row was made for the others.
     assert db_rows(postgres_url, "SELECT DISTINCT workflow_id FROM keel_messages") == [(ids[0],)]
     assert db_rows(postgres_url, "SELECT DISTINCT workflow_id FROM keel_instances") == [(ids[0],)]
-
-
-async def test_a_commits_events_with_one_key_append_the_first_only(backend: PostgresBackend, postgres_url: str) -> None:
-    await send(backend, ref(), {})
-    claim = await claim_one(backend)
-    first, second = _event(key="k"), _event(key="k")
-    await backend.commit_turn(_commit(claim, {}, events=(first, second)))
-    assert [row.event_id for row in await backend.events(APP, limit=5)] == [first.event_id]
-    assert [c.instance.workflow_id for c in await _delivery_claims(backend)] == [first.event_id]
-    assert db_rows(postgres_url, "SELECT count(*) FROM keel_instances WHERE workflow_id = %s", second.event_id) == [
-        (0,)
-    ]
 
 
 # --- Commits with sends and events -------------------------------------------------------------------------
@@ -187,16 +144,18 @@ async def test_a_refused_commit_with_sends_and_events_writes_nothing_anywhere(
     await asyncio.sleep(0.3)
     tables = (*RUNTIME_TABLES, "keel_instance_tombstones")
     before = snapshot(postgres_url, tables)
-    commit = _commit(claim, {}, sends=(_message(ref("0")), _message(ref("9"))), events=(_event(("mail", "audit")),))
+    commit = commit_of(
+        claim, {}, sends=(new_message(ref("0")), new_message(ref("9"))), events=(new_event(("mail", "audit")),)
+    )
     with pytest.raises(keel.LeaseLostError, match="expired"):
         await backend.commit_turn(commit)
     assert snapshot(postgres_url, tables) == before
 
 
 async def test_a_delivery_acknowledged_writes_no_state(backend: PostgresBackend, postgres_url: str) -> None:
-    await backend.publish(_event())
-    [claim] = await _delivery_claims(backend)
-    assert await backend.commit_turn(_commit(claim, None)) == 0
+    await backend.publish(new_event())
+    [claim] = await claim_deliveries(backend)
+    assert await backend.commit_turn(ack_of(claim)) == 0
     assert db_rows(postgres_url, "SELECT state, state_version, state_written_at FROM keel_instances") == [
         (None, 0, None)
     ]
@@ -210,20 +169,20 @@ async def test_commits_sending_to_each_others_instances_do_not_deadlock(
 ) -> None:
     await send(backend, ref("a"), {})
     await send(backend, ref("b"), {})
-    by_id = {c.instance.workflow_id: c for c in await claims(backend)}
+    by_id = {c.instance.workflow_id: c for c in await claim_all(backend)}
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
         async with conn.transaction():
             # Hold instance a: both commits line up behind it, and must then take a and b in the same order.
             await conn.execute(BROKER_QUERIES["lock_instance"], {"app": APP, "workflow": "loan", "workflow_id": "a"})
             commits = [
-                asyncio.create_task(backend.commit_turn(_commit(by_id["a"], {}, sends=(_message(ref("b")),)))),
-                asyncio.create_task(other.commit_turn(_commit(by_id["b"], {}, sends=(_message(ref("a")),)))),
+                asyncio.create_task(backend.commit_turn(commit_of(by_id["a"], {}, sends=(new_message(ref("b")),)))),
+                asyncio.create_task(other.commit_turn(commit_of(by_id["b"], {}, sends=(new_message(ref("a")),)))),
             ]
             await asyncio.sleep(0.3)
             assert not any(task.done() for task in commits)
         # A deadlock would be found and broken within the server's deadlock_timeout (1 s by default).
         assert await asyncio.wait_for(asyncio.gather(*commits), 5) == [1, 1]
-    assert sorted(c.instance.workflow_id for c in await claims(backend)) == ["a", "b"]
+    assert sorted(c.instance.workflow_id for c in await claim_all(backend)) == ["a", "b"]
 
 
 async def test_a_renewal_and_a_commit_sending_to_a_renewed_instance_do_not_deadlock(
@@ -231,25 +190,19 @@ async def test_a_renewal_and_a_commit_sending_to_a_renewed_instance_do_not_deadl
 ) -> None:
     await send(backend, ref("a"), {})
     await send(backend, ref("b"), {})
-    by_id = {c.instance.workflow_id: c for c in await claims(backend)}
+    by_id = {c.instance.workflow_id: c for c in await claim_all(backend)}
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
         async with conn.transaction():
             await conn.execute(BROKER_QUERIES["lock_instance"], {"app": APP, "workflow": "loan", "workflow_id": "a"})
-            committing = asyncio.create_task(other.commit_turn(_commit(by_id["b"], {}, sends=(_message(ref("a")),))))
+            committing = asyncio.create_task(
+                other.commit_turn(commit_of(by_id["b"], {}, sends=(new_message(ref("a")),)))
+            )
             renewing = asyncio.create_task(backend.renew([by_id["b"], by_id["a"]], lease_s=30))
             await asyncio.sleep(0.3)
             assert not committing.done() and not renewing.done()
         assert await asyncio.wait_for(committing, 5) == 1
         renewed = await asyncio.wait_for(renewing, 5)
     assert renewed[1] is True  # a's lease, whichever went first; b's is gone if the commit did
-
-
-async def test_a_commit_may_send_to_its_own_instance(backend: PostgresBackend) -> None:
-    await send(backend, ref(), {})
-    claim = await claim_one(backend)
-    again = _message(ref())
-    assert await backend.commit_turn(_commit(claim, {"n": 1}, sends=(again, _message(ref("0"))))) == 1
-    assert {c.message_id for c in await claims(backend)} >= {again.message_id}
 
 
 async def test_a_refused_or_failed_write_leaves_its_connection_clean(
@@ -262,14 +215,14 @@ async def test_a_refused_or_failed_write_leaves_its_connection_clean(
         claim = await claim_one(backend)
         await backend.release(claim)
         with pytest.raises(keel.LeaseLostError):
-            await backend.commit_turn(_commit(claim, {}, sends=(_message(ref("9")),), events=(_event(),)))
+            await backend.commit_turn(commit_of(claim, {}, sends=(new_message(ref("9")),), events=(new_event(),)))
         async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn, conn.transaction():
             await conn.execute(BROKER_QUERIES["lock_instance"], {"app": APP, "workflow": "loan", "workflow_id": "42"})
             with pytest.raises(keel.BackendUnavailable, match="statement timeout"):
                 await send(backend, ref(), {})
         await send(backend, ref("9"), {})
-        assert await backend.publish(_event()) is not None
-        assert sorted(c.instance.workflow_id for c in await claims(backend)) == ["42", "9"]
+        assert await backend.publish(new_event()) is not None
+        assert sorted(c.instance.workflow_id for c in await claim_all(backend)) == ["42", "9"]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
 
 
@@ -279,11 +232,11 @@ async def test_a_refused_or_failed_write_leaves_its_connection_clean(
 async def test_a_finished_delivery_is_pruned_whole_without_a_tombstone(
     backend: PostgresBackend, postgres_url: str
 ) -> None:
-    event = _event(("mail", "audit"))
+    event = new_event(("mail", "audit"))
     await backend.publish(event)
-    [mail] = await _delivery_claims(backend, "mail")
+    [mail] = await claim_deliveries(backend, "mail")
     await backend.record_step(step_of(mail, "smtp", "ok"))
-    await backend.commit_turn(_commit(mail, None))
+    await backend.commit_turn(ack_of(mail))
     await send(backend, ref(), {})
     await backend.commit_turn(commit_of(await claim_one(backend), {"n": 1}))
     soon = datetime.now(UTC) + timedelta(seconds=5)
@@ -298,16 +251,16 @@ async def test_a_finished_delivery_is_pruned_whole_without_a_tombstone(
         ("loan", 1),
         ("on/audit", 0),
     ]
-    assert [c.instance.workflow_id for c in await _delivery_claims(backend, "audit")] == [event.event_id]
+    assert [c.instance.workflow_id for c in await claim_deliveries(backend, "audit")] == [event.event_id]
 
 
 async def test_a_delivery_sent_again_while_prune_deletes_its_instance_keeps_it(
     backend: PostgresBackend, postgres_url: str
 ) -> None:
-    event = _event()
+    event = new_event()
     await backend.publish(event)
-    [claim] = await _delivery_claims(backend)
-    await backend.commit_turn(_commit(claim, None))
+    [claim] = await claim_deliveries(backend)
+    await backend.commit_turn(ack_of(claim))
     # The event is published again (its log row pruned, say) by a send caught between its two statements.
     params = {**send_params(backend, "again"), "workflow": "on/mail", "workflow_id": event.event_id}
     params.update(workflows=["on/mail"], workflow_ids=[event.event_id])
@@ -320,7 +273,7 @@ async def test_a_delivery_sent_again_while_prune_deletes_its_instance_keeps_it(
             assert not pruning.done()
             await conn.execute(BROKER_QUERIES["append"], params)
         assert (await pruning).messages == 1
-    assert [c.message_id for c in await _delivery_claims(backend)] == ["again"]
+    assert [c.message_id for c in await claim_deliveries(backend)] == ["again"]
 
 
 async def test_every_foreign_key_has_an_index_to_check_deletes_by(backend: PostgresBackend, postgres_url: str) -> None:
@@ -347,7 +300,7 @@ async def test_prune_deletes_events_in_batches_and_concurrent_prunes_share_them(
 ) -> None:
     monkeypatch.setattr(pg_broker, "PRUNE_BATCH", 2)
     for n in range(7):
-        await backend.publish(_event((), key=f"k{n}" if n % 2 else None))
+        await backend.publish(new_event((), key=f"k{n}" if n % 2 else None))
     soon = datetime.now(UTC) + timedelta(seconds=5)
     results = await asyncio.gather(
         *((backend if n % 2 else other).prune(APP, finished_before=soon, keys_before=soon) for n in range(4))

@@ -126,30 +126,6 @@ async def test_a_lost_compare_and_swap_changes_nothing(engine: PostgresStore, po
     assert _tables(postgres_url, "other") == ([], [])
 
 
-async def test_concurrent_swaps_from_one_version_have_one_winner(postgres_url: str) -> None:
-    engines = [await open_engine(postgres_url, StoreOptions()) for _ in range(4)]
-    try:
-        await engines[0].put("k", "0", expected_version=None, writer=WRITER)
-
-        async def swap(n: int) -> bool:
-            try:
-                await engines[n % 4].put("k", str(n), expected_version=1, writer=f"w:{n}")
-            except keel.StaleWriteError as exc:
-                assert exc.actual_version == 2
-                return False
-            return True
-
-        wins = await asyncio.gather(*(swap(n) for n in range(40)))
-    finally:
-        for opened in engines:
-            await opened.aclose()
-    assert sum(wins) == 1
-    current, past = _tables(postgres_url, "k")
-    assert current[0][1] == 2
-    assert [row[1] for row in past] == [1, 2]
-    assert past[1][2] == str(wins.index(True))
-
-
 async def test_a_delete_is_a_tombstone_and_versions_go_on_after_it(engine: PostgresStore, postgres_url: str) -> None:
     record = await engine.put("k", "1", expected_version=None, writer=WRITER)
     tombstone = await engine.delete("k", expected_version=record.version, writer=WRITER)

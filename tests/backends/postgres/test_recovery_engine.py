@@ -1,10 +1,9 @@
 """PostgreSQL-only behaviour of steps, retries and dead letters: the runtime_v2 migration of a database at schema
-version 2, what the rows hold, refused writes that write nothing, and concurrent resolves and step records."""
+version 2, what the rows hold, refused writes that write nothing, and holds by the server's clock."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -15,19 +14,8 @@ import pytest
 import keel
 from keel.backends.base import MessageStatus, StepRecord
 from keel.backends.postgres import migrate as pg_store
-from tests.backends.postgres._support import (
-    APP,
-    backends_opened_together,
-    claim_one,
-    claims,
-    commit_of,
-    db_rows,
-    failure_of,
-    ref,
-    send,
-    snapshot,
-    step_of,
-)
+from tests._engine import APP, claim_one, failure_of, ref, send, step_of
+from tests.backends.postgres._support import backends_opened_together, db_rows, snapshot
 
 if TYPE_CHECKING:
     from keel.backends.postgres.backend import PostgresBackend
@@ -100,17 +88,6 @@ async def test_a_step_row_says_who_recorded_it_under_which_token(backend: Postgr
     assert rows == [(APP, message_id, "pay", '{"paid": 1}', "w1", claim.fencing_token, 0.25)]
 
 
-async def test_concurrent_records_of_one_step_keep_one_result(backend: PostgresBackend, other: PostgresBackend) -> None:
-    await send(backend, ref(), {})
-    claim = await claim_one(backend)
-    await asyncio.gather(
-        *((backend if n % 2 else other).record_step(step_of(claim, "pay", {"n": n})) for n in range(10))
-    )
-    await backend.release(claim)
-    steps = (await claim_one(other)).steps
-    assert list(steps) == ["pay"] and json.loads(steps["pay"])["n"] in range(10)
-
-
 async def test_refused_steps_and_retries_write_nothing_anywhere(backend: PostgresBackend, postgres_url: str) -> None:
     await send(backend, ref(), {})
     released = await claim_one(backend)
@@ -158,22 +135,7 @@ async def test_a_retry_holds_the_instance_by_the_servers_clock(
     assert (again.message_id, again.attempt) == (message_id, 2)
 
 
-async def test_a_retry_with_no_delay_is_claimable_at_once(backend: PostgresBackend) -> None:
-    await send(backend, ref(), {})
-    await backend.retry_turn(failure_of(await claim_one(backend)), delay_s=0)
-    assert (await claim_one(backend)).attempt == 2
-
-
 # --- Dead letters ------------------------------------------------------------------------------------------
-
-
-async def test_dead_letters_come_newest_first_across_instances(backend: PostgresBackend) -> None:
-    ids = [await send(backend, ref(str(n)), {}) for n in range(3)]
-    for _ in ids:
-        await backend.fail_turn(failure_of(await claim_one(backend)))
-        await asyncio.sleep(0.01)
-    assert [d.message_id for d in await backend.dead_letters(APP, limit=10)] == ids[::-1]
-    assert [d.message_id for d in await backend.dead_letters(APP, limit=2)] == ids[:0:-1]
 
 
 async def test_a_retried_dead_letter_starts_clean(backend: PostgresBackend, postgres_url: str) -> None:
@@ -186,49 +148,3 @@ async def test_a_retried_dead_letter_starts_clean(backend: PostgresBackend, post
     assert row == ("pending", 0, None, None)
     again = await claim_one(backend)
     assert (again.attempt, again.steps) == (1, {"pay": '{"paid": 1}'})  # recorded steps are not run again
-
-
-async def test_skipping_the_last_message_leaves_an_empty_inbox_that_a_send_refills(backend: PostgresBackend) -> None:
-    dead_id = await send(backend, ref(), {})
-    await backend.fail_turn(failure_of(await claim_one(backend)))
-    assert await backend.resolve_dead_letter(ref(), skip=True) == dead_id
-    assert await claims(backend, limit=5) == []
-    assert await backend.resolve_dead_letter(ref(), skip=True) is None  # no longer paused
-    later_id = await send(backend, ref(), {})
-    assert (await claim_one(backend)).message_id == later_id
-
-
-async def test_concurrent_resolves_resolve_once(backend: PostgresBackend, other: PostgresBackend) -> None:
-    dead_id = await send(backend, ref(), {})
-    later_id = await send(backend, ref(), {})
-    await backend.fail_turn(failure_of(await claim_one(backend)))
-    results = await asyncio.gather(
-        *((backend if n % 2 else other).resolve_dead_letter(ref(), skip=True) for n in range(6))
-    )
-    assert [r for r in results if r is not None] == [dead_id]
-    assert (await claim_one(backend)).message_id == later_id  # skipped once: the later message is not skipped
-
-
-async def test_resolving_wakes_a_waiting_worker(backend: PostgresBackend, other: PostgresBackend) -> None:
-    await send(backend, ref(), {})
-    await backend.fail_turn(failure_of(await claim_one(backend)))
-    waiter = asyncio.create_task(backend.wait_for_work(APP, timeout_s=10))
-    await asyncio.sleep(0.3)  # the listener has subscribed and found no work: the instance is paused
-    assert not waiter.done()
-    resolved = time.monotonic()
-    await other.resolve_dead_letter(ref(), skip=False)
-    await asyncio.wait_for(waiter, 2)
-    assert time.monotonic() - resolved < 0.5
-
-
-async def test_a_paused_instance_with_a_committed_turn_keeps_its_state_through_a_retry(
-    backend: PostgresBackend,
-) -> None:
-    await send(backend, ref(), {})
-    assert await backend.commit_turn(commit_of(await claim_one(backend), {"n": 1})) == 1
-    await send(backend, ref(), {})
-    await backend.fail_turn(failure_of(await claim_one(backend)))
-    await backend.resolve_dead_letter(ref(), skip=False)
-    again = await claim_one(backend)
-    assert (again.state_version, again.state_json) == (1, '{"n": 1}')
-    assert await backend.commit_turn(commit_of(again, {"n": 2})) == 2

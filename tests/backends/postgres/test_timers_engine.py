@@ -18,19 +18,8 @@ from keel.backends.base import MessageStatus, StepRecord
 from keel.backends.postgres import broker as pg_broker
 from keel.backends.postgres import migrate as pg_store
 from keel.backends.postgres.transactions import BROKER_QUERIES
-from tests.backends.postgres._support import (
-    APP,
-    backends_opened_together,
-    claim_one,
-    claims,
-    commit_of,
-    db_rows,
-    failure_of,
-    opened_backend,
-    ref,
-    send,
-    send_params,
-)
+from tests._engine import APP, claim_all, claim_one, commit_of, failure_of, ref, send
+from tests.backends.postgres._support import backends_opened_together, db_rows, opened_backend, send_params
 
 if TYPE_CHECKING:
     from keel.backends.postgres.backend import PostgresBackend
@@ -122,33 +111,10 @@ async def test_a_timer_is_due_by_the_servers_clock_and_stored_durably(
         " FROM keel_messages AS m JOIN keel_instances AS i USING (app, workflow, workflow_id)",
     )
     assert (delay, next_matches) == (timedelta(seconds=30), True)
-    assert await claims(other) == []
+    assert await claim_all(other) == []
     db_rows(postgres_url, "UPDATE keel_messages SET visible_at = clock_timestamp()")  # as if the time had come
     db_rows(postgres_url, "UPDATE keel_instances SET next_visible_at = clock_timestamp()")
     assert (await claim_one(other)).message_id == message_id
-
-
-async def test_instances_are_claimed_in_the_order_their_next_messages_become_visible(
-    backend: PostgresBackend,
-) -> None:
-    await send(backend, ref("late"), {}, delay_s=0.4)
-    await send(backend, ref("now"), {})
-    await send(backend, ref("soon"), {}, delay_s=0.2)
-    assert [c.instance.workflow_id for c in await claims(backend)] == ["now"]
-    await asyncio.sleep(0.5)
-    assert [c.instance.workflow_id for c in await claims(backend)] == ["soon", "late"]
-
-
-async def test_a_message_sent_while_paused_waits_behind_the_dead_letter(backend: PostgresBackend) -> None:
-    dead = await send(backend, ref(), {})
-    await backend.fail_turn(failure_of(await claim_one(backend)))
-    later = await send(backend, ref(), {})
-    assert await claims(backend) == []
-    assert await backend.resolve_dead_letter(ref(), skip=False) == dead
-    retried = await claim_one(backend)
-    assert retried.message_id == dead
-    await backend.commit_turn(commit_of(retried, {}))
-    assert (await claim_one(backend)).message_id == later
 
 
 async def test_only_visible_work_wakes_a_new_listener(backend: PostgresBackend, postgres_url: str) -> None:

@@ -1,25 +1,16 @@
-"""Helpers shared by the Redis tests: messages, claims and their outcomes, the server clock, and snapshots of the
-test DB. The fixtures are in ``conftest.py``; the private redis-server is in ``_server.py``."""
+"""Helpers shared by the Redis tests: the server clock, snapshots of the test DB and counted commands (messages,
+claims and their outcomes come from ``tests._engine``). The fixtures are in ``conftest.py``; the private
+redis-server is in ``_server.py``."""
 
 from __future__ import annotations
 
-import json
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from keel.backends import open_backend
 from keel.backends.base import (
-    Backend,
-    Claim,
-    InstanceRef,
-    NewEvent,
-    NewMessage,
-    StepRecord,
     StoreOptions,
-    TurnCommit,
-    TurnFailure,
 )
 
 if TYPE_CHECKING:
@@ -28,58 +19,9 @@ if TYPE_CHECKING:
     import pytest
     from redis.asyncio import Redis
 
-APP = "loans"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 STORE_LOGGER = "keel.backends.redis.connection"
 MIGRATE_LOGGER = "keel.backends.redis.migrate"
-
-
-# -- messages, claims and their outcomes ----------------------------------------------------------------------------
-
-
-def ref(workflow_id: str = "42", workflow: str = "loan", app: str = APP) -> InstanceRef:
-    return InstanceRef(app, workflow, workflow_id)
-
-
-async def send(
-    backend: Backend,
-    instance: InstanceRef,
-    payload: object = None,
-    key: str | None = None,
-    *,
-    delay_s: float = 0.0,
-    message_id: str = "",
-) -> str:
-    """Send ``payload`` as JSON, under a fresh message id unless one is given."""
-    return await backend.send(NewMessage(instance, message_id or uuid.uuid4().hex, json.dumps(payload), key, delay_s))
-
-
-async def claim_one(backend: Backend, *, worker: str = "w1", lease_s: float = 5.0) -> Claim:
-    [claim] = await backend.claim(APP, ["loan"], worker=worker, lease_s=lease_s, limit=1)
-    return claim
-
-
-async def claim_all(backend: Backend, *, limit: int = 10, lease_s: float = 5.0) -> list[Claim]:
-    return await backend.claim(APP, ["loan"], worker="w1", lease_s=lease_s, limit=limit)
-
-
-def commit_of(
-    claim: Claim,
-    state: object = None,
-    worker: str = "w1",
-    *,
-    sends: tuple[NewMessage, ...] = (),
-    events: tuple[NewEvent, ...] = (),
-) -> TurnCommit:
-    return TurnCommit(claim, json.dumps(state), worker, datetime.now(UTC), 0.01, sends, events)
-
-
-def failure_of(claim: Claim, error: str = "RuntimeError: flaky") -> TurnFailure:
-    return TurnFailure(claim, error, "w1", datetime.now(UTC), 0.01)
-
-
-def step_of(claim: Claim, name: str, result: object) -> StepRecord:
-    return StepRecord(claim, name, json.dumps(result), "w1", 0.01)
 
 
 # -- time -----------------------------------------------------------------------------------------------------------

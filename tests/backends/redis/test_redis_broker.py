@@ -1,16 +1,13 @@
-"""Redis-only behaviour of the runtime: the stored layout, the Lua scripts' fencing, the wake stream, claims from
-separate backends and processes, and the schema step. What every engine shares is in tests/conformance/."""
+"""Redis-only behaviour of the runtime: the stored layout, the Lua scripts' fencing, the wake stream, and the
+schema step. What every engine shares (claims from separate backends and processes too) is in tests/conformance/."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -21,27 +18,14 @@ from keel.backends import open_backend
 from keel.backends.base import (
     STATE_HISTORY_LIMIT,
     MessageStatus,
-    NewMessage,
     StoreOptions,
     TurnFailure,
 )
 from keel.backends.redis import broker as redis_broker
 from keel.backends.redis.migrate import STORE_SCHEMA_VERSION
 from keel.backends.redis.wake import WAIT_BLOCK_S, block_seconds
-from tests.backends.redis._support import (
-    APP,
-    STORE_LOGGER,
-    claim_one,
-    commit_of,
-    count_commands,
-    micros,
-    ref,
-    reopen,
-    send,
-    server_now,
-    snapshot,
-    step_of,
-)
+from tests._engine import APP, claim_one, commit_of, ref, send, step_of
+from tests.backends.redis._support import STORE_LOGGER, count_commands, micros, reopen, server_now, snapshot
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -50,8 +34,6 @@ if TYPE_CHECKING:
     from keel.backends.redis.backend import RedisBackend
 
 pytestmark = pytest.mark.redis
-
-CLAIMER = Path(__file__).with_name("_claimer.py")
 
 
 # -- layout ---------------------------------------------------------------------------------------------------------
@@ -166,64 +148,6 @@ async def test_lease_expiry_and_written_at_come_from_the_server_clock(backend: B
     assert after <= state.written_at <= await server_now(raw)
 
 
-# -- claims ---------------------------------------------------------------------------------------------------------
-
-
-async def test_claims_from_two_backends_never_overlap(backend: Backend, other: Backend) -> None:
-    for n in range(40):
-        await send(backend, ref(str(n)), {"n": n})
-    batches = await asyncio.gather(
-        *((backend if i % 2 else other).claim(APP, ["loan"], worker=f"w{i}", lease_s=30, limit=3) for i in range(20))
-    )
-    claimed = [c.instance for batch in batches for c in batch]
-    assert len(claimed) == len(set(claimed)) == 40
-    assert await other.claim(APP, ["loan"], worker="late", lease_s=30, limit=5) == []
-
-
-@pytest.mark.processes
-@pytest.mark.slow
-async def test_claims_from_three_processes_run_every_turn_exactly_once(backend: Backend) -> None:
-    sent = {str(n): [await send(backend, ref(str(n)), {"k": k}) for k in range(5)] for n in range(20)}
-    url = backend.store.url
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, str(CLAIMER), url, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        for _ in range(3)
-    ]
-    outputs = [await asyncio.wait_for(proc.communicate(), 120) for proc in procs]
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err.decode()
-    turns = [tuple(turn) for out, _ in outputs for turn in json.loads(out.decode().strip().splitlines()[-1])]
-    assert sorted(t[1] for t in turns) == sorted(m for ids in sent.values() for m in ids)  # each exactly once
-    for workflow_id, message_ids in sent.items():
-        mine = sorted((t for t in turns if t[0] == workflow_id), key=lambda t: t[3])
-        assert [t[1] for t in mine] == message_ids  # in send order
-        assert [t[3] for t in mine] == [1, 2, 3, 4, 5]
-        state = await backend.state(ref(workflow_id))
-        assert state is not None and json.loads(state.value_json or "null") == {"n": 5}
-
-
-async def test_an_expired_lease_competes_by_message_age(backend: Backend) -> None:
-    await send(backend, ref("old"))
-    await send(backend, ref("new"))
-    zombie = await claim_one(backend, lease_s=0.1)
-    assert zombie.instance == ref("old")
-    await asyncio.sleep(0.2)
-    claims = await backend.claim(APP, ["loan"], worker="w2", lease_s=5, limit=2)
-    assert [(c.instance.workflow_id, c.attempt) for c in claims] == [("old", 2), ("new", 1)]
-    assert claims[0].fencing_token == zombie.fencing_token + 1
-
-
-async def test_resending_a_message_id_appends_nothing(backend: Backend) -> None:
-    message = NewMessage(ref(), "m-1", "{}")
-    assert await backend.send(message) == "m-1"
-    assert await backend.send(message) == "m-1"
-    claim = await claim_one(backend)
-    await backend.commit_turn(commit_of(claim))
-    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=5) == []
-
-
 # -- fencing --------------------------------------------------------------------------------------------------------
 
 
@@ -258,32 +182,6 @@ async def test_a_commit_after_expiry_changes_no_key(backend: Backend, raw: Redis
 
 
 # -- waking ---------------------------------------------------------------------------------------------------------
-
-
-async def test_a_send_from_another_backend_wakes_a_waiter_within_100_ms(backend: Backend, other: Backend) -> None:
-    await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)
-    woke_at: list[float] = []
-
-    async def waiter() -> None:
-        await backend.wait_for_work(APP, timeout_s=10)
-        woke_at.append(time.monotonic())
-
-    task = asyncio.create_task(waiter())
-    await asyncio.sleep(0.3)
-    assert not woke_at
-    await send(other, ref())
-    sent_at = time.monotonic()
-    await asyncio.wait_for(task, 5)
-    assert woke_at[0] - sent_at < 0.3  # typically a few ms; the margin is for a loaded CI machine
-
-
-async def test_a_send_between_a_claim_and_the_first_wait_is_not_missed(backend: Backend, other: Backend) -> None:
-    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1) == []
-    await send(other, ref())  # before the worker starts waiting
-    started = time.monotonic()
-    await backend.wait_for_work(APP, timeout_s=5)
-    assert time.monotonic() - started < 0.5
-    assert len(await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1)) == 1
 
 
 async def test_each_wait_starts_after_the_last_send_it_saw(backend: Backend, other: Backend) -> None:

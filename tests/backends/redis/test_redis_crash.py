@@ -15,8 +15,9 @@ import pytest
 import keel
 from keel.backends import open_backend
 from keel.backends.base import MessageStatus, StoreOptions
+from tests._engine import claim_one, commit_of, ref, send
 from tests.backends.redis._server import DURABLE, private_redis
-from tests.backends.redis._support import STORE_LOGGER, claim_one, commit_of, ref, send
+from tests.backends.redis._support import STORE_LOGGER
 
 if TYPE_CHECKING:
     from pathlib import Path

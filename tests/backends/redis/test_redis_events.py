@@ -1,10 +1,9 @@
 """Redis-only behaviour of events: the keys of the event log, one script per commit with its outbox, the fenced
 commit that writes nothing, prune's event batches and whole delivery instances, and the schema step from 4 to 5.
-What every engine shares is in tests/conformance/test_events_broker.py."""
+What every engine shares is in tests/conformance/test_events_broker.py and test_events_log.py."""
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -14,64 +13,19 @@ from redis.crc import key_slot
 
 import keel
 from keel.backends import open_backend
-from keel.backends.base import InstanceRef, NewEvent, NewMessage, Pruned, StoreOptions, TurnCommit
+from keel.backends.base import NewMessage, Pruned, StoreOptions
 from keel.backends.redis import cleanup
 from keel.backends.redis.migrate import STORE_SCHEMA_VERSION
-from tests.backends.redis._support import (
-    APP,
-    STORE_LOGGER,
-    claim_one,
-    commit_of,
-    count_commands,
-    failure_of,
-    ref,
-    reopen,
-    send,
-    server_now_us,
-    snapshot,
-)
+from tests._engine import APP, ack_of, claim_one, commit_of, failure_of, new_event, ref, send
+from tests.backends.redis._support import STORE_LOGGER, count_commands, reopen, server_now_us, snapshot
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from keel.backends.base import Backend, Claim
+    from keel.backends.base import Backend
     from keel.backends.redis.backend import RedisBackend
 
 pytestmark = pytest.mark.redis
-
-
-def event_of(
-    event_id: str,
-    handlers: tuple[str, ...] = ("mail",),
-    *,
-    key: str | None = None,
-    source: Claim | None = None,
-) -> NewEvent:
-    deliveries = tuple(
-        NewMessage(InstanceRef(APP, f"on/{h}", event_id), f"{event_id}-{h}", json.dumps({"e": event_id}))
-        for h in handlers
-    )
-    return NewEvent(
-        APP,
-        event_id,
-        "Shipped",
-        '{"n": 1}',
-        handlers,
-        deliveries,
-        None if source is None else source.instance,
-        None if source is None else source.message_id,
-        key,
-    )
-
-
-def ack_of(claim: Claim) -> TurnCommit:
-    """A handler delivery's acknowledgement: a commit without state."""
-    return TurnCommit(claim, None, "w1", datetime.now(UTC), 0.01)
-
-
-async def claim_delivery(backend: Backend, handler: str = "mail") -> Claim:
-    [claim] = await backend.claim(APP, [f"on/{handler}"], worker="w1", lease_s=5, limit=1)
-    return claim
 
 
 async def test_event_keys_land_in_the_documented_layout(backend: Backend, raw: Redis) -> None:
@@ -79,15 +33,15 @@ async def test_event_keys_land_in_the_documented_layout(backend: Backend, raw: R
     claim = await claim_one(backend)
     await backend.commit_turn(commit_of(claim, {"n": 1}))
     before_us = await server_now_us(raw)
-    assert await backend.publish(event_of("e{1}", ("mail", "audit"), key="k-1")) == "e{1}"
-    await backend.commit_turn(TurnCommit(await claim_delivery(backend), None, "w1", datetime.now(UTC), 0.01))
+    assert await backend.publish(new_event(("mail", "audit"), event_id="e{1}", key="k-1")) == "e{1}"
+    await backend.commit_turn(ack_of(await claim_one(backend, ("on/mail",))))
     await send(backend, ref(), {})
     source = await claim_one(backend)
-    await backend.commit_turn(commit_of(source, {"n": 2}, events=(event_of("e2", (), source=source),)))
+    await backend.commit_turn(commit_of(source, {"n": 2}, events=(new_event((), event_id="e2", source=source),)))
 
     event = await raw.hgetall("keel:event:{loans}:e{1}")
     assert before_us <= int(event.pop("a")) <= await server_now_us(raw)
-    assert event == {"q": "2", "y": "Shipped", "p": '{"n": 1}', "h": '["mail", "audit"]', "k": "k-1"}
+    assert event == {"q": "2", "y": "Shipped", "p": '{"order": "o1"}', "h": '["mail", "audit"]', "k": "k-1"}
     second = await raw.hgetall("keel:event:{loans}:e2")
     assert (second["q"], second["h"], second["m"]) == ("6", "[]", source.message_id)
     assert (second["sa"], second["sw"], second["si"]) == ("loans", "loan", "42")
@@ -114,9 +68,9 @@ async def test_a_commit_with_sends_and_events_is_one_script_call(
     claim = await claim_one(backend)
     sent = count_commands(monkeypatch, backend.store.connection.client)
     outbox = (NewMessage(ref("b"), "m-b", "{}"), NewMessage(ref("c"), "m-c", "{}", "k", 5.0))
-    events = (event_of("e1", ("mail", "audit")), event_of("e2", ("mail",), key="once"))
+    events = (new_event(("mail", "audit"), event_id="e1"), new_event(("mail",), event_id="e2", key="once"))
     await backend.commit_turn(commit_of(claim, {}, sends=outbox, events=events))
-    await backend.publish(event_of("e3", ("audit",)))
+    await backend.publish(new_event(("audit",), event_id="e3"))
     await backend.events(APP, limit=10)
     assert sent == ["EVALSHA"] * 3
     claimed = await backend.claim(APP, ["loan", "on/mail", "on/audit"], worker="w1", lease_s=5, limit=10)
@@ -128,32 +82,17 @@ async def test_a_fenced_commit_with_an_outbox_changes_no_key(backend: Backend, r
     claim = await claim_one(backend)
     await backend.release(claim)
     before = await snapshot(raw)
-    commit = commit_of(claim, {}, sends=(NewMessage(ref("b"), "m-b", "{}"),), events=(event_of("e1"),))
+    commit = commit_of(claim, {}, sends=(NewMessage(ref("b"), "m-b", "{}"),), events=(new_event(event_id="e1"),))
     with pytest.raises(keel.LeaseLostError, match="released"):
         await backend.commit_turn(commit)
     assert await snapshot(raw) == before
 
 
-async def test_an_event_repeated_in_one_commit_sends_its_deliveries_once(backend: Backend) -> None:
-    await send(backend, ref(), {})
-    claim = await claim_one(backend)
-    events = (
-        event_of("e1", ("mail",), key="k"),
-        event_of("e2", ("mail", "audit"), key="k"),  # the key again: skipped, deliveries and all
-        event_of("e1", ("mail",)),  # the id again: skipped
-        event_of("e3", ("audit",)),  # read past the skipped units' arguments, and appended
-    )
-    await backend.commit_turn(commit_of(claim, {}, events=events, sends=(NewMessage(ref("b"), "m-b", "{}"),)))
-    assert [row.event_id for row in await backend.events(APP, limit=10)] == ["e3", "e1"]
-    claimed = await backend.claim(APP, ["loan", "on/mail", "on/audit"], worker="w1", lease_s=5, limit=10)
-    assert sorted(c.message_id for c in claimed) == ["e1-mail", "e3-audit", "m-b"]
-
-
 async def test_prune_deletes_a_finished_delivery_instance_whole(backend: Backend, raw: Redis) -> None:
-    await backend.publish(event_of("e1"))
-    await backend.commit_turn(ack_of(await claim_delivery(backend)))
-    await backend.publish(event_of("e2"))
-    failed = await claim_delivery(backend)
+    await backend.publish(new_event(event_id="e1"))
+    await backend.commit_turn(ack_of(await claim_one(backend, ("on/mail",))))
+    await backend.publish(new_event(event_id="e2"))
+    failed = await claim_one(backend, ("on/mail",))
     await backend.fail_turn(failure_of(failed))
     await backend.resolve_dead_letter(failed.instance, skip=True)
     later = datetime.now(UTC) + timedelta(seconds=5)
@@ -163,21 +102,21 @@ async def test_prune_deletes_a_finished_delivery_instance_whole(backend: Backend
 
 
 async def test_prune_keeps_a_delivery_instance_that_holds_another_message(backend: Backend, raw: Redis) -> None:
-    await backend.publish(event_of("e1"))
-    claim = await claim_delivery(backend)
+    await backend.publish(new_event(event_id="e1"))
+    claim = await claim_one(backend, ("on/mail",))
     await send(backend, claim.instance, {"extra": True}, message_id="m-extra")  # not keel's doing, but possible
     await backend.commit_turn(ack_of(claim))
     later = datetime.now(UTC) + timedelta(seconds=5)
     assert await backend.prune(APP, finished_before=later, keys_before=later) == Pruned(1, turns=1, events=1)
     assert await raw.smembers("keel:ids:{loans/on%2Fmail/e1}") == {"m-extra"}
-    assert (await claim_delivery(backend)).message_id == "m-extra"
+    assert (await claim_one(backend, ("on/mail",))).message_id == "m-extra"
 
 
 async def test_prune_removes_events_in_batches(backend: Backend, raw: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cleanup, "PRUNE_BATCH", 2)
     for n in range(3):
-        await backend.publish(event_of(f"plain-{n}", ()))
-        await backend.publish(event_of(f"keyed-{n}", (), key=f"k{n}"))
+        await backend.publish(new_event((), event_id=f"plain-{n}"))
+        await backend.publish(new_event((), event_id=f"keyed-{n}", key=f"k{n}"))
     now = datetime.now(UTC) + timedelta(seconds=5)
     pruned = await backend.prune(APP, finished_before=now, keys_before=now - timedelta(days=1))
     assert pruned == Pruned(events=3)  # the keyed ones stay while their keys deduplicate
@@ -207,8 +146,8 @@ async def test_the_schema_step_from_4_records_5_and_rewrites_nothing(
         written["keel:schema"] = ("hash", -1, {"store": "5"})
         assert await snapshot(raw) == written
         # The data runs on, and gets an event log.
-        assert await opened.publish(event_of("e1")) == "e1"
-        assert await opened.commit_turn(ack_of(await claim_delivery(opened))) == 0
+        assert await opened.publish(new_event(event_id="e1")) == "e1"
+        assert await opened.commit_turn(ack_of(await claim_one(opened, ("on/mail",)))) == 0
         assert [row.event_id for row in await opened.events(APP, limit=5)] == ["e1"]
         assert await opened.resolve_dead_letter(ref("b"), skip=True) is not None
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, cast
 
@@ -19,22 +18,8 @@ from keel.backends.base import MessageStatus, StoreOptions
 from keel.backends.redis import migrate
 from keel.backends.redis.keys import RedisKeys
 from keel.backends.redis.migrate import STORE_SCHEMA_VERSION, upgrade_layout
-from tests.backends.redis._support import (
-    APP,
-    EPOCH,
-    MIGRATE_LOGGER,
-    claim_one,
-    commit_of,
-    failure_of,
-    micros,
-    prefixed_url,
-    ref,
-    reopen,
-    send,
-    server_now,
-    snapshot,
-    step_of,
-)
+from tests._engine import APP, claim_one, commit_of, failure_of, ref, send, step_of
+from tests.backends.redis._support import EPOCH, MIGRATE_LOGGER, micros, prefixed_url, reopen, server_now, snapshot
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -93,14 +78,6 @@ async def test_a_hold_sits_in_the_leased_set_and_no_claim_takes_it_before_it_end
     assert (again.message_id, again.attempt, again.fencing_token) == (first_id, 2, claim.fencing_token + 1)
     assert await raw.zrange("keel:leased:{loans}:loan", 0, -1) == ["loans/loan/42"]
     assert await raw.zcard("keel:ready:{loans}:loan") == 0
-
-
-async def test_a_zero_delay_retry_is_claimable_at_once(backend: Backend) -> None:
-    message_id = await send(backend, ref())
-    await send(backend, ref("later"))
-    await backend.retry_turn(failure_of(await claim_one(backend)), delay_s=0)
-    claims = await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=2)
-    assert (claims[0].message_id, claims[0].attempt) == (message_id, 2)  # still the oldest message
 
 
 # -- fencing --------------------------------------------------------------------------------------------------------
@@ -211,19 +188,6 @@ async def test_skipping_the_last_message_leaves_an_idle_instance_that_a_send_wak
     assert await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=5) == []
     later_id = await send(backend, ref())
     assert (await claim_one(backend)).message_id == later_id
-
-
-async def test_a_resolve_wakes_an_idle_worker(backend: Backend, other: Backend) -> None:
-    await send(other, ref())
-    await other.fail_turn(failure_of(await claim_one(other)))
-    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=5, limit=1) == []
-    waiting = asyncio.create_task(backend.wait_for_work(APP, timeout_s=10))
-    await asyncio.sleep(0.2)
-    assert not waiting.done()
-    await other.resolve_dead_letter(ref(), skip=False)
-    started = time.monotonic()
-    await asyncio.wait_for(waiting, 5)
-    assert time.monotonic() - started < 0.5
 
 
 # -- the schema step from layout 2 ----------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ tests/conformance/."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, cast
 
@@ -13,19 +12,8 @@ import pytest
 import keel
 from keel.backends.base import Pruned
 from keel.backends.redis import cleanup
-from tests.backends.redis._support import (
-    APP,
-    EPOCH,
-    claim_all,
-    commit_of,
-    failure_of,
-    micros,
-    ref,
-    send,
-    server_now_us,
-    snapshot,
-    step_of,
-)
+from tests._engine import APP, claim_all, commit_of, failure_of, ref, send, step_of
+from tests.backends.redis._support import EPOCH, micros, server_now_us, snapshot
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -72,21 +60,6 @@ async def test_equal_visible_times_are_claimed_in_send_order_past_the_limit(back
         await raw.zadd("keel:ready:{loans}:loan", {f"loans/loan/{name}": same})
     assert [c.instance.workflow_id for c in await claim_all(backend, limit=1)] == ["z"]
     assert [c.instance.workflow_id for c in await claim_all(backend, limit=2)] == ["m", "a"]
-
-
-async def test_a_retried_message_keeps_its_place_before_a_timer_due_during_the_hold(backend: Backend) -> None:
-    timer = await send(backend, ref(), {}, delay_s=0.3)
-    first = await send(backend, ref(), {})
-    [claim] = await claim_all(backend)
-    assert claim.message_id == first
-    await backend.retry_turn(failure_of(claim, BOOM), delay_s=0.6)
-    await asyncio.sleep(0.4)
-    assert await claim_all(backend) == []  # the timer is due, but the instance is held
-    await asyncio.sleep(0.4)
-    [again] = await claim_all(backend)
-    assert (again.message_id, again.attempt) == (first, 2)
-    await backend.commit_turn(commit_of(again, {"by": again.message_id}))
-    assert [c.message_id for c in await claim_all(backend)] == [timer]
 
 
 async def test_a_negative_delay_is_no_delay(backend: Backend, raw: Redis) -> None:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.backends.sqlite._support import opened
+from tests.backends.sqlite._support import open_sqlite
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -17,5 +17,8 @@ if TYPE_CHECKING:
 @pytest.fixture
 async def backend(sqlite_url: str) -> AsyncIterator[SqliteBackend]:
     """A SQLite backend on the test's own file, closed at the end."""
-    async with opened(sqlite_url) as backend:
+    backend = await open_sqlite(sqlite_url)
+    try:
         yield backend
+    finally:
+        await backend.aclose()

@@ -1,38 +1,27 @@
-"""SQLite-only broker behaviour: the schema migration, wake-ups, atomic rollback, and claims across connections."""
+"""SQLite-only broker behaviour: the schema migration, wake-ups by datagram rather than by poll, atomic rollback."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 import keel
 from keel.backends import open_backend
-from keel.backends.base import STATE_HISTORY_LIMIT, InstanceRef, MessageStatus, NewMessage, StoreOptions
+from keel.backends.base import STATE_HISTORY_LIMIT, MessageStatus, StoreOptions
 from keel.backends.sqlite import broker
 from keel.backends.sqlite.backend import SqliteBackend
 from keel.backends.sqlite.migrate import SCHEMA_VERSION
-from tests.backends.sqlite._support import (
-    APP,
-    claim_one,
-    commit_of,
-    open_sqlite,
-    opened,
-    ref,
-    send,
-    sql,
-    timed_wait,
-    write_file,
-)
+from tests._engine import APP, claim_one, commit_of, opened, ref, send, timed_wait
+from tests.backends.sqlite._support import sql, write_file
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 #: What keel's first SQLite schema (version 1, the store alone) created; a file written by that release.
 SCHEMA_V1 = """
@@ -136,97 +125,6 @@ async def test_leases_are_integer_microseconds_of_the_machine_clock(backend: Sql
     assert claim.lease_expires_at == datetime.fromtimestamp(0, UTC) + timedelta(microseconds=expires_us)
 
 
-async def test_everything_survives_closing_and_reopening(sqlite_url: str) -> None:
-    async with opened(sqlite_url) as first:
-        done = await send(first, ref())
-        waiting = await send(first, ref())
-        claim = await claim_one(first)
-        await first.commit_turn(commit_of(claim, {"n": 1}))
-    async with opened(sqlite_url) as second:
-        state = await second.state(ref())
-        assert state is not None and (state.value_json, state.version) == ('{"n": 1}', 1)
-        info = await second.message(APP, done)
-        assert info is not None and (info.status, info.state_version) == (MessageStatus.done, 1)
-        [again] = await second.claim(APP, ["loan"], worker="w2", lease_s=5, limit=1)
-        assert (again.message_id, again.state_version, again.fencing_token) == (waiting, 1, claim.fencing_token + 1)
-
-
-async def test_a_resent_message_id_is_appended_once(backend: SqliteBackend) -> None:
-    message = NewMessage(ref(), "same-id", "{}")
-    assert await backend.send(message) == await backend.send(message) == "same-id"
-    assert sql(backend.url, "SELECT count(*) FROM keel_messages") == [(1,)]
-
-
-# --- Several connections (as several processes) on one file -------------------------------------------------
-
-
-async def test_one_idempotency_key_sent_through_many_connections_enqueues_once(sqlite_url: str) -> None:
-    backends = [await open_sqlite(sqlite_url) for _ in range(4)]
-    try:
-        ids = await asyncio.gather(*(send(b, ref(), key="req-1") for b in backends for _ in range(3)))
-    finally:
-        for b in backends:
-            await b.aclose()
-    assert len(set(ids)) == 1
-    assert sql(sqlite_url, "SELECT count(*) FROM keel_messages") == [(1,)]
-
-
-async def test_claims_through_many_connections_never_share_an_instance(sqlite_url: str) -> None:
-    backends = [await open_sqlite(sqlite_url) for _ in range(4)]
-    try:
-        for n in range(30):
-            await send(backends[0], ref(str(n)))
-        batches = await asyncio.gather(
-            *(
-                b.claim(APP, ["loan"], worker=f"w{i}", lease_s=5, limit=4)
-                for i, b in enumerate(backends)
-                for _ in range(3)
-            )
-        )
-    finally:
-        for b in backends:
-            await b.aclose()
-    claimed = [c.instance for batch in batches for c in batch]
-    assert len(claimed) == len(set(claimed)) == 30
-
-
-@pytest.mark.processes
-@pytest.mark.slow
-def test_claimers_in_separate_processes_run_every_message_exactly_once(sqlite_url: str) -> None:
-    instances, per_instance = 12, 5
-    asyncio.run(_open_and_close(sqlite_url))  # the processes race on claims, not on creating the schema
-    script = Path(__file__).with_name("claimer.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), sqlite_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(3)
-    ]
-    for proc in procs:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    asyncio.run(_send_jobs(sqlite_url, instances, per_instance))
-    held = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-        held.extend(json.loads(out.strip().splitlines()[-1]))
-    assert len(held) == instances * per_instance
-    assert len({message_id for _, _, message_id, _ in held}) == len(held)  # no message ran twice
-    assert len({(wid, token) for wid, token, _, _ in held}) == len(held)  # no token handed out twice
-    for wid in map(str, range(instances)):
-        versions = sorted(version for w, _, _, version in held if w == wid)
-        assert versions == list(range(1, per_instance + 1))
-    final = sql(sqlite_url, "SELECT state, state_version FROM keel_instances")
-    assert sorted(final) == [(json.dumps({"n": per_instance}), per_instance)] * instances
-
-
-async def _send_jobs(url: str, instances: int, per_instance: int) -> None:
-    async with opened(url) as sender:
-        for _ in range(per_instance):
-            for n in range(instances):
-                await sender.send(NewMessage(InstanceRef("crowd", "job", str(n)), uuid.uuid4().hex, "{}"))
-
-
 # --- Waking idle workers ------------------------------------------------------------------------------------
 
 
@@ -270,22 +168,6 @@ async def test_a_claim_that_filled_its_limit_makes_the_next_wait_return_at_once(
     assert await timed_wait(backend, 10) < 1.0
 
 
-async def test_messages_under_another_workers_lease_do_not_wake_a_waiter(sqlite_url: str) -> None:
-    async with opened(sqlite_url) as owner, opened(sqlite_url) as idle:
-        await send(owner, ref())
-        await send(owner, ref())
-        assert len(await owner.claim(APP, ["loan"], worker="owner", lease_s=5, limit=5)) == 1
-        assert await idle.claim(APP, ["loan"], worker="idle", lease_s=5, limit=5) == []
-        assert await timed_wait(idle, 0.4) >= 0.35  # pending work it cannot take is no reason to spin
-
-
-async def test_sends_to_another_app_do_not_wake_a_waiter(backend: SqliteBackend) -> None:
-    waiting = asyncio.create_task(timed_wait(backend, 0.4))
-    await asyncio.sleep(0.05)
-    await backend.send(NewMessage(InstanceRef("other-app", "loan", "1"), uuid.uuid4().hex, "{}"))
-    assert await waiting >= 0.35
-
-
 async def test_a_wait_stuck_behind_a_locked_write_still_ends_on_time(backend: SqliteBackend) -> None:
     locked, release = threading.Event(), threading.Event()
 
@@ -308,7 +190,3 @@ async def test_a_wait_stuck_behind_a_locked_write_still_ends_on_time(backend: Sq
         release.set()
         holder.join()
     await sending
-
-
-async def _open_and_close(url: str) -> None:
-    await (await open_sqlite(url)).aclose()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -12,25 +11,16 @@ import pytest
 
 import keel
 from keel.backends import open_backend
-from keel.backends.base import InstanceRef, NewEvent, NewMessage, Pruned, StoreOptions, TurnCommit
+from keel.backends.base import NewMessage, Pruned, StoreOptions, TurnCommit
 from keel.backends.sqlite import broker
 from keel.backends.sqlite.migrate import SCHEMA_VERSION
-from tests.backends.sqlite._support import (
-    APP,
-    claim_one,
-    commit_of,
-    ref,
-    send,
-    sql,
-    step_of,
-    write_version_file,
-)
+from tests._engine import APP, ack_of, claim_one, commit_of, new_event, ref, send, step_of
+from tests.backends.sqlite._support import sql, write_version_file
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from keel.backends.base import Backend, Claim
     from keel.backends.sqlite.backend import SqliteBackend
 
 T = TypeVar("T")
@@ -54,37 +44,6 @@ INSERT INTO keel_turns (app, workflow, workflow_id, message_id, worker, attempt,
 """
 
 
-def delivery(handler: str, event_id: str) -> InstanceRef:
-    return InstanceRef(APP, f"on/{handler}", event_id)
-
-
-def event_of(
-    handlers: tuple[str, ...] = ("mail",), *, event_id: str = "e1", key: str | None = None, source: Claim | None = None
-) -> NewEvent:
-    deliveries = tuple(NewMessage(delivery(h, event_id), f"{event_id}-{h}", '{"to": "' + h + '"}') for h in handlers)
-    return NewEvent(
-        APP,
-        event_id,
-        "Approved",
-        '{"loan": "42"}',
-        handlers,
-        deliveries,
-        None if source is None else source.instance,
-        None if source is None else source.message_id,
-        key,
-    )
-
-
-def ack_of(claim: Claim) -> TurnCommit:
-    """A handler delivery's acknowledgement: a commit without state."""
-    return TurnCommit(claim, None, "w1", datetime.now(UTC), 0.01)
-
-
-async def claim_delivery(backend: Backend, handler: str = "mail") -> Claim:
-    [claim] = await backend.claim(APP, [f"on/{handler}"], worker="w1", lease_s=5, limit=1)
-    return claim
-
-
 # --- Upgrading a version 4 file -----------------------------------------------------------------------------
 
 
@@ -101,11 +60,11 @@ async def test_a_version_4_file_is_upgraded_with_an_empty_event_log(tmp_path: Pa
         # The old inbox, state and turn records carry on; the old turn's commit emits the first event.
         claim = await claim_one(backend)
         assert (claim.instance, claim.message_id, claim.state_version, claim.fencing_token) == (ref("a"), "m2", 1, 2)
-        await backend.commit_turn(replace(commit_of(claim, {"n": 2}), events=(event_of(source=claim),)))
+        await backend.commit_turn(commit_of(claim, {"n": 2}, events=(new_event(source=claim, event_id="e1"),)))
         [row] = await backend.events(APP, limit=10)
         assert (row.seq, row.event_id, row.source, row.source_message_id) == (1, "e1", ref("a"), "m2")
         assert [t.message_id for t in await backend.turns(ref("a"), limit=5)] == ["m2", "m1"]
-        assert (await claim_delivery(backend)).message_id == "e1-mail"
+        assert (await claim_one(backend, ("on/mail",))).message_id == "e1-mail"
     finally:
         await backend.aclose()
 
@@ -128,7 +87,7 @@ async def test_an_event_is_one_row_with_its_handlers_as_json_and_its_source_in_c
     await send(backend, ref())
     claim = await claim_one(backend)
     before_us = datetime.now(UTC).timestamp() * 1_000_000
-    await backend.commit_turn(replace(commit_of(claim), events=(event_of(("mail", "audit"), source=claim),)))
+    await backend.commit_turn(commit_of(claim, events=(new_event(("mail", "audit"), source=claim, event_id="e1"),)))
     [(handlers, app, workflow, workflow_id, message_id, key, published_us)] = sql(
         backend.url,
         "SELECT handlers, source_app, source_workflow, source_workflow_id, source_message_id, idempotency_key, "
@@ -160,7 +119,7 @@ async def test_a_commit_whose_delivery_cannot_be_written_writes_nothing(backend:
         datetime.now(UTC),
         0.01,
         sends=(NewMessage(ref("b"), "to-b", "{}"),),
-        events=(event_of(("mail", "audit")),),
+        events=(new_event(("mail", "audit"), event_id="e1"),),
     )
     with pytest.raises(sqlite3.IntegrityError, match="no audit today"):
         await backend.commit_turn(commit)
@@ -173,8 +132,8 @@ async def test_a_commit_whose_delivery_cannot_be_written_writes_nothing(backend:
 
 
 async def test_an_acknowledgement_writes_no_state_and_moves_the_delivery_inbox_on(backend: SqliteBackend) -> None:
-    await backend.publish(event_of())
-    claim = await claim_delivery(backend)
+    await backend.publish(new_event(event_id="e1"))
+    claim = await claim_one(backend, ("on/mail",))
     assert await backend.commit_turn(ack_of(claim)) == 0
     assert sql(backend.url, "SELECT count(*) FROM keel_state_history") == [(0,)]
     assert sql(
@@ -188,11 +147,11 @@ async def test_an_acknowledgement_writes_no_state_and_moves_the_delivery_inbox_o
 
 
 async def test_prune_deletes_a_finished_delivery_whole_and_leaves_no_tombstone(backend: SqliteBackend) -> None:
-    await backend.publish(event_of(("mail", "audit")))
-    done = await claim_delivery(backend, "mail")
+    await backend.publish(new_event(("mail", "audit"), event_id="e1"))
+    done = await claim_one(backend, ("on/mail",))
     await backend.record_step(step_of(done, "smtp"))
     await backend.commit_turn(ack_of(done))
-    await claim_delivery(backend, "audit")  # still running: kept
+    await claim_one(backend, ("on/audit",))  # still running: kept
     await send(backend, ref())
     await backend.commit_turn(commit_of(await claim_one(backend)))
     soon = datetime.now(UTC) + timedelta(seconds=5)
@@ -209,7 +168,7 @@ async def test_prune_deletes_a_finished_delivery_whole_and_leaves_no_tombstone(b
 async def test_prune_deletes_events_in_batches(backend: SqliteBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(broker, "PRUNE_BATCH", 2)
     for n in range(5):
-        await backend.publish(event_of((), event_id=f"e{n}", key=f"k{n}"))
+        await backend.publish(new_event((), event_id=f"e{n}", key=f"k{n}"))
     writes = 0
     real = backend.database.write
 
@@ -222,4 +181,4 @@ async def test_prune_deletes_events_in_batches(backend: SqliteBackend, monkeypat
     soon = datetime.now(UTC) + timedelta(seconds=5)
     assert await backend.prune(APP, finished_before=soon, keys_before=soon) == Pruned(events=5)
     assert writes == 3  # 2 + 2 + 1
-    assert await backend.publish(event_of((), event_id="again", key="k0")) == "again"  # its key went with it
+    assert await backend.publish(new_event((), event_id="again", key="k0")) == "again"  # its key went with it

@@ -13,17 +13,8 @@ import keel
 from keel.backends import open_backend
 from keel.backends.base import MessageStatus, NewMessage, StoreOptions
 from keel.backends.sqlite.migrate import SCHEMA_VERSION
-from tests.backends.sqlite._support import (
-    APP,
-    claim_one,
-    commit_of,
-    failure_of,
-    ref,
-    send,
-    sql,
-    step_of,
-    write_version_file,
-)
+from tests._engine import APP, claim_one, commit_of, failure_of, ref, send, step_of
+from tests.backends.sqlite._support import sql, write_version_file
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -13,7 +13,7 @@ import pytest
 import keel
 from keel.backends.sqlite import connection as database_module
 from keel.backends.sqlite import writes
-from tests.backends.sqlite._support import APP, claim_one, ref, send
+from tests._engine import APP, claim_one, ref, send
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence

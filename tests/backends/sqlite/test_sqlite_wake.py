@@ -15,7 +15,8 @@ import pytest
 
 from keel.backends.base import Backend, InstanceRef, NewMessage
 from keel.backends.sqlite import broker, wake
-from tests.backends.sqlite._support import APP, open_sqlite, opened, ref, send, timed_wait
+from tests._engine import APP, opened, ref, send, timed_wait
+from tests.backends.sqlite._support import open_sqlite
 
 WAKER = Path(__file__).with_name("waker.py")
 

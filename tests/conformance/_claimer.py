@@ -1,7 +1,7 @@
-"""Run by the cross-process claim test: a bare worker loop on one SQLite file, printing every claim it held.
+"""Run by the cross-process claim test: a bare worker loop on one backend URL, printing every turn it committed.
 
 Prints ``ready`` once its backend is open, then claims and commits (state ``{"n": n + 1}``) until it has been
-idle for ``IDLE_S``, and prints its claims as JSON: ``[[workflow_id, fencing_token, message_id, version], ...]``.
+idle for ``IDLE_S``, and prints its turns as JSON: ``[[workflow_id, fencing_token, message_id, version, attempt]]``.
 A LeaseLostError ends it with a traceback and a non-zero exit status.
 """
 
@@ -37,7 +37,7 @@ async def main(url: str) -> None:
             idle_since = time.monotonic()
             for claim in claims:
                 version = await backend.commit_turn(_next_state(claim, worker))
-                held.append([claim.instance.workflow_id, claim.fencing_token, claim.message_id, version])
+                held.append([claim.instance.workflow_id, claim.fencing_token, claim.message_id, version, claim.attempt])
     finally:
         await backend.aclose()
     sys.stdout.write(json.dumps(held) + "\n")
