@@ -6,8 +6,6 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-import pytest
-
 from keel.backends.base import NewMessage
 from tests._engine import (
     APP,
@@ -44,12 +42,8 @@ async def test_concurrent_publishes_of_one_key_append_one_event_and_its_deliveri
 
 
 async def test_a_commits_events_with_a_used_key_or_id_append_nothing_of_theirs(
-    backend: Backend, request: pytest.FixtureRequest
+    backend: Backend,
 ) -> None:
-    if backend.url.startswith("postgres"):
-        # Found by this test: with the id of an earlier event repeated after them, postgres appends a second event
-        # of an idempotency key already used in the same commit. Strict, so that the fix shows up here.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="postgres appends e2 (key k used by e1)"))
     await send(backend, ref())
     claim = await claim_one(backend)
     events = (

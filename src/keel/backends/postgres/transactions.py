@@ -10,8 +10,9 @@ other in a cycle: a send locks its inbox, a commit locks its claim's instance to
 (those that sort before it first, then the claim's, then the rest), ``renew`` locks in the order it is given
 (``PostgresBroker.renew`` sorts). The inboxes of an event's deliveries are locked last, after the event's row is
 appended: they are new (delivery instance ids are event ids, and a repeated event appends nothing), so nobody
-else holds or waits for them. Events are appended in the order of their idempotency keys, so that two commits
-emitting the same keys wait for each other in the same order.
+else holds or waits for them. Keyed events are appended in the order of their idempotency keys, so that two
+commits emitting the same keys wait for each other in the same order (events without a key have fresh ids nobody
+else appends, and keep the order given).
 
 Statements queue on the connection and are read only when their result is needed, so that in pipeline mode they
 travel together (see ``PostgresBroker._transaction``).
@@ -160,9 +161,18 @@ async def _log_events(conn: _Connection, events: Sequence[NewEvent]) -> _Logging
     """Queue the append of ``events`` to their logs, keyed events in the order of their keys; read by ``_deliver``."""
     if not events:
         return None
-    # Keyed events in the order of their keys (see the module docstring); the sort is stable, so of two events
-    # with one key the first given is the one appended.
-    ordered = sorted(events, key=lambda e: (e.idempotency_key is not None, e.idempotency_key or ""))
+    # Of events repeating an id, the first given stands (as if appended one by one): the copies go before the
+    # sort below, which could otherwise put a later copy, with another key or none, first and let in the next event
+    # of the first copy's key.
+    first_of_id: dict[tuple[str, str], NewEvent] = {}
+    for event in events:
+        first_of_id.setdefault((event.app, event.event_id), event)
+    given = list(first_of_id.values())
+    # Keyed events take the keyed places in the order of their keys (see the module docstring; the sort is stable,
+    # so of two events with one key the first given is the one appended); the others keep their places, so events
+    # are logged in the order given as far as the lock order allows.
+    keyed = iter(sorted((e for e in given if e.idempotency_key is not None), key=lambda e: e.idempotency_key or ""))
+    ordered = [next(keyed) if e.idempotency_key is not None else e for e in given]
     cursor = await conn.execute(BROKER_QUERIES["log_events"], {"events": Jsonb([_event_fields(e) for e in ordered])})
     return ordered, cursor
 
