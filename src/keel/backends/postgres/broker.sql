@@ -56,15 +56,19 @@ WITH revived AS (
            next_visible_at = coalesce((SELECT visible_at FROM head), i.next_visible_at)
      WHERE i.app = %(app)s AND i.workflow = %(workflow)s AND i.workflow_id = %(workflow_id)s
        AND (EXISTS (SELECT FROM head) OR EXISTS (SELECT FROM revived))
-), held AS (
-    -- The snapshot from before the insert: the message first sent under the key, if there was one.
-    SELECT message_id, payload
-      FROM keel_messages
-     WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
-       AND idempotency_key = %(idempotency_key)s
 )
-SELECT coalesce((SELECT message_id FROM sent), (SELECT message_id FROM held), %(message_id)s),
-       coalesce(NOT EXISTS (SELECT FROM sent) AND (SELECT payload FROM held) <> %(payload)s, false),
+-- Read only when nothing was appended, through the snapshot from before the insert: the message first sent under
+-- the key, if there was one, and whether its payload is another.
+SELECT coalesce(
+           (SELECT message_id FROM sent),
+           (SELECT message_id FROM keel_messages
+             WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+               AND idempotency_key = %(idempotency_key)s),
+           %(message_id)s),
+       CASE WHEN EXISTS (SELECT FROM sent) THEN false
+            ELSE EXISTS (SELECT FROM keel_messages
+                          WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+                            AND idempotency_key = %(idempotency_key)s AND payload <> %(payload)s) END,
        -- Delivered at commit, naming the workflow (listeners wake only the workers that claim it); a repeated send
        -- wakes listeners for nothing, which is allowed. A timer wakes nobody: nothing is claimable because of it
        -- before it is due, and idle workers poll (has_work counts it once due).
