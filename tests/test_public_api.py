@@ -158,6 +158,10 @@ def test_every_error_declares_its_own_code() -> None:
     assert keel.WaitTimeoutError("loan/42", "m1", 1.0).code == "wait_timeout"
     assert keel.NonRetryable("no").code == "non_retryable"
     assert keel.TurnTimeoutError("the turn of loan/42", 1.0).code == "turn_timeout"
+    assert "IdempotencyConflictError" in keel.__all__
+    conflict = keel.IdempotencyConflictError("req-1", "m1", app="loans", workflow="loan", workflow_id="42")
+    assert (conflict.code, conflict.instance, conflict.first_id) == ("idempotency_conflict", "loan/42", "m1")
+    assert isinstance(conflict, ValueError)  # bad input, like a payload that does not validate
 
 
 def test_lookup_errors_share_one_parent() -> None:

@@ -82,6 +82,7 @@ EXIT_STATUS: dict[ErrorCode, int] = {
     ErrorCode.key_not_found: RET_USAGE,
     ErrorCode.contention: RET_FAILED,
     ErrorCode.lease_lost: RET_FAILED,
+    ErrorCode.idempotency_conflict: RET_USAGE,
     ErrorCode.registration: RET_USAGE,
     ErrorCode.not_found: RET_USAGE,
     ErrorCode.unknown_workflow: RET_USAGE,

@@ -84,8 +84,9 @@ class Client:
             workflow: A registered workflow's name.
             workflow_id: The instance (1-255 printable characters); it exists from its first message on.
             message: An instance of the workflow's message model, or data that validates as one.
-            idempotency_key: Sending again with the same key (for the same instance) returns the first send's
-                message id and enqueues nothing, for as long as the app's retention keeps keys (7 days).
+            idempotency_key: Sending the same message again with the same key (for the same instance) returns
+                the first send's message id and enqueues nothing, for as long as the app's retention keeps keys
+                (7 days); another message under the key raises ``IdempotencyConflictError``.
             delay_s: A durable timer: the message becomes visible this many seconds from now (by the backend's
                 clock), surviving restarts; messages sent after it but visible sooner run before it.
 
@@ -97,6 +98,8 @@ class Client:
             UnknownWorkflowError: No such workflow; the error lists the registered ones.
             PayloadValidationError: The message does not fit the model; the error names the field.
             InvalidKeyError, PayloadTooLargeError: Bad id, key or size. Nothing is enqueued on any error.
+            IdempotencyConflictError: ``idempotency_key`` was used for this instance with another message (its JSON
+                differs); the error names the key, the instance and the first message's id.
             BackendUnavailable: The backend cannot be reached.
         """
         new = build_message(
@@ -128,8 +131,9 @@ class Client:
 
         Args:
             event: An instance of a ``keel.Event`` subclass.
-            idempotency_key: Publishing again with the same key (anywhere in the app) returns the first event's
-                id and publishes nothing, for as long as the app's retention keeps keys (7 days).
+            idempotency_key: Publishing the same event again with the same key (anywhere in the app) returns the
+                first event's id and publishes nothing, for as long as the app's retention keeps keys (7 days); an
+                event of another type or payload under the key raises ``IdempotencyConflictError``.
 
         Returns:
             The event's id, for ``wait_event()`` and ``keel events``.
@@ -138,6 +142,8 @@ class Client:
             TypeError: ``event`` is not a ``keel.Event``.
             InvalidKeyError, NotSerializableError, PayloadTooLargeError: Bad key, not JSON, or too large; nothing
                 is published.
+            IdempotencyConflictError: ``idempotency_key`` was used in the app by an event of another type or
+                payload; the error names the key, the app and the first event's id. Nothing is published.
             BackendUnavailable: The backend cannot be reached.
         """
         new = build_published_event(

@@ -46,7 +46,10 @@ class _Effects:
     ) -> str:
         """Send a message to a workflow instance when this turn (or handler) commits, and only then.
 
-        Arguments as ``keel.Client.send``. Returns the message's id, the same on every rerun of this call.
+        Arguments as ``keel.Client.send``, but an idempotency key is first-wins here: if the key was used for the
+        instance with another message, the commit sends nothing for this call and goes on (it never fails over a
+        key: ``keel.backends.base.TurnCommit`` says why). Returns the message's id, the same on every rerun of
+        this call.
 
         Raises:
             UnknownWorkflowError, PayloadValidationError, InvalidKeyError, PayloadTooLargeError,
@@ -134,7 +137,9 @@ class TurnContext(_Effects, Generic[StateT]):
 
         Args:
             event: An instance of a ``keel.Event`` subclass.
-            idempotency_key: Publishing again with the same key, anywhere in the app, publishes nothing new.
+            idempotency_key: Publishing again with the same key, anywhere in the app, publishes nothing new:
+                first-wins, even for an event of another type or payload (the commit goes on, where
+                ``Client.publish`` would raise ``IdempotencyConflictError``).
 
         Returns:
             The event's id; a rerun of this turn proposes the same id, and the event is appended once.

@@ -17,6 +17,7 @@ KeelError
 │   ├── KeyNotFoundError          update() of a missing key without a default
 │   ├── UpdateContentionError     update() kept losing until its deadline
 │   └── LeaseLostError            a worker's lease on an instance is gone: its commit is refused
+├── IdempotencyConflictError      an idempotency key used again with another payload: nothing was sent
 ├── RegistrationError             a workflow or handler registered wrongly, or after start-up
 ├── NotFoundError                 a lookup found nothing of that name
 │   ├── UnknownWorkflowError      a workflow, handler or event type name the app does not have
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from keel.backends.base import StoredRecord
+    from keel.backends.base import NewEvent, NewMessage, StoredRecord
 
 
 class ErrorCode(StrEnum):
@@ -67,6 +68,7 @@ class ErrorCode(StrEnum):
     key_not_found = "key_not_found"
     contention = "contention"
     lease_lost = "lease_lost"
+    idempotency_conflict = "idempotency_conflict"
     registration = "registration"
     not_found = "not_found"
     unknown_workflow = "unknown_workflow"
@@ -288,6 +290,46 @@ class LeaseLostError(StoreError):
         super().__init__(
             f"lease on {instance} under fencing token {fencing_token} is lost: {reason}; nothing was written"
         )
+
+
+class IdempotencyConflictError(KeelError, ValueError):
+    """Raised when an idempotency key is used again with another payload; nothing was sent or published.
+
+    The same key with the same payload is a repeat, and returns the first id without raising. ``instance`` is
+    ``WORKFLOW/WORKFLOW_ID`` for a message (message keys are per instance) and None for an event (event keys are
+    per app).
+    """
+
+    code = ErrorCode.idempotency_conflict
+
+    def __init__(
+        self, key: str, first_id: str, *, app: str, workflow: str | None = None, workflow_id: str | None = None
+    ) -> None:
+        self.key = key
+        self.first_id = first_id
+        self.app = app
+        instance = None if workflow is None else f"{workflow}/{workflow_id}"
+        self.instance = instance
+        if instance is None:
+            used, what, verb = f"in app {app!r} by event {first_id}", "type or payload", "published"
+        else:
+            used, what, verb = f"for instance {instance} of app {app!r} by message {first_id}", "payload", "sent"
+        super().__init__(
+            f"idempotency key {key!r} was used before {used}, with another {what}; nothing was {verb} "
+            f"(the same {what} again returns {first_id}; something new needs a new key)"
+        )
+
+    @classmethod
+    def of_message(cls, message: NewMessage, first_id: str) -> IdempotencyConflictError:
+        """The error of a send whose key holds message ``first_id`` of its instance, with another payload."""
+        ref = message.instance
+        key = message.idempotency_key or ""
+        return cls(key, first_id, app=ref.app, workflow=ref.workflow, workflow_id=ref.workflow_id)
+
+    @classmethod
+    def of_event(cls, event: NewEvent, first_id: str) -> IdempotencyConflictError:
+        """The error of a publish whose key holds event ``first_id`` of its app, of another type or payload."""
+        return cls(event.idempotency_key or "", first_id, app=event.app)
 
 
 class RegistrationError(KeelError):

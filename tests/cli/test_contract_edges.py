@@ -41,6 +41,7 @@ def test_every_error_code_has_one_exit_status() -> None:
         keel.UnknownWorkflowError("a", "x", []),
         keel.ConfigurationError("bad"),
         keel.InvalidKeyError("", "empty"),
+        keel.IdempotencyConflictError("k1", "m1", app="a", workflow="counter", workflow_id="c1"),
     )
     for error in refused:
         assert exit_status(error) == RET_USAGE, error
@@ -75,6 +76,28 @@ def test_every_command_that_exits_refuses_memory(args: list[str], how: str) -> N
     assert f"`keel {args[0]}` cannot use memory://" in stderr
     assert "what it writes would vanish when the command exits" in stderr
     assert stdout == ""  # no message id printed for a message that would vanish
+
+
+def test_an_idempotency_key_sent_again_with_other_json_exits_2_naming_key_instance_and_first_id(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'keel.db'}"
+    send = ("send", APP_PATH, "counter", "c1", "--url", url, "--idempotency-key", "k1")
+    status, first, stderr = run(*send[:4], '{"seq": 1}', *send[4:])
+    assert status == 0, stderr
+    assert run(*send[:4], '{"seq": 1}', *send[4:])[:2] == (0, first)  # the same JSON: the first id, silently
+    status, stdout, stderr = run(*send[:4], '{"seq": 2}', *send[4:])
+    assert (status, stdout) == (RET_USAGE, "")
+    assert "idempotency key 'k1' was used before for instance counter/c1" in stderr
+    assert first.strip() in stderr and "nothing was sent" in stderr and "Usage:" not in stderr
+
+    publish = ("publish", APP_PATH, "Relayed", "--url", url, "--idempotency-key", "e1")
+    status, event_id, stderr = run(*publish[:3], '{"target": "t", "ledger": "l"}', *publish[3:])
+    assert status == 0, stderr
+    status, stdout, stderr = run(*publish[:3], '{"target": "u", "ledger": "l"}', *publish[3:])
+    assert (status, stdout) == (RET_USAGE, "")
+    assert "idempotency key 'e1' was used before in app 'process-tests'" in stderr
+    assert event_id.strip() in stderr and "nothing was published" in stderr
 
 
 def test_state_of_an_unknown_instance_says_so_without_a_usage_banner(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def test_send_then_state_through_a_worker(url: str, tmp_path: Path) -> None:
         assert json.loads(state_text) == document
         assert (document["version"], document["state"]["applied"]) == (1, [7])
         again = keel("send", APP_PATH, "counter", "c1", '{"seq": 8}', "--url", url, "--idempotency-key", "k1")
-        repeat = keel("send", APP_PATH, "counter", "c1", '{"seq": 9}', "--url", url, "--idempotency-key", "k1")
+        repeat = keel("send", APP_PATH, "counter", "c1", '{"seq": 8}', "--url", url, "--idempotency-key", "k1")
         assert again.stdout == repeat.stdout
     finally:
         assert worker.stop() == 0

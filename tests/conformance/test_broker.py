@@ -102,7 +102,7 @@ async def test_claims_only_take_the_asked_workflows_of_the_asked_app(backend: Ba
 
 async def test_repeated_idempotency_key_returns_the_first_id_and_enqueues_nothing(backend: Backend) -> None:
     first = await send(backend, ref(), {"n": 1}, key="req-1")
-    again = await send(backend, ref(), {"n": 2}, key="req-1")
+    again = await send(backend, ref(), {"n": 1}, key="req-1")
     other_instance = await send(backend, ref("43"), {"n": 3}, key="req-1")
     assert again == first != other_instance
     claim = await claim_one(backend)
@@ -110,6 +110,24 @@ async def test_repeated_idempotency_key_returns_the_first_id_and_enqueues_nothin
     assert [c.instance for c in await backend.claim(APP, ["loan"], worker="w1", lease_s=LEASE_S, limit=5)] == [
         ref("43")
     ]
+
+
+async def test_an_idempotency_key_sent_again_with_another_payload_is_a_conflict_that_appends_nothing(
+    backend: Backend,
+) -> None:
+    first = await send(backend, ref(), {"n": 1}, key="req-1")
+    other = NewMessage(ref(), uuid.uuid4().hex, json.dumps({"n": 2}), "req-1")
+    with pytest.raises(keel.IdempotencyConflictError) as caught:
+        await backend.send(other)
+    assert (caught.value.key, caught.value.first_id, caught.value.app) == ("req-1", first, APP)
+    assert caught.value.instance == "loan/42"
+    assert all(part in str(caught.value) for part in ("'req-1'", first, "loan/42"))
+    assert await backend.message(APP, other.message_id) is None
+    assert await send(backend, ref(), {"n": 1}, key="req-1") == first  # the first payload still repeats silently
+    claim = await claim_one(backend)
+    assert (claim.message_id, json.loads(claim.payload_json)) == (first, {"n": 1})  # the first message intact
+    await backend.commit_turn(commit_of(claim, {}))
+    assert await backend.claim(APP, ["loan"], worker="w1", lease_s=LEASE_S, limit=5) == []  # nothing behind it
 
 
 async def test_sending_the_same_message_twice_appends_it_once(backend: Backend) -> None:
@@ -357,7 +375,7 @@ async def test_prune_removes_finished_records_and_never_anything_undelivered(bac
     assert await backend.message(APP, done) is None
     for kept in (keyed, dead, waiting, timer):
         assert await backend.message(APP, kept) is not None
-    assert await send(backend, ref("a"), {"n": 6}, key="req-1") == keyed  # the key still deduplicates
+    assert await send(backend, ref("a"), {"n": 2}, key="req-1") == keyed  # the key still deduplicates
     assert [d.message_id for d in await backend.dead_letters(APP, limit=5)] == [dead]
     state = await backend.state(ref("a"))
     assert state is not None and state.version == 2  # state is never pruned

@@ -194,6 +194,8 @@ async def test_events_published_before_any_worker_started_are_delivered(
     async with app.client() as client:
         first = await client.publish(Shipped(order_id="o1", item="book"), idempotency_key="o1-shipped")
         assert await client.publish(Shipped(order_id="o1", item="book"), idempotency_key="o1-shipped") == first
+        with pytest.raises(keel.IdempotencyConflictError, match="'o1-shipped'.*" + first):
+            await client.publish(Shipped(order_id="o1", item="pen"), idempotency_key="o1-shipped")
         second = await client.publish(Shipped(order_id="o2", item="pen"))
         async with running_worker(app, backend_url):
             await client.wait_event(first, timeout_s=10)

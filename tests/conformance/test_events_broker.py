@@ -8,6 +8,7 @@ no state (a handler's acknowledgement), and that events are logged, deduplicated
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -147,6 +148,48 @@ async def test_publish_appends_an_event_once_per_idempotency_key(backend: Backen
     assert len(await claim_all(backend, ("on/mail", "on/audit"))) == 2
     [row] = await backend.events(APP, limit=10)
     assert (row.idempotency_key, row.source, row.source_message_id) == ("order-o1-shipped", None, None)
+
+
+@pytest.mark.parametrize("change", ["payload", "type"])
+async def test_an_idempotency_key_published_again_as_another_event_is_a_conflict_that_appends_nothing(
+    backend: Backend, change: str
+) -> None:
+    both = ("mail", "audit")
+    first = new_event(both, key="order-o1-shipped")
+    assert await backend.publish(first) == first.event_id
+    other = new_event(both, key="order-o1-shipped", payload={"order": "o2"})
+    if change == "type":
+        other = dataclasses.replace(new_event(both, key="order-o1-shipped"), type="Cancelled")
+    with pytest.raises(keel.IdempotencyConflictError) as caught:
+        await backend.publish(other)
+    assert (caught.value.key, caught.value.first_id, caught.value.app, caught.value.instance) == (
+        "order-o1-shipped",
+        first.event_id,
+        APP,
+        None,
+    )
+    assert all(part in str(caught.value) for part in ("'order-o1-shipped'", first.event_id, repr(APP)))
+    assert await backend.publish(new_event(both, key="order-o1-shipped")) == first.event_id  # the same one: silent
+
+    [row] = await backend.events(APP, limit=10)
+    assert (row.event_id, row.type, json.loads(row.payload_json)) == (first.event_id, "Shipped", {"order": "o1"})
+    claims = await claim_all(backend, ("on/mail", "on/audit"))
+    assert sorted(c.instance.workflow_id for c in claims) == [first.event_id, first.event_id]
+
+
+async def test_a_commit_is_first_wins_on_a_key_used_before_with_another_payload(backend: Backend) -> None:
+    """A turn's outbox never fails its commit over a key: the first message or event stands, the commit goes on."""
+    await backend.send(new_message(ref(), {"n": 1}))
+    claim = await claim_one(backend)
+    earlier = new_event(("mail",), key="once")
+    await backend.publish(earlier)
+    later = new_event(("mail",), key="once", payload={"order": "other"})
+    assert await backend.commit_turn(commit_of(claim, {"n": 1}, events=(later,))) == 1
+
+    state = await backend.state(ref())
+    assert state is not None and json.loads(state.value_json or "null") == {"n": 1}
+    assert [row.event_id for row in await backend.events(APP, limit=10)] == [earlier.event_id]
+    assert [c.instance.workflow_id for c in await claim_all(backend, ("on/mail",))] == [earlier.event_id]
 
 
 async def test_a_published_event_id_already_in_the_log_appends_nothing(backend: Backend) -> None:

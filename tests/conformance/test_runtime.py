@@ -104,8 +104,10 @@ async def test_turns_of_one_instance_apply_once_each_in_send_order(app: keel.App
 async def test_a_repeated_idempotency_key_enqueues_nothing(app: keel.App, backend_url: str) -> None:
     async with app.client() as client:
         first = await client.send("loan", "42", LoanRequest(amount=5), idempotency_key="req-1")
-        again = await client.send("loan", "42", LoanRequest(amount=7), idempotency_key="req-1")
+        again = await client.send("loan", "42", LoanRequest(amount=5), idempotency_key="req-1")
         assert again == first
+        with pytest.raises(keel.IdempotencyConflictError, match="'req-1'.*loan/42.*" + first):
+            await client.send("loan", "42", LoanRequest(amount=7), idempotency_key="req-1")
         async with running_worker(app, backend_url):
             await client.wait("loan", "42", first, timeout_s=10)
             follow = await client.send("loan", "42", LoanRequest(amount=1))

@@ -109,7 +109,7 @@ async def test_workers_prune_finished_records_and_keep_everything_undelivered(ba
             await asyncio.sleep(0.2)
         else:
             pytest.fail("the finished message was never pruned")
-        assert await client.send("notes", "p", Note(text="again"), idempotency_key="k1") == keyed
+        assert await client.send("notes", "p", Note(text="keyed"), idempotency_key="k1") == keyed
         assert [d.message_id for d in await client.dead_letters()] == [dead]
         for waiting in (queued, timer):
             with pytest.raises(keel.WaitTimeoutError):

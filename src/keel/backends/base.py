@@ -238,6 +238,13 @@ class TurnCommit:
     events it emits (each with its deliveries). ``state_json`` None is a handler delivery's acknowledgement: no
     state is written, and the message's ``state_version`` and the turn record's ``version_written`` are the
     claim's ``state_version``.
+
+    Its sends and events are first-wins on an idempotency key, where ``send`` and ``publish`` refuse a key used
+    before with another payload: the commit carries the turn's state and completion with them, so refusing would
+    either fail it forever (the worker would run the turn again and again, meeting the same key each time) or
+    dead-letter a turn whose code succeeded, over a message someone else sent first. A key in ``ctx.send`` or
+    ``ctx.emit`` says "once": the first proposal under it stands, and later ones are dropped, as the outbox's own
+    reruns are.
     """
 
     claim: Claim
@@ -245,9 +252,10 @@ class TurnCommit:
     worker: str
     started_at: datetime
     duration_s: float
-    #: Sent with the commit exactly as ``send()`` sends: deduplicated by message id and idempotency key.
+    #: Sent with the commit as ``send()`` sends (deduplicated by message id and idempotency key), but first wins:
+    #: a key used before with another payload appends nothing and raises nothing (the class says why).
     sends: Sequence[NewMessage] = ()
-    #: Appended with the commit exactly as ``publish()`` appends.
+    #: Appended with the commit as ``publish()`` appends, first-wins on an idempotency key as ``sends`` are.
     events: Sequence[NewEvent] = ()
 
 
@@ -306,13 +314,17 @@ class Sender(Protocol):
         """Append ``message`` to its instance's inbox, after every message sent to it before, atomically.
 
         Idempotent: a message id sent before, or an idempotency key used before for the same instance (and not
-        pruned), appends nothing and returns the first message's id. A message with no delay wakes idle waiters
-        of its app (see ``Claimer.wait_for_work``).
+        pruned) with the same payload, appends nothing and returns the first message's id. The key used before
+        with another payload (its JSON text as stored, compared in the same transaction) is a conflict: nothing
+        is appended and the first message is left as it was. A message with no delay wakes idle waiters of its
+        app (see ``Claimer.wait_for_work``).
 
         Returns:
             The message's id, or the first message's id under the same idempotency key.
 
         Raises:
+            IdempotencyConflictError: The idempotency key was used for the instance with another payload; it
+                names the key, the instance and the first message's id.
             BackendUnavailable: The engine cannot be reached; the message may have been appended (send it again
                 with the same id: that appends nothing if it was).
         """
@@ -322,12 +334,16 @@ class Sender(Protocol):
         """Append ``event`` to its app's log and send its deliveries, atomically; wake idle waiters.
 
         Idempotent: an event id already in the log, or an idempotency key an event still in the app's log was
-        published under, appends nothing (deliveries included).
+        published under with the same type and payload, appends nothing (deliveries included). The key of an
+        event of another type or payload (compared as stored, in the same transaction) is a conflict: nothing is
+        appended. The handlers are not compared: they are the publishing process's registry, not the event.
 
         Returns:
             The event's id, or the first event's id under the same idempotency key.
 
         Raises:
+            IdempotencyConflictError: The idempotency key was used in the app by an event of another type or
+                payload; it names the key, the app and the first event's id.
             BackendUnavailable: The engine cannot be reached; the event may have been appended (publish it again
                 with the same id: that appends nothing if it was).
         """
@@ -415,7 +431,9 @@ class Claimer(Protocol):
         """Commit a turn (state, completion, record, sends, events) and release its lease, atomically (G3).
 
         Fenced: it also compare-and-swaps the state on the version the claim read. The sends and events are
-        deduplicated as ``send`` and ``publish`` deduplicate them, and wake idle waiters of their apps.
+        deduplicated as ``send`` and ``publish`` deduplicate them, except that an idempotency key used before with
+        another payload is never a conflict here: the first stands, and the commit goes on (``TurnCommit`` says why).
+        They wake idle waiters of their apps.
 
         Returns:
             The new state version (the claim's own when ``state_json`` is None).

@@ -65,7 +65,7 @@ How each operation stays atomic and fenced:
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from keel.backends.base import DELIVERY_PREFIX, InstanceRef, Pruned
 from keel.backends.postgres.connection import fetch_one
@@ -84,6 +84,7 @@ from keel.backends.postgres.transactions import (
 )
 from keel.backends.postgres.wake import PostgresListener
 from keel.backends.wake import WakeGate
+from keel.errors import IdempotencyConflictError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection, Sequence
@@ -147,6 +148,7 @@ class PostgresBroker:
             The message's id, or the id of the message first sent under the same idempotency key.
 
         Raises:
+            IdempotencyConflictError: The key was used for the instance with another payload; nothing was written.
             BackendUnavailable: The server cannot be reached; the message may or may not have been appended.
         """
         async with self._transaction() as conn:
@@ -160,6 +162,7 @@ class PostgresBroker:
             The event's id, or the id of the event first published under the same idempotency key.
 
         Raises:
+            IdempotencyConflictError: The key was used by an event of another type or payload; nothing was written.
             BackendUnavailable: The server cannot be reached; the event may or may not have been appended.
         """
         params = {"app": event.app, "event_id": event.event_id, "idempotency_key": event.idempotency_key}
@@ -170,7 +173,7 @@ class PostgresBroker:
                 # A fresh statement, hence a fresh snapshot: it sees the event whose append this one waited for.
                 row = await fetch_one(conn, BROKER_QUERIES["logged_event"], params)
                 if row is not None:
-                    return str(row[0])
+                    return _standing_event(event, row)
         # Pruned under our feet each time: what stood in the way has left the log, as this event would have.
         return event.event_id
 
@@ -388,3 +391,11 @@ class PostgresBroker:
                 return False
             row = await fetch_one(conn, BROKER_QUERIES["delete_instance"], params)
         return row is not None and int(row[0]) > 0
+
+
+def _standing_event(event: NewEvent, row: tuple[Any, ...]) -> str:
+    """The id ``logged_event`` found for ``event``; raise if it holds ``event``'s key with another type or payload."""
+    first_id = str(row[0])
+    if first_id != event.event_id and (row[1], row[2]) != (event.type, event.payload_json):
+        raise IdempotencyConflictError.of_event(event, first_id)
+    return first_id

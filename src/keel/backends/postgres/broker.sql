@@ -26,7 +26,8 @@ ON CONFLICT (app, workflow, workflow_id) DO UPDATE SET next_seq = i.next_seq
 
 -- append --
 -- Append a message visible delay_s from now (not if its id or idempotency key was used), queue it first if it becomes
--- visible before the instance's next message, and wake listeners; the id that stands for the message.
+-- visible before the instance's next message, and wake listeners; the id that stands for the message, and whether
+-- it was not appended because its idempotency key holds a message with another payload (a conflict for send).
 -- A tombstone here means lock_inbox has just created the instance again after delete_instance: it takes the
 -- tombstone's fencing token over, so that no token of the deleted instance is handed out again.
 WITH revived AS (
@@ -56,12 +57,18 @@ WITH revived AS (
      WHERE i.app = %(app)s AND i.workflow = %(workflow)s AND i.workflow_id = %(workflow_id)s
        AND (EXISTS (SELECT FROM head) OR EXISTS (SELECT FROM revived))
 )
+-- Read only when nothing was appended, through the snapshot from before the insert: the message first sent under
+-- the key, if there was one, and whether its payload is another.
 SELECT coalesce(
            (SELECT message_id FROM sent),
            (SELECT message_id FROM keel_messages
              WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
                AND idempotency_key = %(idempotency_key)s),
            %(message_id)s),
+       CASE WHEN EXISTS (SELECT FROM sent) THEN false
+            ELSE EXISTS (SELECT FROM keel_messages
+                          WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
+                            AND idempotency_key = %(idempotency_key)s AND payload <> %(payload)s) END,
        -- Delivered at commit, naming the workflow (listeners wake only the workers that claim it); a repeated send
        -- wakes listeners for nothing, which is allowed. A timer wakes nobody: nothing is claimable because of it
        -- before it is due, and idle workers poll (has_work counts it once due).
@@ -443,8 +450,9 @@ RETURNING app, event_id
 
 -- logged_event --
 -- The event that stands for one whose append did nothing: itself if its id is in the log, else the one holding its
--- idempotency key; no row if neither is there (any more).
-SELECT event_id
+-- idempotency key, with its type and payload (which a publish under the key must repeat); no row if neither is there
+-- (any more).
+SELECT event_id, type, payload
   FROM keel_events
  WHERE app = %(app)s AND (event_id = %(event_id)s OR idempotency_key = %(idempotency_key)s)
  ORDER BY event_id = %(event_id)s DESC

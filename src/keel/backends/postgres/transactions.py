@@ -28,7 +28,7 @@ from psycopg.types.json import Jsonb
 
 from keel.backends._sql import load_queries
 from keel.backends.base import STATE_HISTORY_LIMIT, Claim, InstanceRef, NewEvent, NewMessage, TurnCommit, TurnFailure
-from keel.errors import LeaseLostError
+from keel.errors import IdempotencyConflictError, LeaseLostError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -71,6 +71,11 @@ async def send_in(
     Returns:
         With ``returning``, for each message its id or the id of the message first sent under its idempotency
         key; else nothing (and nothing waits for the server's answer).
+
+    Raises:
+        IdempotencyConflictError: With ``returning`` (``send``), a message's key holds a message with another
+            payload; the caller's transaction must roll back. Without it (a commit's sends, first-wins, and an
+            event's deliveries, which have no key) nothing is read, and such a message is just not appended.
     """
     await _lock_inboxes(conn, (m.instance for m in messages))
     return await _append(conn, schema, messages, returning=returning)
@@ -218,8 +223,16 @@ async def _append(conn: _Connection, schema: str, messages: Sequence[NewMessage]
         async for _ in cursor.results():
             row = await cursor.fetchone()
             assert row is not None  # the statement always returns its one row
-            ids.append(str(row[0]))
+            ids.append(_standing_id(messages[len(ids)], row))
     return ids
+
+
+def _standing_id(message: NewMessage, row: tuple[Any, ...]) -> str:
+    """The id ``append`` says stands for ``message``; raise if its key holds a message with another payload."""
+    first_id, conflict = str(row[0]), bool(row[1])
+    if conflict:
+        raise IdempotencyConflictError.of_message(message, first_id)
+    return first_id
 
 
 def _send_params(schema: str, message: NewMessage) -> dict[str, Any]:

@@ -81,6 +81,7 @@ from keel.backends.redis.rows import (
 )
 from keel.backends.redis.wake import WakeStreams
 from keel.backends.wake import WakeGate
+from keel.errors import IdempotencyConflictError
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
@@ -158,11 +159,14 @@ class RedisBroker:
             The message's id; the first message's id when the idempotency key was used before for the instance.
 
         Raises:
+            IdempotencyConflictError: The key was used for the instance with another payload; nothing was written.
             BackendUnavailable: The server cannot be reached; the message may or may not have been appended.
         """
         keys, args = send_unit(self._keys, message)
         async with self._boundary("send"):
-            sent = await self._send(keys=keys, args=[*args, WAKE_STREAM_MAXLEN])
+            sent, conflict = await self._send(keys=keys, args=[*args, WAKE_STREAM_MAXLEN])
+        if conflict:
+            raise IdempotencyConflictError.of_message(message, str(sent))
         return str(sent)
 
     async def publish(self, event: NewEvent, /) -> str:
@@ -173,11 +177,14 @@ class RedisBroker:
             app's log, or the event's own when it is in the log already (then nothing is appended).
 
         Raises:
+            IdempotencyConflictError: The key was used by an event of another type or payload; nothing was written.
             BackendUnavailable: The server cannot be reached; the event may or may not have been appended.
         """
         keys, args = event_unit(self._keys, event)
         async with self._boundary("publish"):
-            published = await self._publish(keys=keys, args=[WAKE_STREAM_MAXLEN, *args])
+            published, conflict = await self._publish(keys=keys, args=[WAKE_STREAM_MAXLEN, *args])
+        if conflict:
+            raise IdempotencyConflictError.of_event(event, str(published))
         return str(published)
 
     async def events(self, app: str, /, *, limit: int) -> list[EventRow]:

@@ -115,6 +115,9 @@ class SqliteBroker:
         """Append ``message`` to its instance's inbox, or return the first id sent under its idempotency key.
 
         Sending a message id that was sent before appends nothing either and returns that id.
+
+        Raises:
+            IdempotencyConflictError: The key was used for the instance with another payload; nothing was written.
         """
         app = message.instance.app
         message_id = await self.database.write(
@@ -127,7 +130,10 @@ class SqliteBroker:
         """Append ``event`` to its app's log and send its deliveries, atomically; or return the first event's id.
 
         An event whose id is in the log already, or whose idempotency key an event still in the log was published
-        under, appends nothing, deliveries included.
+        under with the same type and payload, appends nothing, deliveries included.
+
+        Raises:
+            IdempotencyConflictError: The key was used by an event of another type or payload; nothing was written.
         """
         event_id = await self.database.write(
             lambda conn: tx.publish_in(conn, event), after_commit=self._bell.ring(event.app)

@@ -12,8 +12,8 @@ ON CONFLICT DO NOTHING
 RETURNING seq
 
 -- message_by_idempotency_key --
--- The id of the message an instance received under an idempotency key.
-SELECT message_id FROM keel_messages
+-- The id and payload of the message an instance received under an idempotency key.
+SELECT message_id, payload FROM keel_messages
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND idempotency_key = :idempotency_key
 
 -- enqueue --
@@ -198,8 +198,9 @@ ON CONFLICT DO NOTHING
 RETURNING seq
 
 -- first_event --
--- The id a repeated publish returns: its own if it is in the log, else that of the event published under its key.
-SELECT event_id FROM keel_events
+-- The event a repeated publish stands for: itself if it is in the log, else the one published under its key; with
+-- its type and payload, which a publish under the key must repeat.
+SELECT event_id, type, payload FROM keel_events
 WHERE app = :app AND (event_id = :event_id OR idempotency_key = :idempotency_key)
 ORDER BY event_id = :event_id DESC
 LIMIT 1

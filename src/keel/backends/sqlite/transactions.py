@@ -29,7 +29,7 @@ from keel.backends.base import (
     is_delivery,
 )
 from keel.backends.sqlite.rows import iso, micros, now_us, to_datetime, to_micros
-from keel.errors import LeaseLostError
+from keel.errors import IdempotencyConflictError, LeaseLostError
 
 if TYPE_CHECKING:
     import sqlite3
@@ -44,11 +44,16 @@ _Params = dict[str, Any]
 # --- Inboxes and leases -------------------------------------------------------------------------------------
 
 
-def send_in(conn: sqlite3.Connection, message: NewMessage) -> str:
+def send_in(conn: sqlite3.Connection, message: NewMessage, *, first_wins: bool = False) -> str:
     """Append a message to its instance's inbox; return its id, or the first id sent under its key.
 
     It becomes visible ``delay_s`` after now (a negative delay counts as none), and becomes the instance's next
-    message if it is visible before the one that was next.
+    message if it is visible before the one that was next. ``first_wins`` is a turn commit's: its key used before
+    with another payload appends nothing and raises nothing (``TurnCommit`` says why).
+
+    Raises:
+        IdempotencyConflictError: Without ``first_wins``, the key was used for the instance with another payload;
+            nothing was written.
     """
     now = now_us()
     params = {
@@ -62,25 +67,33 @@ def send_in(conn: sqlite3.Connection, message: NewMessage) -> str:
     }
     row = conn.execute(QUERIES["insert_message"], params).fetchone()
     if row is None:
-        return _first_id(conn, params)
+        return _first_id(conn, message, params, first_wins=first_wins)
     conn.execute(QUERIES["enqueue"], {**params, "seq": row[0]})
     return message.message_id
 
 
-def _first_id(conn: sqlite3.Connection, params: _Params) -> str:
+def _first_id(conn: sqlite3.Connection, message: NewMessage, params: _Params, *, first_wins: bool) -> str:
     """The id a repeated send returns: the first one sent under its idempotency key, else its own, sent before."""
-    if params["idempotency_key"] is not None:
+    if message.idempotency_key is not None:
         row = conn.execute(QUERIES["message_by_idempotency_key"], params).fetchone()
         if row is not None:
-            return str(row[0])
-    return str(params["message_id"])
+            first_id, payload = str(row[0]), row[1]
+            if payload != message.payload_json and not first_wins:
+                raise IdempotencyConflictError.of_message(message, first_id)
+            return first_id
+    return message.message_id
 
 
-def publish_in(conn: sqlite3.Connection, event: NewEvent) -> str:
+def publish_in(conn: sqlite3.Connection, event: NewEvent, *, first_wins: bool = False) -> str:
     """Append an event to its app's log and send its deliveries; return its id, or the first one's if it is a repeat.
 
-    A repeat (its id already in the log, or its idempotency key used by an event still there) appends nothing,
-    deliveries included.
+    A repeat (its id already in the log, or its idempotency key used by an event still there with the same type and
+    payload) appends nothing, deliveries included; so does, with ``first_wins`` (a turn commit's), the key of an
+    event of another type or payload.
+
+    Raises:
+        IdempotencyConflictError: Without ``first_wins``, the key was used in the app by an event of another type
+            or payload; nothing was written.
     """
     source = event.source
     params = {
@@ -98,7 +111,12 @@ def publish_in(conn: sqlite3.Connection, event: NewEvent) -> str:
     }
     if conn.execute(QUERIES["insert_event"], params).fetchone() is None:
         row = conn.execute(QUERIES["first_event"], params).fetchone()
-        return event.event_id if row is None else str(row[0])
+        if row is None:
+            return event.event_id
+        first_id = str(row[0])
+        if first_id != event.event_id and (row[1], row[2]) != (event.type, event.payload_json) and not first_wins:
+            raise IdempotencyConflictError.of_event(event, first_id)
+        return first_id
     for delivery in event.deliveries:
         send_in(conn, delivery)
     return event.event_id
@@ -207,9 +225,9 @@ def commit_in(conn: sqlite3.Connection, commit: TurnCommit) -> int:
             conn.execute(QUERIES["trim_state_history"], {**params, "oldest_dropped": version - STATE_HISTORY_LIMIT})
     _record_turn(conn, commit, version_written=version, outcome="committed", error=None)
     for message in commit.sends:
-        send_in(conn, message)
+        send_in(conn, message, first_wins=True)
     for event in commit.events:
-        publish_in(conn, event)
+        publish_in(conn, event, first_wins=True)
     return version
 
 

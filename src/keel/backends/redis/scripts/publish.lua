@@ -25,9 +25,10 @@
 --                              (runtime_lib.lua lists them); then each delivery's send unit arguments
 --                              (send.lua's ARGV[1..6])
 --
--- returns  the event id that stands for this publish: ARGV[2] when appended, or when that id is in the
---          log already; the first event's id when the idempotency key was used before in the app (in
---          both cases nothing is written, deliveries included)
+-- returns  {id, conflict}: id the event id that stands for this publish: ARGV[2] when appended, or when
+--          that id is in the log already; the first event's id when the idempotency key was used before in
+--          the app (in both cases nothing is written, deliveries included); conflict 1 when that first event's
+--          type or payload is another than this one's (the caller raises), else 0
 --
 -- KEYS and ARGV[2..] are one event unit; commit.lua carries units of the same shape for a turn's events,
 -- and both run publish_event of runtime_lib.lua. An event whose deliveries were all sent before (by id)
@@ -36,6 +37,6 @@
 -- Key layout: runtime_lib.lua, prepended to this script.
 
 local woken = {}
-local event_id = publish_event(reader(KEYS, ARGV, 1, 2), now_us(), woken)
+local event_id, conflict = publish_event(reader(KEYS, ARGV, 1, 2), now_us(), woken)
 wake_streams(woken, ARGV[1])
-return event_id
+return {event_id, conflict and 1 or 0}

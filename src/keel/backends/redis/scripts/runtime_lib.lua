@@ -245,8 +245,9 @@ local SEND_KEYS, SEND_ARGS = 10, 6
 
 -- Add a message to its instance's inbox, visible from now + delay_us, unless the instance's idempotency
 -- key, or the message id itself, was sent before: send.lua's whole logic, which a commit's sends and an
--- event's deliveries run too. keys and args are one send unit. Returns the id that stands for the send
--- and whether it was added; the caller wakes the app (wake_streams).
+-- event's deliveries run too. keys and args are one send unit. Returns the id that stands for the send,
+-- whether it was added, and whether its key holds a message with another payload (send.lua refuses that;
+-- a commit's sends are first-wins); the caller wakes the app (wake_streams).
 local function send_message(keys, args, now)
     local instance, inbox, message, idempotency, ids = unpack(keys, 1, 5)
     local sequence, message_index, ready, tokfloor = unpack(keys, 6, 9)
@@ -255,11 +256,13 @@ local function send_message(keys, args, now)
     if has_key then
         local first = redis.call("HGET", idempotency, idempotency_key)
         if first then
-            return first, false
+            -- The first message's hash is this one's key with the other id: same instance, same slot.
+            local held = redis.call("HGET", string.sub(message, 1, #message - #message_id) .. first, "p")
+            return first, false, held ~= false and held ~= payload_json
         end
     end
     if redis.call("HEXISTS", message_index, message_id) == 1 then
-        return message_id, false
+        return message_id, false, false
     end
 
     local sent_at, visible_at = digits(now), digits(now + math.max(0, tonumber(delay_us)))
@@ -280,17 +283,18 @@ local function send_message(keys, args, now)
     if redis.call("HEXISTS", instance, "exp") == 0 then
         offer(instance, inbox, member, ready)
     end
-    return message_id, true
+    return message_id, true, false
 end
 
--- Run the next send unit of r; a send that added its message names its wake stream in woken.
+-- Run the next send unit of r; a send that added its message names its wake stream in woken. Returns the
+-- id that stands for the send and whether its key holds a message with another payload (send_message).
 local function send_unit(r, now, woken)
     local keys, args = read_keys(r, SEND_KEYS), read_args(r, SEND_ARGS)
-    local sent, added = send_message(keys, args, now)
+    local sent, added, conflict = send_message(keys, args, now)
     if added then
         woken[keys[SEND_KEYS]] = args[1]
     end
-    return sent
+    return sent, conflict
 end
 
 -- Append one entry to each wake stream of woken (stream -> $inst of a send to it), trimmed near maxlen.
@@ -302,19 +306,26 @@ end
 
 -- Append the next event unit of r to its app's log and send its deliveries (publish.lua documents the
 -- unit), unless its id is in the log or its idempotency key was used by an event still there; then
--- nothing is written and its deliveries are stepped over. Returns the id that stands for the event.
+-- nothing is written and its deliveries are stepped over. Returns the id that stands for the event, and
+-- whether its key holds an event of another type or payload (publish.lua refuses that; a commit's events
+-- are first-wins).
 local function publish_event(r, now, woken)
     local event, events, times, keyed_times, event_keys, sequence = unpack(read_keys(r, 6))
     local event_id, has_key, idempotency_key, deliveries, fields = unpack(read_args(r, 5))
     local values = read_args(r, 2 * tonumber(fields))
-    local first = redis.call("EXISTS", event) == 1 and event_id
+    local first, conflict = redis.call("EXISTS", event) == 1 and event_id, false
     if not first and has_key == "1" then
         first = redis.call("HGET", event_keys, idempotency_key)
+        if first then
+            -- The first event's hash is this one's key with the other id; values start with y and p.
+            local held = redis.call("HMGET", string.sub(event, 1, #event - #event_id) .. first, "y", "p")
+            conflict = held[1] ~= false and (held[1] ~= values[2] or held[2] ~= values[4])
+        end
     end
     if first then
         r.k = r.k + SEND_KEYS * tonumber(deliveries)
         r.a = r.a + SEND_ARGS * tonumber(deliveries)
-        return first
+        return first, conflict
     end
 
     local seq, published_at = digits(redis.call("INCR", sequence)), digits(now)
@@ -330,5 +341,5 @@ local function publish_event(r, now, woken)
     for _ = 1, tonumber(deliveries) do
         send_unit(r, now, woken)
     end
-    return event_id
+    return event_id, false
 end

@@ -29,9 +29,10 @@
 -- KEYS and ARGV[1..6] are one send unit: commit.lua (a turn's sends) and publish.lua (an event's
 -- deliveries) carry units of the same shape, and all three run send_message of runtime_lib.lua.
 --
--- returns  the message id that stands for this send: ARGV[2] when added, or when that id was sent
---          already (a resend after a lost reply adds nothing); the first message's id when the
---          idempotency key was used before for this instance (nothing added)
+-- returns  {id, conflict}: id the message id that stands for this send: ARGV[2] when added, or when that
+--          id was sent already (a resend after a lost reply adds nothing); the first message's id when the
+--          idempotency key was used before for this instance (nothing added); conflict 1 when that first
+--          message's payload is another than ARGV[3] (the caller raises: nothing was added), else 0
 --
 -- A delayed message still wakes idle workers now; when it becomes visible no one is woken: workers see it
 -- at their next poll, as they see the end of a hold.
@@ -39,6 +40,6 @@
 -- Key layout: runtime_lib.lua, prepended to this script.
 
 local woken = {}
-local sent = send_unit(reader(KEYS, ARGV, 1, 1), now_us(), woken)
+local sent, conflict = send_unit(reader(KEYS, ARGV, 1, 1), now_us(), woken)
 wake_streams(woken, ARGV[7])
-return sent
+return {sent, conflict and 1 or 0}
