@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from keel.errors import (
     ConfigurationError,
+    IdempotencyConflictError,
     InvalidKeyError,
     NonRetryable,
     PayloadError,
@@ -61,6 +62,7 @@ FAILS_THE_SAME_WAY = (
     UnknownWorkflowError,
     RegistrationError,
     ConfigurationError,
+    IdempotencyConflictError,
 )
 
 

@@ -184,3 +184,20 @@ async def test_registering_inside_a_turn_is_dead_lettered_at_once() -> None:
         assert (dead.instance, dead.attempts) == (keel.WorkflowInstance("handle", "r1"), 1)
         [turn] = await tester.client.turns(dead.instance)
         assert turn.outcome is keel.TurnOutcome.failed
+
+
+async def test_an_idempotency_conflict_inside_a_turn_is_dead_lettered_at_once() -> None:
+    # A turn that sends through a client, re-using a key with another payload: the same conflict on every attempt.
+    app = keel.App("conflicting")
+
+    @app.workflow(state=State, message=Msg)
+    async def handle(ctx: keel.TurnContext[State], msg: Msg) -> None:
+        async with app.client() as client:
+            await client.send("handle", "other", Msg(amount=msg.amount), idempotency_key="charge-1")
+
+    async with WorkflowTester(app) as tester:
+        await tester.client.send("handle", "other", Msg(amount=1), idempotency_key="charge-1")
+        with pytest.raises(keel.TurnFailedError, match="IdempotencyConflictError"):
+            await tester.run("handle", "r1", Msg(amount=2), timeout_s=3)
+        [dead] = await tester.client.dead_letters()
+        assert (dead.instance, dead.attempts) == (keel.WorkflowInstance("handle", "r1"), 1)
