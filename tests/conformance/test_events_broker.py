@@ -21,6 +21,7 @@ from keel.backends import open_backend
 from keel.backends.base import (
     Backend,
     Claim,
+    InstanceKind,
     InstanceRef,
     MessageStatus,
     NewEvent,
@@ -70,7 +71,10 @@ def new_event(
     event_id = event_id or uuid.uuid4().hex
     body = json.dumps(payload if payload is not None else {"order": "o1"})
     deliveries = tuple(
-        NewMessage(delivery_ref(h, event_id), f"{event_id}-{h}", json.dumps({"event_id": event_id})) for h in handlers
+        NewMessage(
+            delivery_ref(h, event_id), f"{event_id}-{h}", json.dumps({"event_id": event_id}), kind=InstanceKind.delivery
+        )
+        for h in handlers
     )
     return NewEvent(APP, event_id, "Shipped", body, handlers, deliveries, source, source_message_id, key)
 

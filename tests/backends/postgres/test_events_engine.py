@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 import keel
-from keel.backends.base import Claim, InstanceRef, NewEvent, NewMessage, TurnCommit
+from keel.backends.base import Claim, InstanceKind, InstanceRef, NewEvent, NewMessage, TurnCommit
 from keel.backends.postgres import broker as pg_broker
 from keel.backends.postgres import migrate as pg_store
 from keel.backends.postgres.transactions import BROKER_QUERIES
@@ -45,7 +45,12 @@ pytestmark = pytest.mark.postgres
 def _event(handlers: tuple[str, ...] = ("mail",), *, key: str | None = None, source: Claim | None = None) -> NewEvent:
     event_id = uuid.uuid4().hex
     deliveries = tuple(
-        NewMessage(InstanceRef(APP, f"on/{h}", event_id), f"{event_id}-{h}", json.dumps({"event_id": event_id}))
+        NewMessage(
+            InstanceRef(APP, f"on/{h}", event_id),
+            f"{event_id}-{h}",
+            json.dumps({"event_id": event_id}),
+            kind=InstanceKind.delivery,
+        )
         for h in handlers
     )
     return NewEvent(
@@ -102,7 +107,9 @@ def _at_schema_version_4(url: str) -> None:
 async def test_a_database_at_schema_version_4_is_upgraded_in_place(postgres_url: str) -> None:
     _at_schema_version_4(postgres_url)
     async with backends_opened_together(postgres_url, 3) as opened:
-        assert db_rows(postgres_url, "SELECT component, version FROM keel_schema") == [("store", 5)]
+        assert db_rows(postgres_url, "SELECT component, version FROM keel_schema") == [
+            ("store", pg_store.SCHEMA_VERSION)
+        ]
         claim = await claim_one(opened[0])
         assert (claim.message_id, claim.fencing_token) == ("old", 4)
         event = _event(source=claim)
@@ -310,7 +317,7 @@ async def test_a_delivery_sent_again_while_prune_deletes_its_instance_keeps_it(
     await backend.commit_turn(_commit(claim, None))
     # The event is published again (its log row pruned, say) by a send caught between its two statements.
     params = {**send_params(backend, "again"), "workflow": "on/mail", "workflow_id": event.event_id}
-    params.update(workflows=["on/mail"], workflow_ids=[event.event_id])
+    params.update(workflows=["on/mail"], workflow_ids=[event.event_id], kinds=["delivery"])
     soon = datetime.now(UTC) + timedelta(seconds=5)
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
         async with conn.transaction():

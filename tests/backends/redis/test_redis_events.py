@@ -14,7 +14,7 @@ from redis.crc import key_slot
 
 import keel
 from keel.backends import open_backend
-from keel.backends.base import InstanceRef, NewEvent, NewMessage, Pruned, StoreOptions, TurnCommit
+from keel.backends.base import InstanceKind, InstanceRef, NewEvent, NewMessage, Pruned, StoreOptions, TurnCommit
 from keel.backends.redis import cleanup
 from keel.backends.redis.migrate import STORE_SCHEMA_VERSION
 from tests.backends.redis._support import (
@@ -48,7 +48,12 @@ def event_of(
     source: Claim | None = None,
 ) -> NewEvent:
     deliveries = tuple(
-        NewMessage(InstanceRef(APP, f"on/{h}", event_id), f"{event_id}-{h}", json.dumps({"e": event_id}))
+        NewMessage(
+            InstanceRef(APP, f"on/{h}", event_id),
+            f"{event_id}-{h}",
+            json.dumps({"e": event_id}),
+            kind=InstanceKind.delivery,
+        )
         for h in handlers
     )
     return NewEvent(

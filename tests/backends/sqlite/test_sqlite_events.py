@@ -12,7 +12,7 @@ import pytest
 
 import keel
 from keel.backends import open_backend
-from keel.backends.base import InstanceRef, NewEvent, NewMessage, Pruned, StoreOptions, TurnCommit
+from keel.backends.base import InstanceKind, InstanceRef, NewEvent, NewMessage, Pruned, StoreOptions, TurnCommit
 from keel.backends.sqlite import broker
 from keel.backends.sqlite.migrate import SCHEMA_VERSION
 from tests.backends.sqlite._support import (
@@ -61,7 +61,10 @@ def delivery(handler: str, event_id: str) -> InstanceRef:
 def event_of(
     handlers: tuple[str, ...] = ("mail",), *, event_id: str = "e1", key: str | None = None, source: Claim | None = None
 ) -> NewEvent:
-    deliveries = tuple(NewMessage(delivery(h, event_id), f"{event_id}-{h}", '{"to": "' + h + '"}') for h in handlers)
+    deliveries = tuple(
+        NewMessage(delivery(h, event_id), f"{event_id}-{h}", '{"to": "' + h + '"}', kind=InstanceKind.delivery)
+        for h in handlers
+    )
     return NewEvent(
         APP,
         event_id,
