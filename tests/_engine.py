@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from keel.backends import open_backend
 from keel.backends.base import (
     Claim,
+    InstanceKind,
     InstanceRef,
     NewEvent,
     NewMessage,
@@ -166,7 +167,10 @@ def new_event(
     event_id = event_id or uuid.uuid4().hex
     body = json.dumps({"order": "o1"} if payload is None else payload)
     deliveries = tuple(
-        NewMessage(delivery_ref(h, event_id), f"{event_id}-{h}", json.dumps({"event_id": event_id})) for h in handlers
+        NewMessage(
+            delivery_ref(h, event_id), f"{event_id}-{h}", json.dumps({"event_id": event_id}), kind=InstanceKind.delivery
+        )
+        for h in handlers
     )
     return NewEvent(
         APP,

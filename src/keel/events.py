@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from keel.backends.base import InstanceRef, NewEvent, NewMessage
+from keel.backends.base import InstanceKind, InstanceRef, NewEvent, NewMessage
 from keel.errors import PayloadValidationError
 from keel.payload import encode
 from keel.records import MessageStatus, Target, delivery_workflow
@@ -132,7 +132,12 @@ def build_event(
     payload_json = encode(event, what=f"event {type_name}", max_bytes=max_bytes)
     envelope = _envelope_json(event_id, type_name, payload_json, source, source_message_id)
     deliveries = tuple(
-        NewMessage(InstanceRef(app, delivery_workflow(h), event_id), delivery_message_id(event_id, h), envelope)
+        NewMessage(
+            InstanceRef(app, delivery_workflow(h), event_id),
+            delivery_message_id(event_id, h),
+            envelope,
+            kind=InstanceKind.delivery,
+        )
         for h in handlers
     )
     return NewEvent(

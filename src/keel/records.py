@@ -7,7 +7,8 @@ A claim runs one of two things, and ``Target`` names either:
 
 Engines store both as instances: a delivery is the instance ``on/HANDLER`` / ``EVENT_ID`` (``DELIVERY_PREFIX``),
 the one message of which is the event for that handler. ``parse_target`` and ``Target.workflow`` /
-``Target.workflow_id`` are the one place that encoding is read and written above the engines.
+``Target.workflow_id`` are the one place that encoding is read and written above the engines. Engines never read
+it: each instance row stores its ``InstanceKind``, sent with the message that creates it, and engines go by that.
 
 This module imports nothing of keel, so every layer (engines included) may import it.
 """
@@ -63,6 +64,19 @@ class HandlerDelivery:
 
 #: What a claim runs: a workflow instance's turn, or a handler's delivery of an event.
 Target = WorkflowInstance | HandlerDelivery
+
+
+class InstanceKind(StrEnum):
+    """What an instance stored by an engine holds, as its row records it (engines never parse the name).
+
+    Pruning removes a delivery whole once its one message goes, and keeps a workflow instance's row (its fencing
+    token, state and history).
+    """
+
+    #: A workflow's instance: a turn per message, state, a fencing token that must outlive its messages.
+    workflow = "workflow"
+    #: A handler's delivery of one event: one message, no state, an id (the event's) never used again.
+    delivery = "delivery"
 
 
 def delivery_workflow(handler: str) -> str:

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-# Defined with the public read types (a leaf module): the encoding of a handler's deliveries as instances
-# (``on/HANDLER``), next to the typed value it maps to, and the message statuses the client reports.
-from keel.records import DELIVERY_PREFIX as DELIVERY_PREFIX
+# Defined with the public read types (a leaf module): what an instance holds (stored by engines with its row), the
+# message statuses the client reports and the outcomes of turn records.
+from keel.records import InstanceKind as InstanceKind
 from keel.records import MessageStatus as MessageStatus
+from keel.records import TurnOutcome as TurnOutcome
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
@@ -126,6 +127,9 @@ class NewMessage:
     """A message to append to an instance's inbox.
 
     ``delay_s`` makes it visible only that long after it is sent (by the backend's clock): a durable timer.
+    ``kind`` is what the instance holds: the engine stores it with the instance row the first message creates, and
+    goes by the stored kind (never by the name) where the two differ in handling (``Pruner.prune``). One instance's
+    messages all carry the same kind; the first one's stands.
     """
 
     instance: InstanceRef
@@ -133,6 +137,7 @@ class NewMessage:
     payload_json: str
     idempotency_key: str | None = None
     delay_s: float = 0.0
+    kind: InstanceKind = InstanceKind.workflow
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,11 +190,6 @@ class DeadLetter:
     failed_at: datetime
 
 
-def is_delivery(workflow: str) -> bool:
-    """True if ``workflow`` names a handler's deliveries rather than a user workflow."""
-    return workflow.startswith(DELIVERY_PREFIX)
-
-
 @dataclass(frozen=True, slots=True)
 class NewEvent:
     """An event to append to its app's log, together with one delivery message per handler of its type.
@@ -205,7 +205,7 @@ class NewEvent:
     payload_json: str
     #: The handlers it is delivered to, in the order of ``deliveries``.
     handlers: tuple[str, ...]
-    #: One message per handler, to instance ``on/HANDLER`` / ``event_id`` (see ``DELIVERY_PREFIX``).
+    #: One message per handler, each of kind ``InstanceKind.delivery`` (``keel.events`` builds them).
     deliveries: tuple[NewMessage, ...]
     #: The instance whose turn (or handler delivery) emitted it, and that turn's message; None when published.
     source: InstanceRef | None = None
@@ -294,7 +294,7 @@ class TurnRecordRow:
     version_written: int | None
     started_at: datetime
     duration_s: float
-    outcome: str
+    outcome: TurnOutcome
     error: str | None = None
 
 
@@ -449,9 +449,9 @@ class Claimer(Protocol):
     async def retry_turn(self, failure: TurnFailure, /, *, delay_s: float) -> None:
         """Record a failed attempt and let the message run again after ``delay_s``, atomically.
 
-        Fenced. The turn record's outcome is ``"retry"``; the lease is released, but no one may claim the instance
-        until ``delay_s`` from now by the backend's clock; the message stays pending and first in line, so the
-        instance's later messages keep waiting behind it. A retry without delay wakes idle waiters.
+        Fenced. The turn record's outcome is ``TurnOutcome.retry``; the lease is released, but no one may claim the
+        instance until ``delay_s`` from now by the backend's clock; the message stays pending and first in line, so
+        the instance's later messages keep waiting behind it. A retry without delay wakes idle waiters.
 
         Raises:
             LeaseLostError: The claim's token is no longer current, or its lease was released or expired; nothing
@@ -561,8 +561,9 @@ class Pruner(Protocol):
         records), except those with an idempotency key sent at or after ``keys_before``, which stay so that
         the key keeps deduplicating; turn records started before ``finished_before``; events published before
         ``finished_before`` (but those whose idempotency key was used at or after ``keys_before``); and the
-        instance rows of handler deliveries (``is_delivery``) whose one message was removed here, whole: their
-        ids are never reused, so nothing (no fencing token) needs to outlive them. Runs in batches, each atomic;
+        instance rows of handler deliveries (stored as ``InstanceKind.delivery``) whose one message was removed
+        here, whole: their ids are never reused, so nothing (no fencing token) needs to outlive them. A workflow
+        instance's row always stays, with its fencing token, state and history. Runs in batches, each atomic;
         idempotent: pruning again removes only what became due since.
 
         Returns:

@@ -65,7 +65,8 @@ async def test_runtime_keys_land_in_the_documented_layout(backend: Backend, raw:
     assert instance_slots == {key_slot(member.encode())}
     assert app_slots == {key_slot(b"loans")}
     fields = await raw.hgetall(f"keel:inst:{{{member}}}")
-    assert {k: v for k, v in fields.items() if k != "t"} == {"tok": "1", "v": "1", "d": '{"step": 1}', "w": "w1"}
+    expected_fields = {"tok": "1", "kind": "workflow", "v": "1", "d": '{"step": 1}', "w": "w1"}
+    assert {k: v for k, v in fields.items() if k != "t"} == expected_fields
     message = await raw.hgetall(f"keel:msg:{{{member}}}:{message_id}")
     sent_at, finished_at = message.pop("a"), message.pop("x")
     assert message == {

@@ -67,7 +67,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from keel.backends.base import DELIVERY_PREFIX, InstanceRef, Pruned
+from keel.backends.base import InstanceKind, InstanceRef, Pruned, TurnOutcome
 from keel.backends.postgres.connection import fetch_one
 from keel.backends.postgres.rows import claim as claim_from_row
 from keel.backends.postgres.rows import dead_letter, event_row, message_info, stored_record, turn_record
@@ -283,7 +283,7 @@ class PostgresBroker:
         """
         claim = failure.claim
         params = {
-            **turn_params(claim, failure.worker, failure.started_at, failure.duration_s),
+            **turn_params(failure, TurnOutcome.retry),
             "error": failure.error,
             "delay_s": float(delay_s),
         }
@@ -363,7 +363,7 @@ class PostgresBroker:
             "finished_before": finished_before,
             "keys_before": keys_before,
             "limit": PRUNE_BATCH,
-            "delivery_prefix": DELIVERY_PREFIX,
+            "delivery_kind": InstanceKind.delivery.value,
         }
         totals = [0, 0, 0]
         while True:

@@ -1,5 +1,5 @@
 -- The statements of the PostgreSQL broker, loaded by keel.backends._sql; the tables are in schema.sql (runtime_v1 to
--- runtime_v4).
+-- runtime_v5).
 --
 -- Writes that must see every message committed before them run in one transaction of two statements: the first
 -- locks the instance rows, the second (a fresh snapshot under read committed, taken once the locks are held) reads
@@ -15,12 +15,12 @@
 -- visible (next_visible_at <= now), in (next_visible_at, next_seq) order.
 
 -- lock_inboxes --
--- Create the instances that are new and lock each one's row (the no-op update takes the lock), so that one inbox's
--- sends are serial; in the order given (the lock order, see transactions.py), each instance once.
-INSERT INTO keel_instances AS i (app, workflow, workflow_id)
-SELECT given.app, given.workflow, given.workflow_id
-  FROM unnest(%(apps)s::text[], %(workflows)s::text[], %(workflow_ids)s::text[]) WITH ORDINALITY
-       AS given (app, workflow, workflow_id, n)
+-- Create the instances that are new, of the kind given, and lock each one's row (the no-op update takes the lock), so
+-- that one inbox's sends are serial; in the order given (the lock order, see transactions.py), each instance once.
+INSERT INTO keel_instances AS i (app, workflow, workflow_id, kind)
+SELECT given.app, given.workflow, given.workflow_id, given.kind
+  FROM unnest(%(apps)s::text[], %(workflows)s::text[], %(workflow_ids)s::text[], %(kinds)s::text[]) WITH ORDINALITY
+       AS given (app, workflow, workflow_id, kind, n)
  ORDER BY given.n
 ON CONFLICT (app, workflow, workflow_id) DO UPDATE SET next_seq = i.next_seq
 
@@ -198,7 +198,7 @@ WITH new AS (
     INSERT INTO keel_turns (app, workflow, workflow_id, message_id, worker, attempt, fencing_token, version_read,
                             version_written, started_at, duration_s, outcome)
     SELECT %(app)s, %(workflow)s, %(workflow_id)s, %(message_id)s, %(worker)s, %(attempt)s, %(fencing_token)s,
-           %(version_read)s, up.state_version, %(started_at)s, %(duration_s)s, 'committed'
+           %(version_read)s, up.state_version, %(started_at)s, %(duration_s)s, %(outcome)s
       FROM up
 )
 SELECT state_version FROM up
@@ -222,7 +222,7 @@ WITH up AS (
     INSERT INTO keel_turns (app, workflow, workflow_id, message_id, worker, attempt, fencing_token, version_read,
                             version_written, started_at, duration_s, outcome, error)
     SELECT %(app)s, %(workflow)s, %(workflow_id)s, %(message_id)s, %(worker)s, %(attempt)s, %(fencing_token)s,
-           %(version_read)s, NULL, %(started_at)s, %(duration_s)s, 'failed', %(error)s
+           %(version_read)s, NULL, %(started_at)s, %(duration_s)s, %(outcome)s, %(error)s
       FROM up
 )
 SELECT state_version FROM up
@@ -264,7 +264,7 @@ WITH up AS (
     INSERT INTO keel_turns (app, workflow, workflow_id, message_id, worker, attempt, fencing_token, version_read,
                             version_written, started_at, duration_s, outcome, error)
     SELECT %(app)s, %(workflow)s, %(workflow_id)s, %(message_id)s, %(worker)s, %(attempt)s, %(fencing_token)s,
-           %(version_read)s, NULL, %(started_at)s, %(duration_s)s, 'retry', %(error)s
+           %(version_read)s, NULL, %(started_at)s, %(duration_s)s, %(outcome)s, %(error)s
       FROM up
 )
 SELECT state_version FROM up
@@ -345,7 +345,7 @@ SELECT EXISTS (
 -- prune --
 -- Delete up to limit finished messages (with their steps, by cascade), up to limit turn records and up to limit events
 -- of an app, older than the cut-offs; a message or an event with an idempotency key only once it was sent (published)
--- before keys_before. A handler delivery's instance (its workflow starts with delivery_prefix) goes whole with its
+-- before keys_before. A handler delivery's instance (its row's kind is delivery_kind) goes whole with its
 -- last message, without a tombstone: its id is an event id, never used again. Rows another pruner has locked are
 -- skipped: it deletes them. How many messages, turn records and events went.
 WITH doomed AS (
@@ -372,8 +372,9 @@ WITH doomed AS (
 ), delivered AS (
     -- Every statement in a WITH sees the same snapshot: the messages deleted above are still there to look at.
     SELECT DISTINCT d.workflow, d.workflow_id
-      FROM doomed AS d
-     WHERE starts_with(d.workflow, %(delivery_prefix)s)
+      FROM doomed AS d JOIN keel_instances AS i
+           ON i.app = %(app)s AND i.workflow = d.workflow AND i.workflow_id = d.workflow_id
+     WHERE i.kind = %(delivery_kind)s
        AND NOT EXISTS (
            SELECT FROM keel_messages AS m
             WHERE m.app = %(app)s AND m.workflow = d.workflow AND m.workflow_id = d.workflow_id

@@ -13,6 +13,7 @@ from keel.backends.base import (
     MessageInfo,
     MessageStatus,
     StoredRecord,
+    TurnOutcome,
     TurnRecordRow,
 )
 
@@ -56,7 +57,7 @@ def turn_record(instance: InstanceRef, row: tuple[Any, ...]) -> TurnRecordRow:
         None if version_written is None else int(version_written),
         utc(started_at),
         float(duration_s),
-        outcome,
+        TurnOutcome(outcome),
         error,
     )
 

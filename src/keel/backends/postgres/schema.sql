@@ -253,3 +253,16 @@ CREATE INDEX keel_events_log ON keel_events (app, seq);
 
 -- What prune deletes: an app's events by publish time.
 CREATE INDEX keel_events_published ON keel_events (app, published_at);
+
+-- runtime_v5 --
+-- What each instance holds, stored with its row by the send that creates it: a workflow's instance, or a handler's
+-- delivery of one event (one message, no state; pruned whole once that message goes, its id never used again).
+-- The engine goes by this column, never by the instance's name.
+ALTER TABLE keel_instances
+    ADD COLUMN kind text NOT NULL DEFAULT 'workflow' CHECK (kind IN ('workflow', 'delivery'));
+
+-- The deliveries already stored are exactly the instances of the pseudo-workflows 'on/HANDLER' (user workflow names
+-- cannot contain '/'): the one place the name is read, once. A process still running older code creates its
+-- instances as workflows (the default): prune keeps such a delivery's row, as that code kept every one, which costs a
+-- row and loses nothing.
+UPDATE keel_instances SET kind = 'delivery' WHERE starts_with(workflow, 'on/');

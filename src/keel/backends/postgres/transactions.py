@@ -27,12 +27,21 @@ from typing import TYPE_CHECKING, Any
 from psycopg.types.json import Jsonb
 
 from keel.backends._sql import load_queries
-from keel.backends.base import STATE_HISTORY_LIMIT, Claim, InstanceRef, NewEvent, NewMessage, TurnCommit, TurnFailure
+from keel.backends.base import (
+    STATE_HISTORY_LIMIT,
+    Claim,
+    InstanceKind,
+    InstanceRef,
+    NewEvent,
+    NewMessage,
+    TurnCommit,
+    TurnFailure,
+    TurnOutcome,
+)
 from keel.errors import IdempotencyConflictError, LeaseLostError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
-    from datetime import datetime
     from typing import LiteralString
 
     import psycopg
@@ -77,7 +86,7 @@ async def send_in(
             payload; the caller's transaction must roll back. Without it (a commit's sends, first-wins, and an
             event's deliveries, which have no key) nothing is read, and such a message is just not appended.
     """
-    await _lock_inboxes(conn, (m.instance for m in messages))
+    await _lock_inboxes(conn, messages)
     return await _append(conn, schema, messages, returning=returning)
 
 
@@ -103,14 +112,14 @@ async def commit_in(conn: _Connection, schema: str, commit: TurnCommit) -> Fence
     """
     claim = commit.claim
     params = {
-        **turn_params(claim, commit.worker, commit.started_at, commit.duration_s),
+        **turn_params(commit, TurnOutcome.committed),
         "state": commit.state_json,
         "history_limit": STATE_HISTORY_LIMIT,
     }
-    inboxes = {m.instance for m in commit.sends} - {claim.instance}
-    await _lock_inboxes(conn, (ref for ref in inboxes if _order(ref) < _order(claim.instance)))
+    own = _order(claim.instance)
+    await _lock_inboxes(conn, (m for m in commit.sends if _order(m.instance) < own))
     written = await queue_fenced(conn, claim, BROKER_QUERIES["commit_turn"], params)
-    await _lock_inboxes(conn, (ref for ref in inboxes if _order(ref) > _order(claim.instance)))
+    await _lock_inboxes(conn, (m for m in commit.sends if _order(m.instance) > own))
     await _append(conn, schema, commit.sends, returning=False)
     logged = await _log_events(conn, commit.events)
     if commit.sends or commit.events:
@@ -122,7 +131,7 @@ async def commit_in(conn: _Connection, schema: str, commit: TurnCommit) -> Fence
 async def fail_in(conn: _Connection, failure: TurnFailure) -> Fenced:
     """Queue one failed turn's record, to be read after the caller's COMMIT (see ``queue_fenced``)."""
     claim = failure.claim
-    params = {**turn_params(claim, failure.worker, failure.started_at, failure.duration_s), "error": failure.error}
+    params = {**turn_params(failure, TurnOutcome.failed), "error": failure.error}
     return await queue_fenced(conn, claim, BROKER_QUERIES["fail_turn"], params)
 
 
@@ -193,14 +202,21 @@ async def _deliver(conn: _Connection, schema: str, logging: _Logging | None) -> 
     return logged
 
 
-async def _lock_inboxes(conn: _Connection, instances: Iterable[InstanceRef]) -> None:
-    """Create the instances that are new and lock every one's row, in lock order (see the module docstring)."""
-    ordered = sorted(set(instances), key=_order)
+async def _lock_inboxes(conn: _Connection, messages: Iterable[NewMessage]) -> None:
+    """Create the messages' instances that are new (of the messages' kind) and lock every one's row, in lock order.
+
+    The lock order is the module docstring's; an instance new here takes the kind of its first message in ``messages``.
+    """
+    kinds: dict[InstanceRef, InstanceKind] = {}
+    for message in messages:
+        kinds.setdefault(message.instance, message.kind)
+    ordered = sorted(kinds, key=_order)
     if ordered:
         params = {
             "apps": [ref.app for ref in ordered],
             "workflows": [ref.workflow for ref in ordered],
             "workflow_ids": [ref.workflow_id for ref in ordered],
+            "kinds": [kinds[ref].value for ref in ordered],
         }
         await conn.execute(BROKER_QUERIES["lock_inboxes"], params)
 
@@ -288,17 +304,19 @@ def instance_params(ref: InstanceRef) -> dict[str, Any]:
     return {"app": ref.app, "workflow": ref.workflow, "workflow_id": ref.workflow_id}
 
 
-def turn_params(claim: Claim, worker: str, started_at: datetime, duration_s: float) -> dict[str, Any]:
-    """The statement parameters of a fenced write under ``claim`` that records a turn."""
+def turn_params(done: TurnCommit | TurnFailure, outcome: TurnOutcome) -> dict[str, Any]:
+    """The statement parameters of a fenced write under ``done``'s claim that records a turn ending in ``outcome``."""
+    claim = done.claim
     return {
         **instance_params(claim.instance),
         "message_id": claim.message_id,
         "fencing_token": claim.fencing_token,
         "version_read": claim.state_version,
         "attempt": claim.attempt,
-        "worker": worker,
-        "started_at": started_at,
-        "duration_s": duration_s,
+        "worker": done.worker,
+        "started_at": done.started_at,
+        "duration_s": done.duration_s,
+        "outcome": outcome.value,
     }
 
 

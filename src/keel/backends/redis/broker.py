@@ -12,7 +12,7 @@ Map of the design:
   of keys and arguments of one shape (``outbox.py``); so a turn's sends, its events and their deliveries
   join the commit's script, after its lease check. An event is a hash in its app's log, indexed by
   sequence number (``events``) and by publish time (for ``prune``); each delivery is an ordinary message to
-  instance ``on/HANDLER`` / event id, which ``prune`` deletes whole once its message is pruned.
+  instance ``on/HANDLER`` / event id of kind delivery, which ``prune`` deletes whole once its message is pruned.
   The shared helpers of ``runtime_lib.lua`` are prepended to each script's text when it is registered.
 - Timers and claiming: an instance's inbox is a sorted set of its pending messages by visible time (send
   time + ``delay_s``, by the server's clock), ties by the app-wide sequence number. A per-(app, workflow)
@@ -63,6 +63,7 @@ from keel.backends.base import (
     StoredRecord,
     TurnCommit,
     TurnFailure,
+    TurnOutcome,
     TurnRecordRow,
 )
 from keel.backends.redis.cleanup import delete_call, prune_app
@@ -287,7 +288,7 @@ class RedisBroker:
             self._keys.dead(ref.app),
             self._keys.turn_index(ref.app),
         ]
-        turn = turn_json(failure, version_written=None, outcome="failed", error=failure.error)
+        turn = turn_json(failure, version_written=None, outcome=TurnOutcome.failed, error=failure.error)
         args: list[str | int] = [self._keys.prefix, member, claim.fencing_token, claim.message_id, failure.error]
         async with self._boundary("fail"):
             reply = await self._fail(keys=keys, args=[*args, turn, TURNS_LIMIT])
@@ -346,7 +347,7 @@ class RedisBroker:
             self._keys.leased(ref.app, ref.workflow),
             self._keys.turn_index(ref.app),
         ]
-        turn = turn_json(failure, version_written=None, outcome="retry", error=failure.error)
+        turn = turn_json(failure, version_written=None, outcome=TurnOutcome.retry, error=failure.error)
         args: list[str | int] = [member, claim.fencing_token, micros(delay_s), turn, TURNS_LIMIT]
         async with self._boundary("retry"):
             reply = await self._retry(keys=keys, args=args)
@@ -497,7 +498,7 @@ class RedisBroker:
         ]
         has_state = commit.state_json is not None
         version = claim.state_version + 1 if has_state else claim.state_version
-        turn = turn_json(commit, version_written=version, outcome="committed", error=None)
+        turn = turn_json(commit, version_written=version, outcome=TurnOutcome.committed, error=None)
         args: list[str | int] = [self._keys.prefix, member, claim.fencing_token, claim.message_id]
         args += [claim.state_version, "1" if has_state else "0", commit.state_json or "", commit.worker, turn]
         args += [STATE_HISTORY_LIMIT, TURNS_LIMIT, WAKE_STREAM_MAXLEN, len(commit.sends), len(commit.events)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from keel.backends.base import Pruned
+from keel.backends.base import InstanceKind, Pruned
 from keel.backends.redis.keys import instance_member
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ async def prune_app(
         offset = 0
         while True:
             args: list[str | int] = [keys.prefix, mode, finished_before_us, keys_before_us, PRUNE_BATCH, offset]
-            args.append(keys.event_stem(app))
+            args += [keys.event_stem(app), InstanceKind.delivery.value]
             deleted, more, kept = (int(n) for n in await script(keys=index_keys, args=args))
             counts[mode] += deleted
             offset += kept

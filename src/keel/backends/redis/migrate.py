@@ -14,7 +14,12 @@ messages with ``HSCAN`` of each.
 From 4 to 5 nothing is rewritten: the event log's keys and the handler deliveries' instances are created on
 first use, so only the version is recorded.
 
-Both work batch by batch, one script per batch, so the server is never blocked for long; the scripts are
+From 5 to 6 (``scripts/upgrade_6.lua``): every instance's hash gets its ``kind``, which sends set from then on and
+prune goes by. The deliveries stored so far are exactly the instances of the pseudo-workflows ``on/HANDLER`` (user
+workflow names cannot contain ``/``): this upgrade is the one place that reads the name (``keel.records.handler_of``),
+once. The instances are found with ``SCAN`` over ``inst:`` keys.
+
+All work batch by batch, one script per batch, so the server is never blocked for long; the scripts are
 idempotent, so processes connecting together may both run them, and one cut short is finished by the next
 connect (the version stays where it was until an upgrade completed). Processes of an older keel must be
 stopped first: they cannot read the new layout.
@@ -27,8 +32,10 @@ import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from keel.backends.base import InstanceKind
 from keel.backends.redis.keys import parse_instance_member
 from keel.backends.redis.lua import runtime_script
+from keel.records import handler_of
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -43,8 +50,9 @@ logger = logging.getLogger(__name__)
 #: 1 the versioned store, 2 adds the runtime's keys (created on first use, so 1 -> 2 only records the number),
 #: 3 adds step results, retry holds and dead letters (2 -> 3 indexes the failed messages: ``migrate.py``),
 #: 4 adds timers, pruning and deletion (3 -> 4 dates the messages and builds the new indexes: ``migrate.py``),
-#: 5 adds the event log and handler deliveries (keys created on first use, so 4 -> 5 only records the number).
-STORE_SCHEMA_VERSION = 5
+#: 5 adds the event log and handler deliveries (keys created on first use, so 4 -> 5 only records the number),
+#: 6 stores each instance's kind (5 -> 6 writes it into every instance's hash: ``migrate.py``).
+STORE_SCHEMA_VERSION = 6
 
 #: The field of the schema hash that holds the store's layout version.
 SCHEMA_COMPONENT = "store"
@@ -63,6 +71,9 @@ async def upgrade_layout(client: Redis, keys: RedisKeys, found: int, *, url: str
     if found in (2, 3):
         upgraded = await _date_and_index_messages(client, keys)
         logger.info("keel data at %s (prefix %r): %d message(s) upgraded for schema 4", url, keys.prefix, upgraded)
+    if 2 <= found <= 5:
+        kinds = await _store_instance_kinds(client, keys)
+        logger.info("keel data at %s (prefix %r): %d instance(s) given a kind for schema 6", url, keys.prefix, kinds)
 
 
 def _runtime_script(client: Redis, name: str) -> Any:
@@ -135,3 +146,23 @@ async def _date_and_index_messages(client: Redis, keys: RedisKeys) -> int:
             if cursor == 0:
                 break
     return upgraded
+
+
+async def _store_instance_kinds(client: Redis, keys: RedisKeys) -> int:
+    """Run ``upgrade_6.lua`` over every instance, one ``SCAN`` batch per call; return how many it gave a kind."""
+    script = _runtime_script(client, "upgrade_6.lua")
+    start = f"{keys.prefix}inst:{{"
+    given = 0
+    async for names in _scan(client, start):
+        members = [name[len(start) : -1] for name in names]
+        instances = [keys.instance(member) for member in members]
+        kinds = [_kind_from_name(member) for member in members]
+        if members:
+            given += int(await script(keys=instances, args=kinds))
+    return given
+
+
+def _kind_from_name(member: str) -> str:
+    """What an instance stored before layout 6 holds: deliveries were exactly the instances of ``on/HANDLER``."""
+    workflow = parse_instance_member(member)[1]
+    return (InstanceKind.workflow if handler_of(workflow) is None else InstanceKind.delivery).value

@@ -47,7 +47,7 @@ def send_unit(keys: RedisKeys, message: NewMessage) -> Unit:
     ]
     key = message.idempotency_key
     args: list[str | int] = [member, message.message_id, message.payload_json, *_optional(key)]
-    return names, [*args, micros(max(0.0, message.delay_s))]
+    return names, [*args, micros(max(0.0, message.delay_s)), message.kind.value]
 
 
 def event_unit(keys: RedisKeys, event: NewEvent) -> Unit:

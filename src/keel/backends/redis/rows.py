@@ -2,7 +2,7 @@
 
 A turn record is kept as a JSON object with the keys ``message_id``, ``worker``, ``attempt``,
 ``fencing_token``, ``version_read``, ``version_written`` (null unless committed), ``started_at_us``,
-``duration_s``, ``outcome`` ("committed", "failed" or "retry") and ``error``.
+``duration_s``, ``outcome`` (a ``TurnOutcome``: "committed", "failed" or "retry") and ``error``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from keel.backends.base import Claim, DeadLetter, InstanceRef, StoredRecord, TurnRecordRow
+from keel.backends.base import Claim, DeadLetter, InstanceRef, StoredRecord, TurnOutcome, TurnRecordRow
 from keel.backends.redis.keys import parse_instance_member
 from keel.errors import LeaseLostError
 
@@ -82,7 +82,9 @@ def dead_letter_from_row(row: list[Any]) -> DeadLetter:
     )
 
 
-def turn_json(done: TurnCommit | TurnFailure, *, version_written: int | None, outcome: str, error: str | None) -> str:
+def turn_json(
+    done: TurnCommit | TurnFailure, *, version_written: int | None, outcome: TurnOutcome, error: str | None
+) -> str:
     """The JSON of one turn record, as the scripts push it."""
     claim = done.claim
     record = {
@@ -94,7 +96,7 @@ def turn_json(done: TurnCommit | TurnFailure, *, version_written: int | None, ou
         "version_written": version_written,
         "started_at_us": micros_since_epoch(done.started_at),
         "duration_s": done.duration_s,
-        "outcome": outcome,
+        "outcome": outcome.value,
         "error": error,
     }
     return json.dumps(record, separators=(",", ":"))
@@ -113,7 +115,7 @@ def turn_from_json(instance: InstanceRef, entry: str) -> TurnRecordRow:
         record["version_written"],
         from_micros(record["started_at_us"]),
         record["duration_s"],
-        record["outcome"],
+        TurnOutcome(record["outcome"]),
         record["error"],
     )
 

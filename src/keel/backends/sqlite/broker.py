@@ -2,14 +2,14 @@
 
 How it works:
 
-- Tables (``schema.sql``, sections ``runtime_v2`` to ``runtime_v5``): ``keel_instances`` holds each workflow
-  instance's lease, fencing token, paused flag, committed state and ``next_seq`` / ``next_visible_us``, the seq
-  and visible time of its next message; ``keel_messages`` is every inbox, with one ``seq`` for the whole file,
-  each message's ``visible_us`` (sent time plus its delay), status (pending, done, failed = dead-lettered,
-  skipped) and attempts; ``keel_steps`` keeps the step results recorded for a message, replayed to its later
-  claims; ``keel_state_history`` and ``keel_turns`` keep past states and turn records; ``keel_events`` is each
-  app's event log (``seq`` from one autoincrement for the whole file), whose idempotency keys are a column with a
-  partial unique index.
+- Tables (``schema.sql``, sections ``runtime_v2`` to ``runtime_v6``): ``keel_instances`` holds each instance's
+  ``kind`` (workflow or delivery, from the message that created it), lease, fencing token, paused flag, committed
+  state and ``next_seq`` / ``next_visible_us``, the seq and visible time of its next message; ``keel_messages`` is
+  every inbox, with one ``seq`` for the whole file, each message's ``visible_us`` (sent time plus its delay), status
+  (pending, done, failed = dead-lettered, skipped) and attempts; ``keel_steps`` keeps the step results recorded for
+  a message, replayed to its later claims; ``keel_state_history`` and ``keel_turns`` keep past states and turn
+  records; ``keel_events`` is each app's event log (``seq`` from one autoincrement for the whole file), whose
+  idempotency keys are a column with a partial unique index.
 - Events: a publish, or a commit's event, is one insert into ``keel_events`` (nothing if its id or key is there
   already) plus one ordinary send per handler delivery, to instance ``on/HANDLER`` / ``EVENT_ID``; a commit's sends
   and events go through the very ``send_in`` and ``publish_in`` that ``send`` and ``publish`` use, inside the

@@ -33,6 +33,7 @@ MIGRATIONS = (
     _SCHEMA["runtime_v3"],
     _SCHEMA["runtime_v4"],
     _SCHEMA["runtime_v5"],
+    _SCHEMA["runtime_v6"],
 )
 
 #: The schema version this code writes and reads, recorded in ``keel_schema`` under ``SCHEMA_COMPONENT``.

@@ -18,6 +18,7 @@ from keel.backends.base import (
     MessageInfo,
     MessageStatus,
     StoredRecord,
+    TurnOutcome,
     TurnRecordRow,
 )
 
@@ -57,7 +58,7 @@ def turn_record(instance: InstanceRef, row: tuple[Any, ...]) -> TurnRecordRow:
         None if version_written is None else int(version_written),
         datetime.fromisoformat(started_at),
         float(duration_s),
-        outcome,
+        TurnOutcome(outcome),
         error,
     )
 

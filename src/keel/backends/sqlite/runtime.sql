@@ -17,11 +17,11 @@ SELECT message_id, payload FROM keel_messages
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND idempotency_key = :idempotency_key
 
 -- enqueue --
--- Create the instance on its first message (or bring a deleted one back), and point its inbox at the new message
--- if the inbox was empty or the new message becomes visible before its next one (a later seq never wins a tie).
--- Every SET reads the row as it was before the update.
-INSERT INTO keel_instances (app, workflow, workflow_id, next_seq, next_visible_us)
-VALUES (:app, :workflow, :workflow_id, :seq, :visible_us)
+-- Create the instance on its first message, of the message's kind (or bring a deleted one back, keeping its kind),
+-- and point its inbox at the new message if the inbox was empty or the new message becomes visible before its next
+-- one (a later seq never wins a tie). Every SET reads the row as it was before the update.
+INSERT INTO keel_instances (app, workflow, workflow_id, kind, next_seq, next_visible_us)
+VALUES (:app, :workflow, :workflow_id, :kind, :seq, :visible_us)
 ON CONFLICT (app, workflow, workflow_id) DO UPDATE
     SET deleted = 0,
         next_seq = CASE
@@ -338,6 +338,10 @@ SET deleted = 1, lease_owner = NULL, lease_expires_us = NULL, paused = 0, state 
     state_written_at = NULL, state_writer = NULL, next_seq = NULL, next_visible_us = NULL
 WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id AND deleted = 0
 RETURNING fencing_token
+
+-- instance_kind --
+-- What an instance holds: 'workflow' or 'delivery'; no row if it does not exist.
+SELECT kind FROM keel_instances WHERE app = :app AND workflow = :workflow AND workflow_id = :workflow_id
 
 -- drop_instance --
 -- Delete an instance's row outright, leaving no tombstone: for handler deliveries, whose ids are never reused.

@@ -330,3 +330,15 @@ CREATE INDEX keel_events_published ON keel_events (app, published_us);
 -- The publish idempotency keys of an app: an event whose key is taken appends nothing. The key lives on the event
 -- row, so it goes when the event is pruned.
 CREATE UNIQUE INDEX keel_events_key ON keel_events (app, idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+-- runtime_v6 --
+-- What each instance holds, stored with its row by the send that creates it: a workflow's instance, or a handler's
+-- delivery of one event (one message, no state; pruned whole once that message goes, its id never used again).
+-- Engines go by this column, never by the instance's name.
+ALTER TABLE keel_instances ADD COLUMN kind TEXT NOT NULL DEFAULT 'workflow' CHECK (kind IN ('workflow', 'delivery'));
+
+-- The deliveries already stored are exactly the instances of the pseudo-workflows 'on/HANDLER' (user workflow names
+-- cannot contain '/'): the one place the name is read, once. A process still running version 5 code on this file
+-- creates its instances as workflows (the default): prune then keeps such a delivery's row, as version 5 kept every
+-- workflow's, which costs a row and loses nothing.
+UPDATE keel_instances SET kind = 'delivery' WHERE substr(workflow, 1, 3) = 'on/';

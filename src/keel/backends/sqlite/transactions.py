@@ -20,13 +20,14 @@ from keel.backends._sql import load_queries
 from keel.backends.base import (
     STATE_HISTORY_LIMIT,
     Claim,
+    InstanceKind,
     InstanceRef,
     NewEvent,
     NewMessage,
     StepRecord,
     TurnCommit,
     TurnFailure,
-    is_delivery,
+    TurnOutcome,
 )
 from keel.backends.sqlite.rows import iso, micros, now_us, to_datetime, to_micros
 from keel.errors import IdempotencyConflictError, LeaseLostError
@@ -68,7 +69,7 @@ def send_in(conn: sqlite3.Connection, message: NewMessage, *, first_wins: bool =
     row = conn.execute(QUERIES["insert_message"], params).fetchone()
     if row is None:
         return _first_id(conn, message, params, first_wins=first_wins)
-    conn.execute(QUERIES["enqueue"], {**params, "seq": row[0]})
+    conn.execute(QUERIES["enqueue"], {**params, "seq": row[0], "kind": message.kind.value})
     return message.message_id
 
 
@@ -223,7 +224,7 @@ def commit_in(conn: sqlite3.Connection, commit: TurnCommit) -> int:
         conn.execute(QUERIES["append_state_history"], params)
         if version > STATE_HISTORY_LIMIT:
             conn.execute(QUERIES["trim_state_history"], {**params, "oldest_dropped": version - STATE_HISTORY_LIMIT})
-    _record_turn(conn, commit, version_written=version, outcome="committed", error=None)
+    _record_turn(conn, commit, version_written=version, outcome=TurnOutcome.committed, error=None)
     for message in commit.sends:
         send_in(conn, message, first_wins=True)
     for event in commit.events:
@@ -244,7 +245,7 @@ def fail_in(conn: sqlite3.Connection, failure: TurnFailure) -> None:
     params = {**claim_params(claim), "error": failure.error, "completed_at": iso(to_datetime(now)), "now_us": now}
     _finish_message(conn, claim, QUERIES["fail_message"], params)
     conn.execute(QUERIES["pause_instance"], params)
-    _record_turn(conn, failure, version_written=None, outcome="failed", error=failure.error)
+    _record_turn(conn, failure, version_written=None, outcome=TurnOutcome.failed, error=failure.error)
 
 
 def record_step_in(conn: sqlite3.Connection, step: StepRecord) -> None:
@@ -272,7 +273,7 @@ def retry_in(conn: sqlite3.Connection, failure: TurnFailure, delay_us: int) -> N
     now = _check_fence(conn, claim)
     if conn.execute(QUERIES["message_is_pending"], claim_params(claim)).fetchone() is None:
         raise lease_lost(claim, f"message {claim.message_id} is no longer pending")
-    _record_turn(conn, failure, version_written=None, outcome="retry", error=failure.error)
+    _record_turn(conn, failure, version_written=None, outcome=TurnOutcome.retry, error=failure.error)
     conn.execute(QUERIES["hold_instance"], {**claim_params(claim), "hold_until_us": now + max(delay_us, 0)})
 
 
@@ -305,7 +306,7 @@ def _record_turn(
     done: TurnCommit | TurnFailure,
     *,
     version_written: int | None,
-    outcome: str,
+    outcome: TurnOutcome,
     error: str | None,
 ) -> None:
     claim = done.claim
@@ -318,7 +319,7 @@ def _record_turn(
         "started_at": iso(done.started_at),
         "started_us": to_micros(done.started_at),
         "duration_s": done.duration_s,
-        "outcome": outcome,
+        "outcome": outcome.value,
         "error": error,
     }
     conn.execute(QUERIES["record_turn"], params)
@@ -362,8 +363,8 @@ _OWNED_BY_INSTANCE = (
 def prune_in(conn: sqlite3.Connection, app: str, finished_us: int, keys_us: int, limit: int) -> tuple[int, int, int]:
     """Delete one batch: up to ``limit`` finished messages (with their steps), turn records and events each.
 
-    A handler delivery whose message goes is deleted whole, row included: its id (the event's) is never reused,
-    so no tombstone needs to keep its fencing token.
+    A handler delivery (its row's kind) whose message goes is deleted whole, row included: its id (the event's) is
+    never reused, so no tombstone needs to keep its fencing token. A workflow instance's row stays.
 
     Returns:
         How many messages, turn records and events went; a count below ``limit`` means none of that kind is left.
@@ -371,12 +372,19 @@ def prune_in(conn: sqlite3.Connection, app: str, finished_us: int, keys_us: int,
     params = {"app": app, "finished_us": finished_us, "keys_us": keys_us, "limit": limit}
     gone = conn.execute(QUERIES["prune_messages"], params).fetchall()
     conn.executemany(QUERIES["delete_message_steps"], [{"app": app, "message_id": m} for m, _, _ in gone])
-    deliveries = {(w, wid): instance_params(InstanceRef(app, w, wid)) for _, w, wid in gone if is_delivery(w)}
+    instances = {InstanceRef(app, w, wid) for _, w, wid in gone}
+    deliveries = [instance_params(ref) for ref in instances if _kind_of(conn, ref) is InstanceKind.delivery]
     for query in (*_OWNED_BY_INSTANCE, "drop_instance"):
-        conn.executemany(QUERIES[query], deliveries.values())
+        conn.executemany(QUERIES[query], deliveries)
     turns = conn.execute(QUERIES["prune_turns"], params).rowcount
     events = conn.execute(QUERIES["prune_events"], params).rowcount
     return len(gone), turns, events
+
+
+def _kind_of(conn: sqlite3.Connection, ref: InstanceRef) -> InstanceKind | None:
+    """What the instance holds, as its row says; None if it has no row."""
+    row = conn.execute(QUERIES["instance_kind"], instance_params(ref)).fetchone()
+    return None if row is None else InstanceKind(row[0])
 
 
 def delete_in(conn: sqlite3.Connection, instance: InstanceRef) -> bool:

@@ -37,7 +37,7 @@
 -- ARGV[12]  wake_maxlen          about how many entries a wake stream keeps
 -- ARGV[13]  sends                how many send units follow
 -- ARGV[14]  events               how many event units follow them
--- ARGV[15..]                     the arguments of each send unit (send.lua's ARGV[1..6]), then of each event
+-- ARGV[15..]                     the arguments of each send unit (send.lua's ARGV[1..7]), then of each event
 --                                unit (publish.lua's ARGV[2..])
 --
 -- returns  {1, version, written_at_us}  committed; written_at from this server's clock

@@ -4,7 +4,7 @@
 -- prune(
 --   keys=[finished, finished_keyed, turn_index, message_index, events, event_times, event_times_keyed,
 --         event_keys],
---   args=[prefix, mode, finished_before_us, keys_before_us, batch, offset, event_stem]
+--   args=[prefix, mode, finished_before_us, keys_before_us, batch, offset, event_stem, delivery_kind]
 -- )
 --
 -- KEYS[1]  finished            keel:finished:{$app}: done and skipped messages without a key, by finish time
@@ -32,6 +32,7 @@
 --                              records popped)
 -- ARGV[6]  offset              "keyed" only: how many leading candidates earlier calls kept (skipped)
 -- ARGV[7]  event_stem          "keel:event:{$app}:", to name the hash of each event found (app's slot)
+-- ARGV[8]  delivery_kind       the kind field of a handler delivery's keel:inst: hash, "delivery"
 --
 -- returns  {deleted, more, kept}  deleted: messages (with their keel:steps: hash, index and ids entries),
 --                                 turn records or events removed; more: 1 if the batch was full, so that
@@ -44,7 +45,7 @@
 -- failed is in either set; state and state history are never touched. A turn list is pruned from its
 -- oldest end (it is in commit order), stopping at the first record started at or after the cut-off.
 --
--- A handler delivery's instance (workflow "on/HANDLER") holds one message: when prune deletes it and no
+-- A handler delivery's instance (its keel:inst: kind is delivery_kind) holds one message: when prune deletes it and no
 -- other message is left, the instance goes whole (its keel:inst:, keel:inbox:, keel:ids:, keel:idem:,
 -- keel:states: and keel:turns: keys and its keel:turnidx: entry), its token kept nowhere: delivery
 -- instance ids are event ids, never reused. With no pending message and no lease (its one message is
@@ -57,16 +58,15 @@ local finished, finished_keyed, turn_index, message_index = KEYS[1], KEYS[2], KE
 local events, event_times, event_times_keyed, event_keys = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local prefix, mode = ARGV[1], ARGV[2]
 local finished_before, keys_before = tonumber(ARGV[3]), tonumber(ARGV[4])
-local batch, offset, event_stem = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local batch, offset, event_stem, delivery_kind = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
 
 local function instance_part(member, name)
     return prefix .. name .. ":{" .. member .. "}"
 end
 
--- True if $inst names a handler delivery: its encoded workflow, after the first "/", starts "on%2F".
+-- True if $inst is a handler delivery, as its hash's kind (set by its first send) says.
 local function is_delivery(member)
-    local slash = string.find(member, "/", 1, true)
-    return slash ~= nil and string.sub(member, slash + 1, slash + 5) == "on%2F"
+    return redis.call("HGET", instance_part(member, "inst"), "kind") == delivery_kind
 end
 
 -- Delete a delivery instance whose one message is gone: every key it owns, and its turn index entry.

@@ -23,7 +23,7 @@
 -- ARGV[6]   fields             how many field-value pairs follow
 -- ARGV[7..]                    the event hash's fields and values: y, p, h, and sa sw si, m when given
 --                              (runtime_lib.lua lists them); then each delivery's send unit arguments
---                              (send.lua's ARGV[1..6])
+--                              (send.lua's ARGV[1..7])
 --
 -- returns  {id, conflict}: id the event id that stands for this publish: ARGV[2] when appended, or when
 --          that id is in the log already; the first event's id when the idempotency key was used before in

@@ -1,8 +1,8 @@
 -- runtime_lib.lua: helpers shared by the runtime scripts. The engine prepends this file to every runtime
 -- script (send, claim, renew, commit, fail, release, step, retry, dead_letters, resolve, prune, delete,
--- publish, events, and the layout upgrades upgrade_3 and upgrade_4) before loading it, so every runtime operation is still a
--- single script: atomic, one round trip. Nothing here runs a command by itself except the replication
--- switch below.
+-- publish, events, and the layout upgrades upgrade_3, upgrade_4 and upgrade_6) before loading it, so every
+-- runtime operation is still a single script: atomic, one round trip. Nothing here runs a command by
+-- itself except the replication switch below.
 --
 -- Key layout of the runtime ("keel:" is the default prefix, "?prefix=" in the URL picks another; see
 -- keys.py, which names every key, and builds them as the scripts do):
@@ -12,7 +12,7 @@
 -- "{" and "}" encoded, the tag of the per-app keys. Times are microseconds since the epoch by this
 -- server's clock (TIME).
 --
--- keel:schema                 hash    component -> schema version, "store" -> "5" (schema.lua, at connect)
+-- keel:schema                 hash    component -> schema version, "store" -> "6" (schema.lua, at connect)
 -- keel:inst:{$inst}           hash    tok     fencing token: raised by every claim, never lowered or reused;
 --                                             created by the instance's first send, at its app's tokfloor
 --                                     own     lease owner ("host:pid"), absent when no worker holds a lease;
@@ -26,6 +26,9 @@
 --                                     paused  "1" once a turn failed: never claimed until retried or skipped
 --                                     v d t w committed state: version, JSON, written_at, writer; absent
 --                                             before the first committed turn
+--                                     kind    what the instance holds, set with tok by its first send from
+--                                             the message's kind: "workflow" or "delivery" (a handler's
+--                                             delivery of one event); prune goes by it, never by the name
 --                                     The hash exists exactly while the instance does (send creates it,
 --                                     delete removes it): no tok means the instance was deleted.
 -- keel:inbox:{$inst}          zset    "QQQQQQQQQQQQQQQQ:$id" -> r, for every pending message (and the failed
@@ -70,9 +73,9 @@
 -- keel:evkeyed:{$app}         zset    $event -> a, for every event published with one
 -- keel:evidem:{$app}          hash    idempotency key -> $event first published under it
 --
--- A handler delivery is an instance of workflow "on/HANDLER" (its $inst has "on%2FHANDLER" in the middle)
--- whose workflow id is the event's id, holding that one delivery message; prune deletes it whole once the
--- message is pruned.
+-- A handler delivery is an instance of kind "delivery" (keel names it workflow "on/HANDLER", which no
+-- script reads) whose workflow id is the event's id, holding that one delivery message; prune deletes it
+-- whole once the message is pruned.
 --
 -- Invariants, kept by every script: an instance with exp (a lease, live or expired, or a hold) is in its
 -- workflow's leased set under that score; one without exp that has a pending message and is not paused is
@@ -241,7 +244,7 @@ local function read_args(r, n)
 end
 
 -- The KEYS and ARGV of one send unit, as send.lua lists them (its wake_maxlen aside).
-local SEND_KEYS, SEND_ARGS = 10, 6
+local SEND_KEYS, SEND_ARGS = 10, 7
 
 -- Add a message to its instance's inbox, visible from now + delay_us, unless the instance's idempotency
 -- key, or the message id itself, was sent before: send.lua's whole logic, which a commit's sends and an
@@ -251,7 +254,7 @@ local SEND_KEYS, SEND_ARGS = 10, 6
 local function send_message(keys, args, now)
     local instance, inbox, message, idempotency, ids = unpack(keys, 1, 5)
     local sequence, message_index, ready, tokfloor = unpack(keys, 6, 9)
-    local member, message_id, payload_json, has_key, idempotency_key, delay_us = unpack(args, 1, SEND_ARGS)
+    local member, message_id, payload_json, has_key, idempotency_key, delay_us, kind = unpack(args, 1, SEND_ARGS)
     has_key = has_key == "1"
     if has_key then
         local first = redis.call("HGET", idempotency, idempotency_key)
@@ -276,7 +279,7 @@ local function send_message(keys, args, now)
         redis.call("HSET", idempotency, idempotency_key, message_id)
     end
     if redis.call("HEXISTS", instance, "tok") == 0 then
-        redis.call("HSET", instance, "tok", redis.call("GET", tokfloor) or "0")
+        redis.call("HSET", instance, "tok", redis.call("GET", tokfloor) or "0", "kind", kind)
     end
 
     redis.call("ZADD", inbox, visible_at, inbox_entry(seq, message_id))

@@ -24,7 +24,9 @@
 -- over every message of every app (batch by batch, idempotent) before calling this script. 5 adds the
 -- apps' event logs (keel:event:, keel:events:, keel:evtime:, keel:evkeyed:, keel:evidem:) and handler
 -- delivery instances, all created on first use, so going from 4 to 5 rewrites nothing and only records
--- the number.
+-- the number. 6 adds each instance's kind (workflow or delivery) to its keel:inst: hash; going from 5 to 6
+-- (or from any older layout, after its own upgrades), the engine runs upgrade_6.lua over every instance
+-- (batch by batch, idempotent) before calling this script.
 --
 -- One script, so that processes starting together never lower a version another one has just raised.
 

@@ -3,10 +3,10 @@
 --
 -- send(
 --   keys=[instance, inbox, message, idempotency, ids, sequence, message_index, ready, tokfloor, wake],
---   args=[member, message_id, payload_json, has_key, idempotency_key, delay_us, wake_maxlen]
+--   args=[member, message_id, payload_json, has_key, idempotency_key, delay_us, kind, wake_maxlen]
 -- )
 --
--- KEYS[1]   instance         keel:inst:{$inst}: created (tok = the app's tokfloor) if the instance is new;
+-- KEYS[1]   instance         keel:inst:{$inst}: created (tok = the app's tokfloor, kind) if the instance is new;
 --                            read for the lease (or hold: exp) and paused flags
 -- KEYS[2]   inbox            keel:inbox:{$inst}: the message's entry added, scored by its visible time
 -- KEYS[3]   message          keel:msg:{$inst}:$id: created
@@ -24,9 +24,10 @@
 -- ARGV[4]   has_key          "1" when an idempotency key is given, else "0"
 -- ARGV[5]   idempotency_key  the key; ignored when has_key is "0"
 -- ARGV[6]   delay_us         how long after now (this server's clock) the message becomes visible; 0: now
--- ARGV[7]   wake_maxlen      about how many entries the wake stream keeps
+-- ARGV[7]   kind             what the instance holds, "workflow" or "delivery": stored if the instance is new
+-- ARGV[8]   wake_maxlen      about how many entries the wake stream keeps
 --
--- KEYS and ARGV[1..6] are one send unit: commit.lua (a turn's sends) and publish.lua (an event's
+-- KEYS and ARGV[1..7] are one send unit: commit.lua (a turn's sends) and publish.lua (an event's
 -- deliveries) carry units of the same shape, and all three run send_message of runtime_lib.lua.
 --
 -- returns  {id, conflict}: id the message id that stands for this send: ARGV[2] when added, or when that
@@ -41,5 +42,5 @@
 
 local woken = {}
 local sent, conflict = send_unit(reader(KEYS, ARGV, 1, 1), now_us(), woken)
-wake_streams(woken, ARGV[7])
+wake_streams(woken, ARGV[8])
 return {sent, conflict and 1 or 0}
