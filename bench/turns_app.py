@@ -22,3 +22,15 @@ class Count(BaseModel):
 async def tick(ctx: keel.TurnContext[Count], msg: Tick) -> None:
     ctx.state.count += 1
     ctx.state.last = msg.n
+
+
+async def noop() -> int:
+    return 1
+
+
+@app.workflow(state=Count, message=Tick)
+async def stepped(ctx: keel.TurnContext[Count], msg: Tick) -> None:
+    """Three no-op steps, each recorded durably before the next starts, then the commit."""
+    for name in ("one", "two", "three"):
+        ctx.state.count += await ctx.step(name, noop)
+    ctx.state.last = msg.n
