@@ -42,6 +42,10 @@ How each operation stays atomic and fenced:
   its first result: the insert does nothing on a name already recorded. A refused statement writes nothing, so a
   write with nothing else in its transaction (all but a commit that sends or emits) is committed without waiting
   for its answer, and refused (``LeaseLostError``) after the COMMIT: one round trip.
+- Group commit: the step records and the commits that neither send nor emit, waiting at the same time, share one
+  transaction (``keel.backends.batch``, ``transactions.group_in``): one statement locks all their instance rows in
+  lock order, then each one's fenced statement goes out; a refused one writes nothing and takes nothing of the
+  others with it, and each caller is answered (or refused) after the shared COMMIT.
 - ``publish``: one transaction. One statement appends the event unless the log holds its id or (in its app) its
   idempotency key; a concurrent append of either makes it wait for that transaction to end, then do nothing. An
   appended event's deliveries are sent as ``send`` sends them; otherwise a second statement finds the event that
@@ -64,10 +68,12 @@ How each operation stays atomic and fenced:
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from keel.backends.base import InstanceKind, InstanceRef, Pruned, TurnOutcome
+from keel.backends.base import InstanceKind, InstanceRef, Pruned, StepRecord, TurnCommit, TurnOutcome
+from keel.backends.batch import Batcher
 from keel.backends.postgres.connection import fetch_one
 from keel.backends.postgres.rows import claim as claim_from_row
 from keel.backends.postgres.rows import dead_letter, event_row, message_info, stored_record, turn_record
@@ -76,6 +82,7 @@ from keel.backends.postgres.transactions import (
     channel_for,
     commit_in,
     fail_in,
+    group_in,
     instance_params,
     publish_in,
     queue_fenced,
@@ -84,7 +91,7 @@ from keel.backends.postgres.transactions import (
 )
 from keel.backends.postgres.wake import PostgresListener
 from keel.backends.wake import WakeGate
-from keel.errors import IdempotencyConflictError
+from keel.errors import BackendUnavailable, IdempotencyConflictError, LeaseLostError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection, Sequence
@@ -100,9 +107,7 @@ if TYPE_CHECKING:
         MessageInfo,
         NewEvent,
         NewMessage,
-        StepRecord,
         StoredRecord,
-        TurnCommit,
         TurnFailure,
         TurnRecordRow,
     )
@@ -123,6 +128,8 @@ class PostgresBroker:
         self._schema = schema
         self._gate = WakeGate(connection.url)
         self.listener = PostgresListener(connection, schema, self._gate)
+        #: Commits without sends or events and step records, written together when they wait at the same time.
+        self._grouped: Batcher[TurnCommit | StepRecord, int] = Batcher(self._write_group)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
@@ -232,9 +239,36 @@ class PostgresBroker:
             LeaseLostError: The claim's token is no longer the instance's, or its lease expired; nothing was written.
             BackendUnavailable: The server cannot be reached; the commit may or may not have happened.
         """
+        if not (commit.sends or commit.events):
+            return int(await self._grouped.submit(commit))
         async with self._transaction() as conn:
             written = await commit_in(conn, self._schema, commit)
         return int((await written.row())[0])
+
+    async def _write_group(self, writes: Sequence[TurnCommit | StepRecord]) -> list[int | BaseException]:
+        """Write fenced single-statement writes in one transaction; each one's state version, or why it was refused.
+
+        A statement that fails outright (rather than being refused by its fence) aborts the transaction: then each
+        write goes again alone, so that only the one at fault gets its error.
+        """
+        try:
+            async with self._transaction() as conn:
+                fenced = await group_in(conn, writes)
+        except (BackendUnavailable, asyncio.CancelledError):
+            raise
+        except Exception:
+            if len(writes) == 1:
+                raise
+            return [outcome for write in writes for outcome in await self._write_group([write])]
+        outcomes: list[int | BaseException] = []
+        for write, written in zip(writes, fenced, strict=True):
+            try:
+                row = await written.row()
+            except LeaseLostError as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(0 if isinstance(write, StepRecord) else int(row[0]))
+        return outcomes
 
     async def fail_turn(self, failure: TurnFailure, /) -> None:
         """Mark the message failed, pause the instance, record the turn and release the lease, atomically.
@@ -256,23 +290,14 @@ class PostgresBroker:
     async def record_step(self, step: StepRecord, /) -> None:
         """Durably record a step's result for the claim's message; a name already recorded keeps its first result.
 
+        Written with the other fenced writes of this broker waiting at the same time, in one transaction (group
+        commit), fenced on its own.
+
         Raises:
             LeaseLostError: The lease is no longer live (moved on, expired or released); nothing was written.
             BackendUnavailable: The server cannot be reached; the step may or may not have been recorded.
         """
-        claim = step.claim
-        params = {
-            **instance_params(claim.instance),
-            "message_id": claim.message_id,
-            "fencing_token": claim.fencing_token,
-            "name": step.name,
-            "result": step.result_json,
-            "worker": step.worker,
-            "duration_s": step.duration_s,
-        }
-        async with self._transaction() as conn:
-            written = await queue_fenced(conn, claim, BROKER_QUERIES["record_step"], params)
-        await written.row()
+        await self._grouped.submit(step)
 
     async def retry_turn(self, failure: TurnFailure, /, *, delay_s: float) -> None:
         """Record a failed attempt and release the lease, holding the instance for ``delay_s``, atomically.

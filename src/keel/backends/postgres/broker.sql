@@ -155,6 +155,17 @@ SELECT fencing_token, lease_owner, state_version, first_token
  WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
    FOR UPDATE
 
+-- lock_instances --
+-- Lock the instance rows of several fenced writes that share a transaction (group commit), in the order given (the
+-- lock order, see transactions.py); what each holds now, to say why a write was refused if it is.
+SELECT i.app, i.workflow, i.workflow_id, i.fencing_token, i.lease_owner, i.state_version, i.first_token
+  FROM keel_instances AS i
+       JOIN unnest(%(apps)s::text[], %(workflows)s::text[], %(workflow_ids)s::text[])
+            WITH ORDINALITY AS given (app, workflow, workflow_id, n)
+       ON i.app = given.app AND i.workflow = given.workflow AND i.workflow_id = given.workflow_id
+ ORDER BY given.n
+   FOR UPDATE OF i
+
 -- commit_turn --
 -- Fenced: new state and history, message done, next message queued, turn recorded, lease released; no row if stale.
 -- A NULL state is a handler delivery's acknowledgement: no state and no history are written, the message and the

@@ -20,6 +20,7 @@ travel together (see ``PostgresBroker._transaction``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from keel.backends.base import (
     InstanceRef,
     NewEvent,
     NewMessage,
+    StepRecord,
     TurnCommit,
     TurnFailure,
     TurnOutcome,
@@ -41,7 +43,7 @@ from keel.backends.base import (
 from keel.errors import IdempotencyConflictError, LeaseLostError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Sequence
     from typing import LiteralString
 
     import psycopg
@@ -111,11 +113,7 @@ async def commit_in(conn: _Connection, schema: str, commit: TurnCommit) -> Fence
         LeaseLostError: The claim is stale; the caller's transaction must roll back (nothing of this was written).
     """
     claim = commit.claim
-    params = {
-        **turn_params(commit, TurnOutcome.committed),
-        "state": commit.state_json,
-        "history_limit": STATE_HISTORY_LIMIT,
-    }
+    params = commit_params(commit)
     own = _order(claim.instance)
     await _lock_inboxes(conn, (m for m in commit.sends if _order(m.instance) < own))
     written = await queue_fenced(conn, claim, BROKER_QUERIES["commit_turn"], params)
@@ -136,11 +134,14 @@ async def fail_in(conn: _Connection, failure: TurnFailure) -> Fenced:
 
 
 class Fenced:
-    """A fenced write queued on a connection: ``row()`` reads the server's answer, once it has come back."""
+    """A fenced write queued on a connection: ``row()`` reads the server's answer, once it has come back.
 
-    def __init__(self, claim: Claim, locked: _Cursor, written: _Cursor) -> None:
+    ``held`` reads what the locked instance row held, to say why the write was refused if it was.
+    """
+
+    def __init__(self, claim: Claim, held: Callable[[], Awaitable[tuple[Any, ...] | None]], written: _Cursor) -> None:
         self._claim = claim
-        self._locked = locked
+        self._held = held
         self._written = written
         self._row: tuple[Any, ...] | None = None
 
@@ -153,7 +154,7 @@ class Fenced:
         if self._row is None:
             found = await self._written.fetchone()
             if found is None:
-                problem = _lease_problem(self._claim, await self._locked.fetchone())
+                problem = _lease_problem(self._claim, await self._held())
                 raise LeaseLostError(_describe(self._claim.instance), self._claim.fencing_token, problem)
             self._row = found
         return self._row
@@ -168,7 +169,63 @@ async def queue_fenced(conn: _Connection, claim: Claim, query: LiteralString, pa
     whole write then takes one round trip.
     """
     locked = await conn.execute(BROKER_QUERIES["lock_instance"], instance_params(claim.instance))
-    return Fenced(claim, locked, await conn.execute(query, params))
+    return Fenced(claim, locked.fetchone, await conn.execute(query, params))
+
+
+async def group_in(conn: _Connection, writes: Sequence[TurnCommit | StepRecord]) -> list[Fenced]:
+    """Queue several fenced writes of different instances in one transaction (group commit), each fenced on its own.
+
+    Only writes of one statement each: commits that neither send nor emit, and step records. One statement locks
+    every instance row first, in lock order, so that each write's snapshot shows every message sent before it (as
+    ``queue_fenced`` does for one); then each write goes out. A refused write writes nothing, so it takes nothing of
+    the others with it: each ``Fenced`` is read after the caller's COMMIT and raises ``LeaseLostError`` for its own.
+    """
+    refs = sorted({w.claim.instance for w in writes}, key=_order)
+    params = {
+        "apps": [ref.app for ref in refs],
+        "workflows": [ref.workflow for ref in refs],
+        "workflow_ids": [ref.workflow_id for ref in refs],
+    }
+    locked = await conn.execute(BROKER_QUERIES["lock_instances"], params)
+    rows: dict[InstanceRef, tuple[Any, ...]] = {}
+
+    async def held_by(ref: InstanceRef) -> tuple[Any, ...] | None:
+        if not rows:
+            for app, workflow, workflow_id, *held in await locked.fetchall():
+                rows[InstanceRef(app, workflow, workflow_id)] = tuple(held)
+        return rows.get(ref)
+
+    fenced = []
+    for write in writes:
+        query, write_params = _fenced_statement(write)
+        ref = write.claim.instance
+        fenced.append(Fenced(write.claim, functools.partial(held_by, ref), await conn.execute(query, write_params)))
+    return fenced
+
+
+def _fenced_statement(write: TurnCommit | StepRecord) -> tuple[LiteralString, dict[str, Any]]:
+    """The one statement of a commit without sends or events, or of a step record, and its parameters."""
+    if isinstance(write, StepRecord):
+        claim = write.claim
+        return BROKER_QUERIES["record_step"], {
+            **instance_params(claim.instance),
+            "message_id": claim.message_id,
+            "fencing_token": claim.fencing_token,
+            "name": write.name,
+            "result": write.result_json,
+            "worker": write.worker,
+            "duration_s": write.duration_s,
+        }
+    return BROKER_QUERIES["commit_turn"], commit_params(write)
+
+
+def commit_params(commit: TurnCommit) -> dict[str, Any]:
+    """The parameters of the ``commit_turn`` statement."""
+    return {
+        **turn_params(commit, TurnOutcome.committed),
+        "state": commit.state_json,
+        "history_limit": STATE_HISTORY_LIMIT,
+    }
 
 
 async def _log_events(conn: _Connection, events: Sequence[NewEvent]) -> _Logging | None:
