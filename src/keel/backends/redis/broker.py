@@ -5,7 +5,7 @@ Map of the design:
 - Keys: ``keys.py`` names them (the instance's keys share its hash tag ``{app/workflow/workflow_id}``; ready,
   leased and wake keys are per app); ``scripts/runtime_lib.lua`` draws the whole layout.
 - Writes: every operation that changes more than one key, or checks a lease before writing, is one Lua
-  script (``send``, ``claim``, ``renew``, ``commit``, ``fail``, ``release``, ``step``, ``retry``, ``resolve``,
+  script (``send``, ``claim``, ``renew``, ``group``, ``fail``, ``release``, ``retry``, ``resolve``,
   ``delete``, ``publish``; ``prune`` is one script per bounded batch: ``cleanup.py``), so it is atomic and
   one round trip; ``dead_letters`` and ``events`` are read-only scripts, for one consistent snapshot.
 - Sends and events: ``send``, ``publish`` and ``commit`` append through the same Lua functions, given units
@@ -24,7 +24,10 @@ Map of the design:
 - Retries: ``retry.lua`` releases the lease but keeps the instance in the leased set, scored by the end of
   its hold, with no owner; it is in no ready set until a claim after the hold's end sweeps it back, under
   its next message's visible time (that message keeps its place), exactly like an expired lease.
-- Fencing: ``commit``, ``fail``, ``renew``, ``step`` and ``retry`` check, inside the script, that the instance
+- Group commit: turn commits and step records waiting at the same time go in one ``group.lua`` call (one round
+  trip, one sync to disk with ``appendfsync always``: ``keel.backends.batch``), each unit checked against its own
+  lease and written or refused on its own; each caller is answered when the script has returned.
+- Fencing: commits, step records, ``fail``, ``renew`` and ``retry`` check, inside the script, that the instance
   still exists, the claim's token is still its, its lease not released (owner set) and unexpired by the
   server's clock; otherwise they write nothing and say why, which becomes ``LeaseLostError`` here.
 - Deletion: ``delete.lua`` removes the instance's keys, its messages (found in its ``ids:`` set) and its
@@ -66,6 +69,7 @@ from keel.backends.base import (
     TurnOutcome,
     TurnRecordRow,
 )
+from keel.backends.batch import Batcher
 from keel.backends.redis.cleanup import delete_call, prune_app
 from keel.backends.redis.keys import instance_member, parse_instance_member
 from keel.backends.redis.lua import runtime_script
@@ -109,10 +113,9 @@ RUNTIME_SCRIPTS = (
     "send.lua",
     "claim.lua",
     "renew.lua",
-    "commit.lua",
+    "group.lua",
     "fail.lua",
     "release.lua",
-    "step.lua",
     "retry.lua",
     "dead_letters.lua",
     "resolve.lua",
@@ -139,8 +142,10 @@ class RedisBroker:
         scripts = {name: client.register_script(runtime_script(name)) for name in RUNTIME_SCRIPTS}
         self._scripts = scripts
         self._send, self._claim, self._renew = scripts["send.lua"], scripts["claim.lua"], scripts["renew.lua"]
-        self._commit, self._fail, self._release = scripts["commit.lua"], scripts["fail.lua"], scripts["release.lua"]
-        self._step, self._retry = scripts["step.lua"], scripts["retry.lua"]
+        self._group, self._fail, self._release = scripts["group.lua"], scripts["fail.lua"], scripts["release.lua"]
+        self._retry = scripts["retry.lua"]
+        #: Turn commits and step records, written in one script when they wait at the same time (group commit).
+        self._grouped: Batcher[TurnCommit | StepRecord, int] = Batcher(self._write_group)
         self._dead_letters, self._resolve = scripts["dead_letters.lua"], scripts["resolve.lua"]
         self._prune, self._delete = scripts["prune.lua"], scripts["delete.lua"]
         self._publish, self._events = scripts["publish.lua"], scripts["events.lua"]
@@ -261,12 +266,7 @@ class RedisBroker:
                 the state or inbox moved on; nothing written.
             BackendUnavailable: The server cannot be reached; the commit may or may not have been applied.
         """
-        keys, args = self._commit_call(commit)
-        async with self._boundary("commit"):
-            reply = await self._commit(keys=keys, args=args)
-        if int(reply[0]) != 1:
-            raise lease_lost(commit.claim, str(reply[1]), str(reply[2]))
-        return int(reply[1])
+        return await self._grouped.submit(commit)
 
     async def fail_turn(self, failure: TurnFailure, /) -> None:
         """Dead-letter the message, pause the instance, record the turn and release the lease, in one script.
@@ -320,13 +320,7 @@ class RedisBroker:
                 nothing written.
             BackendUnavailable: The server cannot be reached; the result may or may not have been recorded.
         """
-        claim = step.claim
-        member = instance_member(claim.instance)
-        keys = [self._keys.instance(member), self._keys.steps(member, claim.message_id)]
-        async with self._boundary("step"):
-            reply = await self._step(keys=keys, args=[claim.fencing_token, step.name, step.result_json])
-        if int(reply[0]) != 1:
-            raise lease_lost(claim, str(reply[1]), str(reply[2]))
+        await self._grouped.submit(step)
 
     async def retry_turn(self, failure: TurnFailure, /, *, delay_s: float) -> None:
         """Record the failed attempt, release the lease and hold the instance ``delay_s``, in one script.
@@ -480,8 +474,36 @@ class RedisBroker:
             existed = await self._delete(keys=keys, args=args)
         return bool(existed)
 
+    async def _write_group(self, writes: Sequence[TurnCommit | StepRecord]) -> list[int | BaseException]:
+        """Write turn commits and step records in one ``group.lua`` call; each one's version, or why it was refused."""
+        keys: list[str] = []
+        heads: list[str | int] = []
+        args: list[str | int] = []
+        for write in writes:
+            kind = "step" if isinstance(write, StepRecord) else "commit"
+            unit_keys, unit_args = self._step_call(write) if isinstance(write, StepRecord) else self._commit_call(write)
+            keys += unit_keys
+            heads += [kind, len(unit_keys), len(unit_args)]
+            args += unit_args
+        async with self._boundary("commit"):
+            replies = await self._group(keys=keys, args=[len(writes), *heads, *args])
+        outcomes: list[int | BaseException] = []
+        for write, reply in zip(writes, replies, strict=True):
+            if int(reply[0]) != 1:
+                outcomes.append(lease_lost(write.claim, str(reply[1]), str(reply[2])))
+            else:
+                outcomes.append(0 if isinstance(write, StepRecord) else int(reply[1]))
+        return outcomes
+
+    def _step_call(self, step: StepRecord) -> tuple[list[str], list[str | int]]:
+        """The keys and arguments of one step record: a unit of ``group.lua``."""
+        claim = step.claim
+        member = instance_member(claim.instance)
+        keys = [self._keys.instance(member), self._keys.steps(member, claim.message_id)]
+        return keys, [claim.fencing_token, step.name, step.result_json]
+
     def _commit_call(self, commit: TurnCommit) -> tuple[list[str], list[str | int]]:
-        """The keys and arguments of one turn's commit: the unit a group commit would concatenate."""
+        """The keys and arguments of one turn's commit: a unit of ``group.lua``."""
         claim = commit.claim
         ref, member = claim.instance, instance_member(claim.instance)
         keys = [

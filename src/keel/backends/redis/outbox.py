@@ -72,7 +72,7 @@ def event_unit(keys: RedisKeys, event: NewEvent) -> Unit:
 
 
 def outbox(keys: RedisKeys, sends: Sequence[NewMessage], events: Sequence[NewEvent]) -> Unit:
-    """The send units of ``sends``, then the event units of ``events``, laid end to end as ``commit.lua`` reads them."""
+    """The send units of ``sends``, then the event units of ``events``, as ``group.lua``'s commits take them."""
     names: list[str] = []
     args: list[str | int] = []
     for unit_names, unit_args in [*(send_unit(keys, m) for m in sends), *(event_unit(keys, e) for e in events)]:

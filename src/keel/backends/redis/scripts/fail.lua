@@ -23,7 +23,7 @@
 -- ARGV[7]  turns_limit  turn records kept, the new one included
 --
 -- returns  {1, failed_at_us}        recorded; failed_at from this server's clock
---          {0, reason, detail}      nothing written; reasons as in commit.lua ("deleted", "token", "released",
+--          {0, reason, detail}      nothing written; reasons as a commit's in group.lua ("deleted", "token", "released",
 --                                   "expired")
 --
 -- Key layout: runtime_lib.lua, prepended to this script.

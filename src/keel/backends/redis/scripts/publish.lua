@@ -30,7 +30,7 @@
 --          the app (in both cases nothing is written, deliveries included); conflict 1 when that first event's
 --          type or payload is another than this one's (the caller raises), else 0
 --
--- KEYS and ARGV[2..] are one event unit; commit.lua carries units of the same shape for a turn's events,
+-- KEYS and ARGV[2..] are one event unit; group.lua's commits carry units of the same shape for a turn's events,
 -- and both run publish_event of runtime_lib.lua. An event whose deliveries were all sent before (by id)
 -- wakes no one; an event without handlers is logged and wakes no one: there is nothing to claim.
 --

@@ -21,7 +21,7 @@
 -- ARGV[5]  turns_limit  turn records kept, the new one included
 --
 -- returns  {1, hold_until_us}    recorded
---          {0, reason, detail}   nothing written; reasons as in commit.lua ("deleted", "token", "released",
+--          {0, reason, detail}   nothing written; reasons as a commit's in group.lua ("deleted", "token", "released",
 --                                "expired")
 --
 -- The message's status (pending), place in the inbox (visible time, sequence number), attempt count (n,

@@ -1,5 +1,5 @@
 -- runtime_lib.lua: helpers shared by the runtime scripts. The engine prepends this file to every runtime
--- script (send, claim, renew, commit, fail, release, step, retry, dead_letters, resolve, prune, delete,
+-- script (send, claim, renew, group (commits and steps), fail, release, retry, dead_letters, resolve, prune, delete,
 -- publish, events, and the layout upgrades upgrade_3, upgrade_4 and upgrade_6) before loading it, so every
 -- runtime operation is still a single script: atomic, one round trip. Nothing here runs a command by
 -- itself except the replication switch below.

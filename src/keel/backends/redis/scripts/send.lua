@@ -27,7 +27,7 @@
 -- ARGV[7]   kind             what the instance holds, "workflow" or "delivery": stored if the instance is new
 -- ARGV[8]   wake_maxlen      about how many entries the wake stream keeps
 --
--- KEYS and ARGV[1..7] are one send unit: commit.lua (a turn's sends) and publish.lua (an event's
+-- KEYS and ARGV[1..7] are one send unit: group.lua (a turn commit's sends) and publish.lua (an event's
 -- deliveries) carry units of the same shape, and all three run send_message of runtime_lib.lua.
 --
 -- returns  {id, conflict}: id the message id that stands for this send: ARGV[2] when added, or when that

@@ -1,8 +1,24 @@
--- commit.lua: commit one turn atomically: the new state, its history entry, the message's completion,
+-- group.lua: the fenced writes of several turns of one worker in one script (group commit): turn commits and
+-- step records, each checked against its own lease and written or refused on its own, in the order given.
+-- One script is one round trip and, with appendfsync always, one sync to disk for all of them.
+--
+-- group(
+--   keys=[unit 1 keys..., unit 2 keys..., ...],
+--   args=[n, kind_1, keys_1, args_1, ..., kind_n, keys_n, args_n, unit 1 args..., unit 2 args..., ...]
+-- )
+--
+-- ARGV[1]              n        how many units follow
+-- ARGV[2..1+3n]                 per unit: its kind ("commit" or "step"), how many KEYS and how many ARGV it has
+-- KEYS, ARGV[2+3n..]            each unit's own KEYS and ARGV, one after the other, as described below
+--
+-- returns  {reply_1, ..., reply_n}  each unit's reply, as described below: a refused unit wrote nothing and
+--                                   takes nothing of the others with it
+--
+-- A commit: one turn, atomically: the new state, its history entry, the message's completion,
 -- the turn record, the release of the lease, the messages the turn sends and the events it emits (each
 -- with its deliveries); or nothing at all when the lease is lost.
 --
--- commit(
+-- commit unit(
 --   keys=[instance, inbox, message, states, turns, ready, leased, finished, finished_keyed, turn_index,
 --         send unit keys..., event unit keys...],
 --   args=[prefix, member, token, message_id, version_read, has_state, state_json, writer, turn_json,
@@ -48,9 +64,29 @@
 -- The message is removed from the inbox wherever it sits: it was the next one when it was claimed, and a
 -- message sent since (visible no earlier than its send) only goes before it if the server's clock stepped
 -- back. The sends and events are appended exactly as send.lua and publish.lua append them (deduplicated
--- the same way), after the turn's own writes; every app that got a message is woken once. One commit is
--- the local function commit(), given its own slice of keys and arguments, so that a later script can
--- commit several turns in one call (group commit).
+-- the same way), after the turn's own writes; every app that got a message is woken once.
+
+-- A step record: a step's result for the claim's message, if the claim still holds its lease; the first
+-- result recorded under a name stands.
+--
+-- step unit(
+--   keys=[instance, steps],
+--   args=[token, name, result_json]
+-- )
+--
+-- KEYS[1]  instance     keel:inst:{$inst}: checked (token, owner, lease), not written
+-- KEYS[2]  steps        keel:steps:{$inst}:$id, $id the claim's message: name -> result_json unless the name
+--                       is there already (HSETNX)
+-- ARGV[1]  token        the fencing token the turn runs under
+-- ARGV[2]  name         the step's name
+-- ARGV[3]  result_json  the step's result as JSON text
+--
+-- returns  {1, 1 or 0}           held: 1 the result was recorded, 0 the name had a result already (kept)
+--          {0, reason, detail}   nothing written; reasons as a commit's ("deleted", "token", "released",
+--                                "expired")
+--
+-- The message of a live lease is the one its claim took, and stays pending until the lease is let go, so
+-- the token check alone ties the record to the message the claim runs.
 --
 -- Key layout: runtime_lib.lua, prepended to this script.
 
@@ -102,4 +138,27 @@ local function commit(keys, args)
     return {1, version, written_at}
 end
 
-return commit(KEYS, ARGV)
+
+-- A step record: see its description above.
+local function record_step(keys, args)
+    local instance, steps = keys[1], keys[2]
+    local token, name, result_json = args[1], args[2], args[3]
+    local problem = lease_problem(instance, token, now_us())
+    if problem then
+        return {0, problem[1], problem[2]}
+    end
+    return {1, redis.call("HSETNX", steps, name, result_json)}
+end
+
+local units = {commit = commit, step = record_step}
+local n = tonumber(ARGV[1])
+local replies = {}
+local next_key, next_arg = 1, 2 + 3 * n
+for i = 1, n do
+    local kind, key_count, arg_count = ARGV[3 * i - 1], tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+    local keys = {unpack(KEYS, next_key, next_key + key_count - 1)}
+    local args = {unpack(ARGV, next_arg, next_arg + arg_count - 1)}
+    next_key, next_arg = next_key + key_count, next_arg + arg_count
+    replies[i] = units[kind](keys, args)
+end
+return replies
