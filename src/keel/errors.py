@@ -170,9 +170,9 @@ class BackendOverloaded(KeelError):
     """Raised when a call waited past its bound for a connection to a backend that answers; nothing was written.
 
     Load, not an outage: more calls at once than the backend's connections serve within the wait the URL allows.
-    The call never reached the backend, so repeating it is safe. ``queued`` is how many calls were waiting for
-    one of ``connections`` when it gave up (for SQLite: the connection is the file's write lock, shared with
-    other processes); ``hint`` names the URL parameters to raise, or what to lower.
+    The call never reached the backend, so repeating it is safe. ``queued`` is about how many calls were waiting
+    for one of ``connections`` when it gave up, itself included (for SQLite: the connection is the file's write
+    lock, shared with other processes); ``hint`` names the URL parameters to raise, or what to lower.
     """
 
     code = ErrorCode.backend_overloaded

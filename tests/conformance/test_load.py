@@ -85,7 +85,8 @@ async def _send_all(backend: Backend, count: int) -> tuple[list[str], list[BaseE
     outcomes = await asyncio.gather(*(backend.send(message) for message in messages), return_exceptions=True)
     sent = [str(outcome) for outcome in outcomes if not isinstance(outcome, BaseException)]
     errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-    refused = [m.message_id for m, outcome in zip(messages, outcomes, strict=True) if isinstance(outcome, BaseException)]
+    pairs = zip(messages, outcomes, strict=True)
+    refused = [message.message_id for message, outcome in pairs if isinstance(outcome, BaseException)]
     # What was refused was not written: the error says the call can be repeated.
     assert [await backend.message(APP, message_id) for message_id in refused] == [None] * len(refused)
     return sent, errors

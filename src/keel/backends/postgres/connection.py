@@ -263,8 +263,9 @@ class PostgresConnection:
 
     async def _starved(self) -> BackendOverloaded | BackendUnavailable:
         """Explain a pool timeout: the server is unreachable, or every connection stayed busy (load)."""
-        # Counted before the probe, which takes a while: the calls queued behind this one, and this one.
-        queued = self._pool.get_stats().get("requests_waiting", 0) + 1
+        # Counted before the probe, which takes a while. psycopg's count holds this call, and may hold others that
+        # gave up just before it: they leave its queue when the next connection comes back.
+        queued = max(1, self._pool.get_stats().get("requests_waiting", 0))
         failure = await self._probe.failure()
         if failure is not None:
             detail = f"no connection within {self.settings.pool_timeout_s:g} s: {failure}"
