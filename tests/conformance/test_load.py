@@ -94,7 +94,7 @@ async def _send_all(backend: Backend, count: int) -> tuple[list[str], list[BaseE
 
 async def test_a_tiny_wait_bound_gives_backend_overloaded_with_a_readable_message(backend_url: str) -> None:
     if scheme_of(backend_url) not in POOL_SIZE_PARAMETER:
-        pytest.skip("no pool: calls queue on the database's thread without a bound (see test_sqlite_failures.py)")
+        pytest.skip("no pool: calls queue on the database thread without a bound (busy timeout: test_sqlite_engine.py)")
     async with opened(small_pool(backend_url, 1, pool_timeout_s=0.05)) as backend:
         sent, errors = await _send_all(backend, 1500)
         assert errors, "every one of 1500 concurrent sends on one connection got it within 50 ms"
