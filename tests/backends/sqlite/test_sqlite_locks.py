@@ -141,4 +141,3 @@ async def test_a_writer_gets_the_lock_soon_after_it_comes_free(backend: SqliteBa
     holder.join()
     # SQLite's own busy handler would try at 0.328 s and next at 0.428 s, a 0.1 s wait on a free lock.
     assert written_at - freed_at[0] < 0.05
-
