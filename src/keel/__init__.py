@@ -6,9 +6,11 @@ The public names are the ones in ``__all__``; everything else may change between
 from __future__ import annotations
 
 from keel.app import App
+from keel.batch import Outgoing
 from keel.client import Client
 from keel.context import HandlerContext, TurnContext
 from keel.errors import (
+    BackendOverloaded,
     BackendUnavailable,
     ConfigurationError,
     ErrorCode,
@@ -51,6 +53,7 @@ from keel.version import __version__
 
 __all__ = [
     "App",
+    "BackendOverloaded",
     "BackendUnavailable",
     "Client",
     "ConfigurationError",
@@ -72,6 +75,7 @@ __all__ = [
     "NotFoundError",
     "NotPausedError",
     "NotSerializableError",
+    "Outgoing",
     "PayloadError",
     "PayloadTooLargeError",
     "PayloadValidationError",

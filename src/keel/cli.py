@@ -72,6 +72,7 @@ EXIT_STATUS: dict[ErrorCode, int] = {
     ErrorCode.missing_extra: RET_USAGE,
     ErrorCode.unsafe_location: RET_USAGE,
     ErrorCode.backend_unavailable: RET_FAILED,
+    ErrorCode.backend_overloaded: RET_FAILED,
     ErrorCode.invalid_key: RET_USAGE,
     ErrorCode.payload: RET_USAGE,
     ErrorCode.not_serializable: RET_USAGE,

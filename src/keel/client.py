@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from keel.backends import open_backend
 from keel.backends.base import InstanceRef, StoreOptions
-from keel.errors import ConfigurationError, MessageNotFoundError, NotPausedError, TurnFailedError, WaitTimeoutError
+from keel.batch import build_batch, conflicting_index, in_item
+from keel.errors import (
+    ConfigurationError,
+    IdempotencyConflictError,
+    MessageNotFoundError,
+    NotPausedError,
+    TurnFailedError,
+    WaitTimeoutError,
+)
 from keel.events import Delivery, EventInfo, delivery_message_id
 from keel.outbox import build_message, build_published_event
 from keel.payload import DEFAULT_MAX_VALUE_BYTES, decode, validate_key
@@ -25,13 +33,14 @@ from keel.records import (
 from keel.types import Versioned
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterable
 
     from pydantic import BaseModel
 
     from keel.app import App
     from keel.backends.base import Backend, ClientBackend, EventRow, MessageInfo, Reader, TurnRecordRow
     from keel.backends.base import DeadLetter as DeadLetterRow
+    from keel.batch import Outgoing
     from keel.events import Event
     from keel.records import Target
 
@@ -100,6 +109,7 @@ class Client:
             InvalidKeyError, PayloadTooLargeError: Bad id, key or size. Nothing is enqueued on any error.
             IdempotencyConflictError: ``idempotency_key`` was used for this instance with another message (its JSON
                 differs); the error names the key, the instance and the first message's id.
+            BackendOverloaded: Every connection stayed busy for the URL's pool timeout; nothing is enqueued.
             BackendUnavailable: The backend cannot be reached.
         """
         new = build_message(
@@ -121,6 +131,40 @@ class Client:
             extra={"workflow": workflow, "workflow_id": workflow_id, "message_id": message_id},
         )
         return message_id
+
+    async def send_many(self, messages: Iterable[Outgoing | tuple[Any, ...]]) -> list[str]:
+        """Send a batch of messages in one transaction: all of them, or none; one round trip to the backend.
+
+        Each item is what ``send`` takes, as a ``keel.Outgoing(workflow, workflow_id, message, idempotency_key=None,
+        delay_s=0.0)`` or a tuple of those fields, and is checked as ``send`` checks it, before anything is sent.
+        Messages to one instance join its inbox in the batch's order. An idempotency key repeated in the batch for
+        one instance with the same message sends it once (both get the first id). One transaction holds the whole
+        batch: keep batches to thousands of messages, not millions.
+
+        Returns:
+            For each item in order, its message id (for ``wait()``), or the first message's id under its key.
+
+        Raises:
+            TypeError: An item is neither a ``keel.Outgoing`` nor a tuple of its fields.
+            ConfigurationError, UnknownWorkflowError, PayloadValidationError, InvalidKeyError, PayloadTooLargeError:
+                As ``send``, for the first bad item; the message starts ``item N of the batch``. Nothing is sent.
+            IdempotencyConflictError: An item's key was used for its instance with another message, before or
+                earlier in the batch; the message starts ``item N of the batch``. Nothing is sent.
+            BackendOverloaded: Every connection stayed busy for the URL's pool timeout; nothing is sent.
+            BackendUnavailable: The backend cannot be reached; the batch may have been sent, whole.
+        """
+        new = build_batch(self.app, messages, max_bytes=self._max_message_bytes)
+        if not new:
+            return []
+        try:
+            message_ids = await self._open().send_many(new)
+        except IdempotencyConflictError as exc:
+            index = conflicting_index(new, exc)
+            if index is not None:
+                in_item(exc, index)
+            raise
+        logger.debug("%d messages sent in one batch", len(message_ids))
+        return message_ids
 
     async def publish(self, event: Event, *, idempotency_key: str | None = None) -> str:
         """Publish ``event`` to every handler registered for its type (``@app.on``), durably, at once.

@@ -7,6 +7,7 @@ KeelError
 │   ├── MissingExtraError         the engine's driver is not installed
 │   └── UnsafeLocationError       a SQLite file on a network filesystem
 ├── BackendUnavailable            the engine cannot be reached, or went away mid-operation
+├── BackendOverloaded             the engine answers, but a call waited past its bound for a connection
 ├── InvalidKeyError               a key that is empty, too long or not printable
 ├── PayloadError                  a value keel refuses to store
 │   ├── NotSerializableError      not a JSON document
@@ -58,6 +59,7 @@ class ErrorCode(StrEnum):
     missing_extra = "missing_extra"
     unsafe_location = "unsafe_location"
     backend_unavailable = "backend_unavailable"
+    backend_overloaded = "backend_overloaded"
     invalid_key = "invalid_key"
     payload = "payload"
     not_serializable = "not_serializable"
@@ -162,6 +164,31 @@ class BackendUnavailable(KeelError):
         if hint:
             text += f" ({hint})"
         super().__init__(text)
+
+
+class BackendOverloaded(KeelError):
+    """Raised when a call waited past its bound for a connection to a backend that answers; nothing was written.
+
+    Load, not an outage: more calls at once than the backend's connections serve within the wait the URL allows.
+    The call never reached the backend, so repeating it is safe. ``queued`` is about how many calls were waiting
+    for one of ``connections`` when it gave up, itself included (for SQLite: the connection is the file's write
+    lock, shared with other processes); ``hint`` names the URL parameters to raise, or what to lower.
+    """
+
+    code = ErrorCode.backend_overloaded
+
+    def __init__(self, url: str, *, waited_s: float, queued: int, connections: int, hint: str) -> None:
+        self.url = url
+        self.waited_s = waited_s
+        self.queued = queued
+        self.connections = connections
+        self.hint = hint
+        calls = "1 call was" if queued == 1 else f"{queued} calls were"
+        pooled = "1 connection" if connections == 1 else f"{connections} connections"
+        super().__init__(
+            f"backend {url} is overloaded, not down: a call waited {waited_s:g} s for a connection and got none; "
+            f"{calls} queued for {pooled}; nothing was written, so the call can be repeated ({hint})"
+        )
 
 
 class InvalidKeyError(KeelError, ValueError):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from keel.errors import BackendUnavailable
+from keel.errors import BackendOverloaded, BackendUnavailable
 
 if TYPE_CHECKING:
     from keel.backends.base import Pruner
@@ -71,6 +71,9 @@ async def prune_forever(backend: Pruner, app: str, retention: Retention, worker:
     while True:
         try:
             await prune_once(backend, app, retention)
+        except BackendOverloaded as exc:
+            # Load: the next round, an interval later, goes on from where this one stopped.
+            logger.warning("pruning put off, the backend is overloaded: %s", exc, extra={"worker": worker})
         except BackendUnavailable as exc:
             logger.error("pruning failed: %s", exc, extra={"worker": worker})
         await asyncio.sleep(retention.interval_s)

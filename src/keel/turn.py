@@ -27,8 +27,15 @@ from pydantic import BaseModel
 from keel.app import HandlerSpec
 from keel.backends.base import TurnCommit, TurnFailure
 from keel.context import HandlerContext, TurnContext
-from keel.errors import BackendUnavailable, LeaseLostError, PayloadValidationError, TurnTimeoutError
+from keel.errors import (
+    BackendOverloaded,
+    BackendUnavailable,
+    LeaseLostError,
+    PayloadValidationError,
+    TurnTimeoutError,
+)
 from keel.events import Envelope, handler_idempotency_key
+from keel.load import LoadNotice
 from keel.outbox import Outbox
 from keel.payload import coerce, decode, encode
 from keel.records import HandlerDelivery, parse_target
@@ -50,11 +57,15 @@ logger = logging.getLogger("keel.worker")
 class TurnRunner:
     """Runs claimed turns of one app for one worker."""
 
-    def __init__(self, app: App, backend: Claimer, *, worker: str, max_state_bytes: int) -> None:
+    def __init__(
+        self, app: App, backend: Claimer, *, worker: str, max_state_bytes: int, load: LoadNotice | None = None
+    ) -> None:
         self.app = app
         self.backend = backend
         self.worker = worker
         self.max_state_bytes = max_state_bytes
+        #: Where an overloaded backend is reported: once per episode, shared with the worker's other calls.
+        self.load = load or LoadNotice(logger, worker)
         #: Message ids whose outcome (commit, retry, dead letter) is being written: their runs are over, so a
         #: heartbeat that finds their lease already released must not call that a lost lease.
         self.settling: set[str] = set()
@@ -201,9 +212,14 @@ class TurnRunner:
         except LeaseLostError as exc:
             logger.warning("%s not committed, its lease is lost: %s", _noun(claim), exc.reason, extra=extra)
             return
+        except BackendOverloaded as exc:
+            # Nothing was written; the lease expires and the turn runs again, when the load may have eased.
+            self.load.overloaded("committing a turn", exc)
+            return
         except BackendUnavailable as exc:
             logger.error("%s not committed, the backend is unavailable: %s", _noun(claim), exc, extra=extra)
             return
+        self.load.eased()
         effects = _effects(commit)
         if commit.state_json is None:
             logger.info("%s done in %.3fs%s", _noun(claim), commit.duration_s, effects, extra=extra)
@@ -237,6 +253,8 @@ class TurnRunner:
             await self.backend.retry_turn(failure, delay_s=delay_s)
         except LeaseLostError as exc_lost:
             logger.warning("failure not recorded, the lease is lost: %s", exc_lost.reason, extra=extra)
+        except BackendOverloaded as exc_busy:
+            self.load.overloaded("recording a failed attempt", exc_busy)
         except BackendUnavailable as exc_down:
             logger.error("failure not recorded, the backend is unavailable: %s", exc_down, extra=extra)
 
@@ -255,6 +273,8 @@ class TurnRunner:
             await self.backend.fail_turn(TurnFailure(claim, error, self.worker, started_at, duration_s))
         except LeaseLostError as exc:
             logger.warning("dead letter not recorded, its lease is lost: %s", exc.reason, extra=extra)
+        except BackendOverloaded as exc_busy:
+            self.load.overloaded("dead-lettering a message", exc_busy)
         except BackendUnavailable as exc:
             logger.error("dead letter not recorded, the backend is unavailable: %s", exc, extra=extra)
 

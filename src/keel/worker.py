@@ -17,6 +17,9 @@ Map of the design:
 - Turns: ``keel.turn.TurnRunner`` runs each claimed turn and commits it (G3), retries it after a backoff, or
   dead-letters it (which pauses its instance); the backend refuses any of these under a stale token or an
   expired lease.
+- Load: a backend that answers but had no connection free in time (``BackendOverloaded``) makes the worker back
+  off and go on, logged once per episode (``keel.load``); an unreachable one (``BackendUnavailable``) is logged as
+  an error at each failure. Neither ends the worker.
 - Shutdown: stop claiming, let running turns finish within ``grace_s``, cancel the rest and release their
   leases so another worker can take them at once.
 
@@ -34,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from keel.backends import open_backend, scheme_of
 from keel.backends.base import Claim, StoreOptions
-from keel.errors import BackendUnavailable, ConfigurationError
+from keel.errors import BackendOverloaded, BackendUnavailable, ConfigurationError
 from keel.identity import process_identity
+from keel.load import LoadNotice
 from keel.payload import DEFAULT_MAX_VALUE_BYTES
 from keel.retention import prune_forever
 from keel.turn import TurnRunner, log_fields
@@ -126,7 +130,11 @@ class Worker:
         self.identity = process_identity()
         self._running: dict[str, _Running] = {}
         self._slot_freed = asyncio.Event()
-        self._turns = TurnRunner(app, backend, worker=self.identity, max_state_bytes=self.settings.max_state_bytes)
+        #: An overloaded backend is load, not an outage: the worker backs off and goes on, saying so once.
+        self._load = LoadNotice(logger, self.identity)
+        self._turns = TurnRunner(
+            app, backend, worker=self.identity, max_state_bytes=self.settings.max_state_bytes, load=self._load
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run turns until ``stop`` is set, then shut down gracefully."""
@@ -173,6 +181,12 @@ class Worker:
                         self.app.name, workflows, worker=self.identity, lease_s=self.settings.lease_s, limit=free
                     )
                     failures = 0
+                    self._load.eased()
+                except BackendOverloaded as exc:
+                    failures += 1
+                    self._load.overloaded("claiming", exc)
+                    await _sleep_or_stop(stop, min(CLAIM_RETRY_MAX_S, 0.1 * 2**failures))
+                    continue
                 except BackendUnavailable as exc:
                     failures += 1
                     logger.error("claiming failed: %s", exc, extra={"worker": self.identity})
@@ -224,6 +238,9 @@ class Worker:
     async def _wake_up(self) -> None:
         try:
             await self.backend.wait_for_work(self.app.name, timeout_s=self.settings.idle_poll_s)
+        except BackendOverloaded as exc:
+            self._load.overloaded("waiting for work", exc)
+            await asyncio.sleep(self.settings.idle_poll_s)
         except BackendUnavailable as exc:
             logger.error("waiting for work failed: %s", exc, extra={"worker": self.identity})
             await asyncio.sleep(self.settings.idle_poll_s)
@@ -249,6 +266,9 @@ class Worker:
                 continue
             try:
                 held = await self.backend.renew([r.claim for r in running], lease_s=self.settings.lease_s)
+            except BackendOverloaded as exc:
+                self._load.overloaded("renewing leases", exc)
+                continue
             except BackendUnavailable as exc:
                 logger.error("renewing leases failed: %s", exc, extra={"worker": self.identity})
                 continue
@@ -278,7 +298,7 @@ class Worker:
         await asyncio.gather(*(r.task for r in running), return_exceptions=True)
         for entry in running:
             if entry.task in late:
-                with contextlib.suppress(BackendUnavailable):
+                with contextlib.suppress(BackendUnavailable, BackendOverloaded):
                     await self.backend.release(entry.claim)
                 logger.warning("turn cancelled at shutdown; its lease was released", extra=self._extra(entry.claim))
 

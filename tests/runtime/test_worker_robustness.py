@@ -18,7 +18,7 @@ from keel.worker import Worker, WorkerSettings
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from keel.backends.base import Backend, TurnCommit
+    from keel.backends.base import Backend, Claim, TurnCommit
 
     Commit = Callable[[TurnCommit], Awaitable[int]]
 
@@ -134,3 +134,39 @@ async def test_a_heartbeat_during_a_slow_commit_reply_is_not_a_lost_lease(caplog
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("turn committed") for m in messages), messages
     assert not [m for m in messages if "lease lost" in m or "cancelled" in m], messages
+
+
+async def test_an_overloaded_backend_makes_the_worker_back_off_and_go_on_logging_it_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = f"memory://overloaded-{uuid.uuid4().hex}"
+    app = keel.App("overloaded", backend=url)
+
+    @app.workflow(state=State, message=Msg)
+    async def record(ctx: keel.TurnContext[State], msg: Msg) -> None:
+        ctx.state.seen.append(msg.n)
+
+    backend = await open_backend(url, StoreOptions())
+    claim = backend.claim
+    refusals = [keel.BackendOverloaded(url, waited_s=30, queued=9, connections=1, hint="h") for _ in range(4)]
+
+    async def overloaded_at_first(*args: object, **kwargs: object) -> list[Claim]:
+        if refusals:
+            raise refusals.pop()
+        return await claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    setattr(backend, "claim", overloaded_at_first)  # noqa: B010 - mypy refuses assigning to a method
+    stop = asyncio.Event()
+    with caplog.at_level(logging.DEBUG, logger="keel"):
+        worker = asyncio.create_task(Worker(app, backend, WorkerSettings(idle_poll_s=0.05)).run(stop))
+        async with app.client(url=url) as client:
+            message_id = await client.send("record", "r", Msg(n=1))
+            assert await client.wait("record", "r", message_id, timeout_s=20) == 1
+        stop.set()
+        await worker
+    await backend.aclose()
+    assert refusals == []
+    said = [r for r in caplog.records if "claiming refused, the backend is overloaded" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG, logging.DEBUG, logging.DEBUG]
+    assert any("keeps up again, after 4 call(s) refused" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

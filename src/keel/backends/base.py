@@ -330,6 +330,26 @@ class Sender(Protocol):
         """
         ...
 
+    async def send_many(self, messages: Sequence[NewMessage], /) -> list[str]:
+        """Send every message as ``send`` does, in order, in one transaction: all of them, or none.
+
+        Each is deduplicated as ``send`` deduplicates it, against what was sent before and against the batch's own
+        earlier messages: a key used twice in the batch for one instance with one payload appends once, and both
+        get the first id. Messages to one instance join its inbox in the batch's order. It wakes idle waiters of
+        every app it sends to (a message with no delay), as ``send`` does.
+
+        Returns:
+            For each message in order, its id, or the first message's id under the same idempotency key; none for
+            an empty batch (and nothing is written).
+
+        Raises:
+            IdempotencyConflictError: A message's idempotency key was used for its instance with another payload,
+                before or earlier in the batch; nothing of the batch was written.
+            BackendUnavailable: The engine cannot be reached; the batch may have been written, whole (send it
+                again with the same ids: that appends nothing if it was).
+        """
+        ...
+
     async def publish(self, event: NewEvent, /) -> str:
         """Append ``event`` to its app's log and send its deliveries, atomically; wake idle waiters.
 

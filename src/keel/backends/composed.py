@@ -78,6 +78,10 @@ class ComposedBackend(Generic[StoreT, BrokerT]):
         """See ``base.Sender.send``."""
         return await self.broker.send(message)
 
+    async def send_many(self, messages: Sequence[NewMessage], /) -> list[str]:
+        """See ``base.Sender.send_many``."""
+        return await self.broker.send_many(messages)
+
     async def publish(self, event: NewEvent, /) -> str:
         """See ``base.Sender.publish``."""
         return await self.broker.publish(event)

@@ -157,3 +157,25 @@ async def test_the_runtime_survives_a_sigkill_and_its_waiters_hear_of_it(tmp_pat
             assert third.fencing_token == second.fencing_token + 1
         finally:
             await backend.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_calls_queued_for_a_server_that_stopped_answering_are_told_it_is_unavailable(tmp_path: Path) -> None:
+    # The fair queue's bound passes while the server hangs: that is an outage, not load, and must say so.
+    with private_redis(tmp_path, *DURABLE) as server:
+        backend = await open_backend(f"{server.url}?max_connections=1&pool_timeout_s=0.3", StoreOptions())
+        try:
+            server.pause()
+            try:
+                outcomes = await asyncio.gather(
+                    *(backend.message("app", f"m{n}") for n in range(3)), return_exceptions=True
+                )
+            finally:
+                server.resume()
+            assert all(isinstance(outcome, keel.BackendUnavailable) for outcome in outcomes), outcomes
+            queued = [o for o in outcomes if "no pooled connection within 0.3 s, and a new one fails" in str(o)]
+            assert len(queued) == 2  # the first call held the connection and timed out on its own reply
+            assert await backend.message("app", "m0") is None  # the server back, the same backend answers
+        finally:
+            await backend.aclose()

@@ -15,6 +15,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import keel
+from keel.backends import open_backend
 from keel.backends.base import StoreOptions
 from keel.backends.redis.backend import open_engine
 from keel.backends.redis.connection import Persistence, persistence_warning
@@ -235,6 +236,8 @@ async def test_prefix_from_the_url_namespaces_every_key(redis_url: str, raw: Red
         ("redis://127.0.0.1:6379/0?no_such_option=1", "no_such_option"),
         ("redis://127.0.0.1:6379/0?socket_timeout=soon", "socket_timeout"),
         ("redis://127.0.0.1:6379/0?prefix=a{b", "prefix"),
+        ("redis://127.0.0.1:6379/0?pool_timeout_s=soon", "pool_timeout_s='soon'.*positive number of seconds"),
+        ("redis://127.0.0.1:6379/0?pool_timeout_s=0", "pool_timeout_s='0'"),
     ],
 )
 async def test_bad_urls_are_configuration_errors(url: str, message: str) -> None:
@@ -323,3 +326,15 @@ async def test_a_closed_store_refuses_calls_and_closes_twice(redis_url: str) -> 
     await engine.aclose()
     with pytest.raises(keel.BackendUnavailable, match="closed"):
         await engine.get("k")
+
+
+async def test_pool_timeout_s_bounds_the_wait_for_a_pooled_connection(redis_url: str) -> None:
+    backend = await open_backend(f"{redis_url}?max_connections=1&pool_timeout_s=0.01&socket_timeout=3", StoreOptions())
+    try:
+        outcomes = await asyncio.gather(*(backend.message("app", f"m{n}") for n in range(300)), return_exceptions=True)
+    finally:
+        await backend.aclose()
+    errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    assert errors, "300 calls at once on one connection all got it within 10 ms"
+    assert all(isinstance(error, keel.BackendOverloaded) for error in errors), errors
+    assert "?max_connections= or ?pool_timeout_s=" in str(errors[0])

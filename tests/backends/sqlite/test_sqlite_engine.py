@@ -184,22 +184,26 @@ async def test_waiting_for_another_writer_never_blocks_the_event_loop(tmp_path: 
     assert ticks >= 20  # the loop kept running while the write waited
 
 
-async def test_busy_timeout_gives_backend_unavailable_not_a_hang(tmp_path: Path) -> None:
+async def test_busy_timeout_gives_backend_overloaded_not_a_hang_nor_an_outage(tmp_path: Path) -> None:
     path = tmp_path / "k.db"
     async with keel.open_store(f"sqlite:///{path}?busy_timeout_s=0.2") as store:
         await store.put("k", 1, expected_version=None)
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            with pytest.raises(keel.BackendUnavailable, match="locked") as caught:
+            with pytest.raises(keel.BackendOverloaded) as caught:
                 await store.put("k", 2, expected_version=1)
-            assert "busy_timeout_s" in str(caught.value)
         finally:
             conn.execute("ROLLBACK")
             conn.close()
+        assert not isinstance(caught.value, keel.BackendUnavailable)  # the file answers: another process held it
+        assert (caught.value.waited_s, caught.value.connections) == (0.2, 1)
+        assert "is overloaded, not down: a call waited 0.2 s" in str(caught.value)
+        assert "busy_timeout_s=" in str(caught.value)
         current = await store.get("k")
         assert current is not None
-        assert current.version == 1
+        assert current.version == 1  # nothing was written
+        assert (await store.put("k", 2, expected_version=1)).version == 2  # the lock free, the same store writes
 
 
 async def test_unclosed_store_warns(tmp_path: Path) -> None:

@@ -162,6 +162,19 @@ class PostgresBroker:
             [message_id] = await send_in(conn, self._schema, [message])
         return message_id
 
+    async def send_many(self, messages: Sequence[NewMessage], /) -> list[str]:
+        """Append each message as ``send`` does, in order, in one transaction: all of them, or none.
+
+        Raises:
+            IdempotencyConflictError: A key was used for its instance with another payload, before or earlier in the
+                batch; the transaction rolled back, so nothing was written.
+            BackendUnavailable: The server cannot be reached; the batch may or may not have been appended, whole.
+        """
+        if not messages:
+            return []
+        async with self._transaction() as conn:
+            return await send_in(conn, self._schema, messages)
+
     async def publish(self, event: NewEvent, /) -> str:
         """Append ``event`` to its app's log and send its deliveries, unless its id or idempotency key was used.
 

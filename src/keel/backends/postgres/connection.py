@@ -11,7 +11,10 @@ URL: ``postgresql://``, ``postgres://`` or ``postgresql+psycopg://``. Everything
 (host, port, dbname, ``sslmode``, ``options``, ...). keel's own query parameters are removed first:
 
 - ``pool_min_size`` (default 1) and ``pool_max_size`` (default 10): connections kept open, and allowed.
-- ``pool_timeout_s`` (default 10): how long a call waits for a connection before raising BackendUnavailable.
+- ``pool_timeout_s`` (default 30): how long a call waits for a pooled connection. psycopg's pool serves waiters first
+  come first served, so a burst of calls queues (backpressure); one that waits this long raises ``BackendOverloaded``
+  if a fresh connection to the server succeeds, else ``BackendUnavailable``. While the server is down and the pool
+  has no open connection, a call takes this long to fail: lower it to notice outages sooner.
 - ``query_timeout_s`` (default 15): how long one statement may run; sent to the server as ``statement_timeout``.
 
 Unless the URL sets them, keel also asks libpq for ``connect_timeout=5``, TCP keepalives and ``tcp_user_timeout``
@@ -35,7 +38,8 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from keel.backends._url import mask_password, scheme_of
 from keel.backends.postgres.migrate import QUERIES, migrate
-from keel.errors import BackendUnavailable, ConfigurationError
+from keel.backends.probe import SharedProbe
+from keel.errors import BackendOverloaded, BackendUnavailable, ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -67,8 +71,8 @@ LIBPQ_DEFAULTS = {
 DEFAULT_POOL_MIN_SIZE = 1
 DEFAULT_POOL_MAX_SIZE = 10
 
-#: How long a call waits for a pooled connection (URL parameter ``pool_timeout_s``).
-DEFAULT_POOL_TIMEOUT_S = 10.0
+#: How long a call waits for a pooled connection (URL parameter ``pool_timeout_s``): generous, so bursts queue.
+DEFAULT_POOL_TIMEOUT_S = 30.0
 
 #: How long one statement may run, enforced by the server (URL parameter ``query_timeout_s``).
 DEFAULT_QUERY_TIMEOUT_S = 15.0
@@ -186,6 +190,7 @@ class PostgresConnection:
         )
         self._deadline_s = settings.pool_timeout_s + settings.query_timeout_s + CLIENT_GRACE_S
         self._pool_check: asyncio.Task[None] | None = None
+        self._probe = SharedProbe(self._connect_once)
         self._closed = False
 
     async def open(self) -> None:
@@ -209,6 +214,7 @@ class PostgresConnection:
             await asyncio.wait({self._pool_check}, timeout=self.settings.connect_timeout_s or 1.0)
             self._pool_check.cancel()
             await asyncio.wait({self._pool_check})
+        await self._probe.aclose()
         await self._pool.close()
 
     @property
@@ -232,12 +238,17 @@ class PostgresConnection:
 
     @asynccontextmanager
     async def driver_errors(self) -> AsyncIterator[None]:
-        """The one place where driver failures become ``BackendUnavailable``, and where calls get their deadline."""
+        """The one place where driver failures become keel's errors, and where calls get their deadline.
+
+        Raises:
+            BackendOverloaded: No pooled connection came free within ``pool_timeout_s``, though the server answers.
+            BackendUnavailable: The server cannot be reached, or stopped answering.
+        """
         try:
             async with asyncio.timeout(self._deadline_s):
                 yield
         except PoolTimeout as exc:
-            raise await self._starved(exc) from exc
+            raise await self._starved() from exc
         except PoolClosed as exc:
             raise BackendUnavailable(
                 self.url, "the store is closed", hint="open a new one with keel.open_store()"
@@ -250,18 +261,36 @@ class PostgresConnection:
             detail = f"no answer within {self._deadline_s:g} s"
             raise BackendUnavailable(self.url, detail, hint=UNAVAILABLE_HINT) from exc
 
-    async def _starved(self, exc: PoolTimeout) -> BackendUnavailable:
-        """Explain a pool timeout: the server is unreachable, or every connection stayed busy."""
-        waited = f"no connection within {self.settings.pool_timeout_s:g} s"
+    async def _starved(self) -> BackendOverloaded | BackendUnavailable:
+        """Explain a pool timeout: the server is unreachable, or every connection stayed busy (load)."""
+        # Counted before the probe, which takes a while. psycopg's count holds this call, and may hold others that
+        # gave up just before it: they leave its queue when the next connection comes back.
+        queued = max(1, self._pool.get_stats().get("requests_waiting", 0))
+        failure = await self._probe.failure()
+        if failure is not None:
+            detail = f"no connection within {self.settings.pool_timeout_s:g} s: {failure}"
+            return BackendUnavailable(self.url, detail, hint=UNAVAILABLE_HINT)
+        hint = (
+            "raise pool_max_size= or pool_timeout_s= in the URL, or make fewer calls at once (client.send_many sends "
+            "a batch in one call); a call that holds its connection long makes the others wait too"
+        )
+        return BackendOverloaded(
+            self.url,
+            waited_s=self.settings.pool_timeout_s,
+            queued=queued,
+            connections=self.settings.pool_max_size,
+            hint=hint,
+        )
+
+    async def _connect_once(self) -> str | None:
+        """None if a connection of its own, outside the pool, reaches the server; else why it failed."""
         try:
             async with asyncio.timeout(self.settings.connect_timeout_s + 1):
                 probe = await psycopg.AsyncConnection.connect(self.settings.conninfo)
-        except (psycopg.OperationalError, TimeoutError) as probe_exc:
-            return BackendUnavailable(self.url, f"{waited}: {one_line(probe_exc)}", hint=UNAVAILABLE_HINT)
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            return one_line(exc)
         await probe.close()
-        busy = f"{waited}: all {self.settings.pool_max_size} pooled connections stayed busy ({one_line(exc)})"
-        hint = "raise pool_max_size= or pool_timeout_s= in the URL, or look for calls that hold connections long"
-        return BackendUnavailable(self.url, busy, hint=hint)
+        return None
 
     def _schedule_pool_check(self) -> None:
         # Every idle connection died with the server; without a check each would fail one more call after it is

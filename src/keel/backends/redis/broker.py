@@ -5,7 +5,7 @@ Map of the design:
 - Keys: ``keys.py`` names them (the instance's keys share its hash tag ``{app/workflow/workflow_id}``; ready,
   leased and wake keys are per app); ``scripts/runtime_lib.lua`` draws the whole layout.
 - Writes: every operation that changes more than one key, or checks a lease before writing, is one Lua
-  script (``send``, ``claim``, ``renew``, ``group``, ``fail``, ``release``, ``retry``, ``resolve``,
+  script (``send``, ``send_many``, ``claim``, ``renew``, ``group``, ``fail``, ``release``, ``retry``, ``resolve``,
   ``delete``, ``publish``; ``prune`` is one script per bounded batch: ``cleanup.py``), so it is atomic and
   one round trip; ``dead_letters`` and ``events`` are read-only scripts, for one consistent snapshot.
 - Sends and events: ``send``, ``publish`` and ``commit`` append through the same Lua functions, given units
@@ -111,6 +111,7 @@ TIE_LIMIT = 1000
 #: The scripts of the runtime, each run with ``runtime_lib.lua`` prepended.
 RUNTIME_SCRIPTS = (
     "send.lua",
+    "send_many.lua",
     "claim.lua",
     "renew.lua",
     "group.lua",
@@ -138,10 +139,11 @@ class RedisBroker:
         self._keys = connection.keys
         self._boundary = connection.boundary
         self._gate = WakeGate(connection.url)
-        self._waker = WakeStreams(waiting, connection.keys, connection.boundary, self._gate)
+        self._waker = WakeStreams(waiting, connection.keys, connection.errors, self._gate)
         scripts = {name: client.register_script(runtime_script(name)) for name in RUNTIME_SCRIPTS}
         self._scripts = scripts
         self._send, self._claim, self._renew = scripts["send.lua"], scripts["claim.lua"], scripts["renew.lua"]
+        self._send_many = scripts["send_many.lua"]
         self._group, self._fail, self._release = scripts["group.lua"], scripts["fail.lua"], scripts["release.lua"]
         self._retry = scripts["retry.lua"]
         #: Turn commits and step records, written in one script when they wait at the same time (group commit).
@@ -174,6 +176,23 @@ class RedisBroker:
         if conflict:
             raise IdempotencyConflictError.of_message(message, str(sent))
         return str(sent)
+
+    async def send_many(self, messages: Sequence[NewMessage], /) -> list[str]:
+        """Add each message as ``send`` does, in order, in one script: all of them, or none.
+
+        Raises:
+            IdempotencyConflictError: A key was used for its instance with another payload, before or earlier in the
+                batch; the script looked for that before writing anything, so nothing was written.
+            BackendUnavailable: The server cannot be reached; the batch may or may not have been appended, whole.
+        """
+        if not messages:
+            return []
+        keys, args = outbox(self._keys, messages, ())
+        async with self._boundary("send"):
+            reply = await self._send_many(keys=keys, args=[WAKE_STREAM_MAXLEN, len(messages), *args])
+        if int(reply[0]) == 1:
+            raise IdempotencyConflictError.of_message(messages[int(reply[1]) - 1], str(reply[2]))
+        return [str(message_id) for message_id in reply[1:]]
 
     async def publish(self, event: NewEvent, /) -> str:
         """Append ``event`` to its app's log and send its deliveries, in one script; wake idle workers.

@@ -126,6 +126,23 @@ class SqliteBroker:
         self._gate.announce(app)
         return message_id
 
+    async def send_many(self, messages: Sequence[NewMessage], /) -> list[str]:
+        """Append each message as ``send`` does, in order, in one write transaction: all of them, or none.
+
+        Raises:
+            IdempotencyConflictError: A key was used for its instance with another payload, before or earlier in the
+                batch; the transaction rolled back, so nothing was written.
+        """
+        if not messages:
+            return []
+        apps = tuple(dict.fromkeys(message.instance.app for message in messages))
+        message_ids = await self.database.write(
+            lambda conn: [tx.send_in(conn, message) for message in messages], after_commit=self._bell.ring(*apps)
+        )
+        for app in apps:
+            self._gate.announce(app)
+        return message_ids
+
     async def publish(self, event: NewEvent, /) -> str:
         """Append ``event`` to its app's log and send its deliveries, atomically; or return the first event's id.
 

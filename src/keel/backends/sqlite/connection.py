@@ -1,6 +1,9 @@
 """The SQLite engine's connection: one connection on a thread of its own, shared by the store and the broker.
 
-It opens the file its URL names, and is the one place where sqlite3's errors become ``BackendUnavailable``.
+It opens the file its URL names, and is the one place where sqlite3's errors become ``BackendUnavailable`` (the file
+cannot be opened, read or written) or ``BackendOverloaded`` (another process held the write lock past the busy
+timeout: load, not an outage). Calls of this process wait their turn on the thread, first come first served and
+without a bound: no call of this process ever fails for waiting behind the others.
 
 URL options (query string): ``synchronous`` (OFF, NORMAL, FULL, EXTRA; default FULL: every commit is on
 disk before it returns) and ``busy_timeout_s`` (default 30: how long a writer waits for another process).
@@ -28,7 +31,7 @@ from keel.backends.sqlite.location import database_path, refuse_network_filesyst
 from keel.backends.sqlite.migrate import migrate
 from keel.backends.sqlite.thread import BlockingThread
 from keel.backends.sqlite.writes import MAX_GROUP, GroupFailure, PendingWrite, commit_group
-from keel.errors import BackendUnavailable, ConfigurationError
+from keel.errors import BackendOverloaded, BackendUnavailable, ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -190,8 +193,10 @@ class SqliteDatabase:
                 raise error from exc
 
     def _translate(self, exc: Exception) -> Exception:
-        """The error a caller sees for ``exc``: SQLite's errors as ``BackendUnavailable``, but a broken constraint."""
-        if isinstance(exc, sqlite3.OperationalError):
+        """The error a caller sees for ``exc``: SQLite's errors as keel's, but a broken constraint."""
+        if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+            error: Exception = self._overloaded()
+        elif isinstance(exc, sqlite3.OperationalError):
             error = BackendUnavailable(self.url, str(exc), hint=_hint(exc))
         elif isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
             error = BackendUnavailable(self.url, str(exc), hint="is the file a keel SQLite database?")
@@ -199,6 +204,19 @@ class SqliteDatabase:
             return exc
         error.__cause__ = exc  # as "raise error from exc" would
         return error
+
+    def _overloaded(self) -> BackendOverloaded:
+        """The file answers, but another process held its write lock for the whole busy timeout."""
+        return BackendOverloaded(
+            self.url,
+            waited_s=self.busy_timeout_s,
+            queued=1 + len(self._writes),
+            connections=1,
+            hint=(
+                "another process held the database's write lock all that time; raise busy_timeout_s= in the URL, "
+                "or run fewer processes writing to the file"
+            ),
+        )
 
     def _flush(self) -> None:
         """Run the writes waiting now (up to ``MAX_GROUP``) in one transaction, on the thread."""
@@ -252,6 +270,8 @@ class SqliteDatabase:
             conn.execute("PRAGMA busy_timeout = 0")
         except sqlite3.Error as exc:
             self._disconnect()
+            if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+                raise self._overloaded() from exc
             raise BackendUnavailable(self.url, str(exc), hint=_hint(exc)) from exc
         except BaseException:
             self._disconnect()
