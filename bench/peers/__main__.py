@@ -106,7 +106,7 @@ def _summary(got: dict[str, Any]) -> str:
     return (
         f"{got['steps_per_s']:8,.0f} steps/s  p50 {got['p50_ms']:6.1f} ms  p99 {got['p99_ms']:7.1f} ms  "
         f"cpu client {cpu['client']:.2f}s workers {cpu['workers']:.2f}s server {cpu['server']:.2f}s  "
-        f"(workflow 0 recorded {got['steps_recorded_by_workflow_0']} steps)"
+        f"(first workflow recorded {got['steps_recorded_by_first_workflow']} steps)"
     )
 
 

@@ -124,13 +124,14 @@ async def _serve(
             await caller.call(-1 - n)
         _say({"ready": True, "versions": caller.versions, "settings": caller.settings})
         await _expect("go")
+        first = config.get("first", 0)  # workflow numbers (and so instance ids) start here
         cpu_started = time.process_time()
         if config["scenario"] == "closed":
-            result = await closed_loop(caller, callers=config["callers"], seconds=config["seconds"], first=0)
+            result = await closed_loop(caller, callers=config["callers"], seconds=config["seconds"], first=first)
         else:
-            result = await open_loop(caller, count=config["count"], first=0)
+            result = await open_loop(caller, count=config["count"], first=first)
         result["cpu_s"] = time.process_time() - cpu_started
-        result["steps_recorded_by_workflow_0"] = await caller.check(0)
+        result["steps_recorded_by_first_workflow"] = await caller.check(first)
         _say({"result": result})
         await _expect("done")
 

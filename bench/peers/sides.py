@@ -54,20 +54,20 @@ def run_side(
     if Path(python).resolve() != Path(sys.executable).resolve():
         env["PYTHONPATH"] = str(ROOT)  # a peer's environment gets bench.peers.drive, never keel
     command = [str(python), "-m", module, json.dumps(config)]
-    side = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert side.stdin is not None and side.stdout is not None
-    try:
-        ready = _read(side, side.stdout, "ready")
-        workers_before, servers_before = _snapshot(worker_pids), _snapshot(server_pids())
-        _tell(side.stdin, "go")
-        result = _read(side, side.stdout, "result")["result"]
-        workers_after, servers_after = _snapshot(worker_pids), _snapshot(server_pids())
-        _tell(side.stdin, "done")
-        side.wait(timeout_s)
-    finally:
-        if side.poll() is None:
-            side.kill()
-            side.wait()
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as side:
+        assert side.stdin is not None and side.stdout is not None
+        try:
+            ready = _read(side, side.stdout, "ready")
+            workers_before, servers_before = _snapshot(worker_pids), _snapshot(server_pids())
+            _tell(side.stdin, "go")
+            result = _read(side, side.stdout, "result")["result"]
+            workers_after, servers_after = _snapshot(worker_pids), _snapshot(server_pids())
+            _tell(side.stdin, "done")
+            side.wait(timeout_s)
+        finally:
+            if side.poll() is None:
+                side.kill()
+                side.wait()
     if side.returncode != 0:
         raise RuntimeError(f"{module} exited with {side.returncode}; its error is above")
     result["cpu_s"] = {
