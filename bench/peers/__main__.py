@@ -27,13 +27,16 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from bench import engines
 from bench.peers import places, report, sides, venvs
 from bench.workers import start_workers, stop_workers
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 KEEL_APP = "bench.peers.keel_app:app"
 #: The engines each peer runs on (keel runs on all three).
@@ -75,7 +78,8 @@ def sides_on(engine: str, args: argparse.Namespace, round_no: int) -> list[str]:
     return order[::-1] if round_no % 2 else order
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, on_round: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Every round, engine, scenario and side; ``on_round(measurements, ceilings)`` after each round."""
     measurements: list[dict[str, Any]] = []
     ceilings: dict[str, list[float]] = {engine: [] for engine in args.engines}
     versions: dict[str, dict[str, str]] = {}
@@ -87,11 +91,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"round {round_no + 1} {engine}: raw commits {ceilings[engine][-1]:,.0f}/s", flush=True)
             for scenario in scenarios(args):
                 for side in sides_on(engine, args, round_no):
-                    got = measure(side, engine, scenario, args)
+                    where = {"engine": engine, "scenario": scenario["name"], "side": side}
+                    try:
+                        got = measure(side, engine, scenario, args)
+                    except sides.SideFailedError as exc:
+                        # A failure is a result too (keel's "load reported as an outage", issue #11): keep going.
+                        measurements.append({**where, "failed": str(exc)})
+                        print(f"  {scenario['name']:>14}  {side:9}  FAILED: {exc}", flush=True)
+                        continue
                     versions.setdefault(side.split("-")[0], got.pop("versions"))
                     settings[f"{side}/{engine}"] = got.pop("settings")
-                    measurements.append({"engine": engine, "scenario": scenario["name"], "side": side, **got})
+                    measurements.append({**where, **got})
                     print(f"  {scenario['name']:>14}  {side:9}  {_summary(got)}", flush=True)
+        if on_round is not None:
+            on_round(measurements, ceilings)
     return {
         "measurements": measurements,
         "ceilings": ceilings,
@@ -160,7 +173,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     started = datetime.now(UTC)
-    outcome = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save_so_far(measurements: list[dict[str, Any]], ceilings: dict[str, list[float]]) -> None:
+        partial = {"benchmark": "peers", "partial": True, "measurements": measurements, "ceilings": ceilings}
+        args.out.write_text(json.dumps(partial, indent=2) + "\n")
+
+    outcome = run(args, save_so_far)
     table = report.rows(outcome["measurements"], outcome["ceilings"])
     settings = {k: v for k, v in vars(args).items() if k not in {"out"}}
     command = "python -m bench.peers " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -54,22 +55,41 @@ def run_side(
     if Path(python).resolve() != Path(sys.executable).resolve():
         env["PYTHONPATH"] = str(ROOT)  # a peer's environment gets bench.peers.drive, never keel
     command = [str(python), "-m", module, json.dumps(config)]
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as side:
-        assert side.stdin is not None and side.stdout is not None
+    with (
+        tempfile.TemporaryFile("w+") as errors,
+        subprocess.Popen(
+            command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True
+        ) as side,
+    ):
         try:
-            ready = _read(side, side.stdout, "ready")
-            workers_before, servers_before = _snapshot(worker_pids), _snapshot(server_pids())
-            _tell(side.stdin, "go")
-            result = _read(side, side.stdout, "result")["result"]
-            workers_after, servers_after = _snapshot(worker_pids), _snapshot(server_pids())
-            _tell(side.stdin, "done")
-            side.wait(timeout_s)
-        finally:
-            if side.poll() is None:
-                side.kill()
-                side.wait()
+            result = _measure(side, worker_pids, server_pids, timeout_s)
+        except SideFailedError as exc:
+            errors.seek(0)
+            raise SideFailedError(f"{module} {exc}: {_last_error(errors.read())}") from None
+        errors.seek(0)
+        warnings = [line for line in errors.read().splitlines() if "WARNING" in line]
+        result["warnings"] = {"count": len(warnings), "first": warnings[0][:300] if warnings else None}
+        return result
+
+
+def _measure(
+    side: subprocess.Popen[str], worker_pids: list[int], server_pids: Callable[[], list[int]], timeout_s: float
+) -> dict[str, Any]:
+    assert side.stdin is not None and side.stdout is not None
+    try:
+        ready = _read(side, side.stdout, "ready")
+        workers_before, servers_before = _snapshot(worker_pids), _snapshot(server_pids())
+        _tell(side.stdin, "go")
+        result = _read(side, side.stdout, "result")["result"]
+        workers_after, servers_after = _snapshot(worker_pids), _snapshot(server_pids())
+        _tell(side.stdin, "done")
+        side.wait(timeout_s)
+    finally:
+        if side.poll() is None:
+            side.kill()
+            side.wait()
     if side.returncode != 0:
-        raise RuntimeError(f"{module} exited with {side.returncode}; its error is above")
+        raise SideFailedError(f"exited with {side.returncode}")
     result["cpu_s"] = {
         "client": result.pop("cpu_s"),
         "workers": _spent(workers_before, workers_after),
@@ -78,14 +98,23 @@ def run_side(
     return {"versions": ready["versions"], "settings": ready["settings"], **result}
 
 
+class SideFailedError(RuntimeError):
+    """A side stopped before reporting its result; the message ends with the last line of its error output."""
+
+
+def _last_error(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith(" ")]
+    return lines[-1][:500] if lines else "(no error output)"
+
+
 def _read(side: subprocess.Popen[str], out: IO[str], key: str) -> dict[str, Any]:
     line = out.readline()
     if not line:
         side.wait(30)
-        raise RuntimeError(f"the side stopped before saying {key!r} (exit code {side.returncode}); see above")
+        raise SideFailedError(f"stopped before saying {key!r} (exit code {side.returncode})")
     message: dict[str, Any] = json.loads(line)
     if key not in message:
-        raise RuntimeError(f"expected {key!r} from the side, got {line.strip()!r}")
+        raise SideFailedError(f"expected {key!r}, got {line.strip()!r}")
     return message
 
 
