@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, on_round: Callable[..., None] | None = None) -
                         measurements.append({**where, "failed": str(exc)})
                         print(f"  {scenario['name']:>14}  {side:9}  FAILED: {exc}", flush=True)
                         continue
-                    versions.setdefault(side.split("-")[0], got.pop("versions"))
+                    versions.setdefault(side.split("-")[0], {}).update(got.pop("versions"))
                     settings[f"{side}/{engine}"] = got.pop("settings")
                     measurements.append({**where, **got})
                     print(f"  {scenario['name']:>14}  {side:9}  {_summary(got)}", flush=True)
