@@ -41,10 +41,12 @@ def test_the_keel_side_runs_three_recorded_steps_per_workflow_and_reports_its_fi
         assert got["steps_recorded_by_first_workflow"] == 3  # read back from the backend after the clock stopped
         assert got["steps"] == 3 * got["workflows"]
         assert 0 < got["p50_ms"] <= got["p99_ms"]
-        assert got["cpu_s"]["client"] > 0 and got["cpu_s"]["workers"] > 0  # the worker did the turns
+        assert got["cpu_s"]["client"] > 0 and got["cpu_s"]["workers"] >= 0
         assert got["cpu_s"]["server"] == 0  # SQLite has no server
         assert got["versions"]["keel"]
     assert runs[0]["workflows"] >= 2
+    # The worker did the turns: half a second of them is well over /proc's 10 ms tick (10 workflows may not be).
+    assert runs[0]["cpu_s"]["workers"] > 0
     assert runs[1]["workflows"] == 10
 
     measured = [
