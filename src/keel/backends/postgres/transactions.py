@@ -72,6 +72,16 @@ def channel_for(schema: str, app: str) -> str:
     return f"keel_{readable}_{digest}"
 
 
+def end_channel_for(schema: str, app: str) -> str:
+    """Return the NOTIFY channel of the ends of ``app``'s messages in ``schema`` (``wait_for_end``).
+
+    Apart from the work channel, so that workers never hear of ends, nor waiting clients of work.
+    """
+    readable = _UNSAFE.sub("_", app.lower())[:_READABLE_CHARS]
+    digest = hashlib.blake2b(f"{schema}\0{app}\0ends".encode(), digest_size=8).hexdigest()
+    return f"keel_ends_{readable}_{digest}"
+
+
 async def send_in(
     conn: _Connection, schema: str, messages: Sequence[NewMessage], *, returning: bool = True
 ) -> list[str]:
@@ -115,6 +125,7 @@ async def commit_in(conn: _Connection, schema: str, commit: TurnCommit) -> Fence
         **turn_params(commit, TurnOutcome.committed),
         "state": commit.state_json,
         "history_limit": STATE_HISTORY_LIMIT,
+        "end_channel": end_channel_for(schema, claim.instance.app),
     }
     own = _order(claim.instance)
     await _lock_inboxes(conn, (m for m in commit.sends if _order(m.instance) < own))
@@ -128,10 +139,14 @@ async def commit_in(conn: _Connection, schema: str, commit: TurnCommit) -> Fence
     return written
 
 
-async def fail_in(conn: _Connection, failure: TurnFailure) -> Fenced:
+async def fail_in(conn: _Connection, schema: str, failure: TurnFailure) -> Fenced:
     """Queue one failed turn's record, to be read after the caller's COMMIT (see ``queue_fenced``)."""
     claim = failure.claim
-    params = {**turn_params(failure, TurnOutcome.failed), "error": failure.error}
+    params = {
+        **turn_params(failure, TurnOutcome.failed),
+        "error": failure.error,
+        "end_channel": end_channel_for(schema, claim.instance.app),
+    }
     return await queue_fenced(conn, claim, BROKER_QUERIES["fail_turn"], params)
 
 
