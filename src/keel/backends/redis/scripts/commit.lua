@@ -50,7 +50,8 @@
 -- back. The sends and events are appended exactly as send.lua and publish.lua append them (deduplicated
 -- the same way), after the turn's own writes; every app that got a message is woken once. One commit is
 -- the local function commit(), given its own slice of keys and arguments, so that a later script can
--- commit several turns in one call (group commit).
+-- commit several turns in one call (group commit). The message's end is published on keel:ended:{$app}
+-- (announce_end), for the clients waiting for it.
 --
 -- Key layout: runtime_lib.lua, prepended to this script.
 
@@ -87,6 +88,7 @@ local function commit(keys, args)
     redis.call("ZREM", inbox, entry)
     redis.call("HSET", message, "v", version)
     finish_message(message, message_id, "done", now, finished, finished_keyed)
+    announce_end(prefix, finished, "finished", message_id)
     record_turn(turns, turn_json, turns_limit, turn_index, member)
     drop_lease(prefix, member, leased)
     make_ready(prefix, member, ready)
