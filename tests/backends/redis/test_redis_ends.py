@@ -44,7 +44,7 @@ async def parked(backend: RedisBackend, message_id: str) -> asyncio.Task[Message
 def subscriber_address(backend: RedisBackend) -> str:
     pubsub = backend.broker._end_subscriber._pubsub
     assert pubsub is not None and pubsub.connection is not None
-    host, port = pubsub.connection._writer.get_extra_info("sockname")[:2]  # type: ignore[union-attr]
+    host, port = pubsub.connection._writer.get_extra_info("sockname")[:2]
     return f"{host}:{port}"
 
 
@@ -60,7 +60,7 @@ async def test_the_ending_scripts_publish_the_message_id_on_the_apps_channel(
         failed = await send(other, ref("b"))
         await other.fail_turn(failure_of(await claim_one(other)))
         assert await other.resolve_dead_letter(ref("b"), skip=True) == failed
-        heard = []
+        heard: list[str] = []
         deadline = time.monotonic() + 5
         while len(heard) < 3 and time.monotonic() < deadline:
             message = await listening.get_message(ignore_subscribe_messages=True, timeout=0.5)
@@ -75,14 +75,14 @@ async def test_the_ending_scripts_publish_the_message_id_on_the_apps_channel(
 async def test_many_waits_share_one_pubsub_connection(backend: RedisBackend, other: RedisBackend) -> None:
     sent = [await send(other, ref(f"i{n}")) for n in range(100)]
     waits = [asyncio.create_task(backend.wait_for_end(APP, message_id, timeout_s=30)) for message_id in sent]
-    await parked(backend, await send(other, ref("last")))
+    last = await parked(backend, await send(other, ref("last")))
     clients = await backend.store.connection.client.client_list(_type="pubsub")
     address = subscriber_address(backend)
     assert [c["addr"] for c in clients if c["addr"] == address] == [address]
     assert int(next(c for c in clients if c["addr"] == address)["sub"]) == 1  # one channel: the app's
     claims = await other.claim(APP, ["loan"], worker="w1", lease_s=30, limit=200)
     await asyncio.gather(*(other.commit_turn(commit_of(claim)) for claim in claims))
-    infos = await asyncio.wait_for(asyncio.gather(*waits), 10)
+    infos = await asyncio.wait_for(asyncio.gather(*waits, last), 10)
     assert {info.status for info in infos if info is not None} == {MessageStatus.done}
 
 
