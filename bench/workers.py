@@ -27,7 +27,8 @@ def start_workers(
 
     ``only`` limits them to those workflows and handlers (``keel worker --only``).
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # This checkout's keel first, then its bench: a worktree measures its own code, not the installed package's.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT / "src"), str(ROOT)))}
     command = [
         sys.executable,
         "-m",
