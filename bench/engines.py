@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import subprocess
 import tempfile
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 
 #: The servers the benchmark uses; only loopback addresses.
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-REDIS_URL = "redis://127.0.0.1:6379/14"
+#: A DB the benchmark flushes before and after (``KEEL_BENCH_REDIS_URL`` picks another, for runs side by side).
+REDIS_URL = os.environ.get("KEEL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 
 def create_schema(url: str) -> None:

@@ -3,7 +3,8 @@
 For each engine: the raw engine commit rate (the raw-driver compare-and-swap loop of ``store_update``, one
 process) as the baseline; then turns/s with 1 and 2 worker processes over many instances, every message sent
 at once and timed from the first send to the last commit; then, with one idle worker, the latency from
-``send`` to the turn's commit (taken from the turn record, so the client's polling does not blur it).
+``send`` to the turn's commit (taken from the turn record, so the client's wake-up does not blur it), and from
+``send`` to ``client.wait`` returning.
 
 Run: ``python -m bench.turns [--engines sqlite,postgres,redis] [--instances 200] [--turns 5]``.
 """
@@ -39,22 +40,25 @@ async def throughput(url: str, tag: str, instances: int, turns: int) -> float:
         return instances * turns / (time.perf_counter() - started)
 
 
-async def latencies(url: str, samples: int) -> list[float]:
+async def latencies(url: str, samples: int) -> tuple[list[float], list[float]]:
+    """Send→commit (from the turn record) and send→``wait()`` returned, in ms, for ``samples`` messages one by one."""
     backend = await open_backend(url, StoreOptions())
-    result = []
+    committed, waited = [], []
     try:
         async with app.client(url=url) as client:
             for n in range(samples):
                 sent_at = datetime.now(UTC)
                 message_id = await client.send("tick", "latency", Tick(n=n))
                 await client.wait("tick", "latency", message_id, timeout_s=30)
+                returned_at = datetime.now(UTC)
                 [turn] = await backend.turns(InstanceRef(app.name, "tick", "latency"), limit=1)
                 committed_at = turn.started_at + timedelta(seconds=turn.duration_s)
-                result.append((committed_at - sent_at).total_seconds() * 1000)
+                committed.append((committed_at - sent_at).total_seconds() * 1000)
+                waited.append((returned_at - sent_at).total_seconds() * 1000)
                 await asyncio.sleep(0.05)  # idle between messages
     finally:
         await backend.aclose()
-    return result
+    return committed, waited
 
 
 def run_engine(engine: str, args: argparse.Namespace) -> dict[str, object]:
@@ -71,12 +75,13 @@ def run_engine(engine: str, args: argparse.Namespace) -> dict[str, object]:
             row[f"ratio_{count}w"] = round(rate / raw, 3)
         workers = start_workers("bench.turns_app:app", url, 1)
         try:
-            sample = asyncio.run(latencies(url, args.samples))
+            sample, waited = asyncio.run(latencies(url, args.samples))
         finally:
             stop_workers(workers)
-        quantiles = statistics.quantiles(sample, n=100)
         row["latency_p50_ms"] = round(statistics.median(sample), 1)
-        row["latency_p99_ms"] = round(quantiles[98], 1)
+        row["latency_p99_ms"] = round(statistics.quantiles(sample, n=100)[98], 1)
+        row["wait_p50_ms"] = round(statistics.median(waited), 1)
+        row["wait_p99_ms"] = round(statistics.quantiles(waited, n=100)[98], 1)
     return row
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from keel.backends import open_backend
 from keel.backends.base import InstanceRef, StoreOptions
@@ -33,7 +33,7 @@ from keel.records import (
 from keel.types import Versioned
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable
+    from collections.abc import Iterable
 
     from pydantic import BaseModel
 
@@ -45,11 +45,6 @@ if TYPE_CHECKING:
     from keel.records import Target
 
 logger = logging.getLogger(__name__)
-
-#: The longest pause between two looks at a message's status in ``wait()``.
-WAIT_POLL_MAX_S = 0.1
-
-T = TypeVar("T")
 
 
 class Client:
@@ -221,29 +216,40 @@ class Client:
     async def wait_event(self, event_id: str, *, timeout_s: float) -> None:
         """Wait until every delivery of event ``event_id`` has succeeded.
 
+        Like ``wait()``, it wakes on the backend's own announcement of each delivery's end, not by polling.
+
         Raises:
             MessageNotFoundError: No delivery of this event to a handler this app registers exists (unknown
                 event, one without handlers, or one whose deliveries were pruned).
-            TurnFailedError: A delivery was dead-lettered (its traceback in the error), or skipped after that.
+            TurnFailedError: A delivery was dead-lettered (its traceback in the error), or skipped after that; raised
+                as soon as that delivery ends, whatever the others are doing.
             WaitTimeoutError: Not all done within ``timeout_s``; the deliveries stay queued.
             BackendUnavailable: The backend cannot be reached.
         """
         backend = self._open()
-
-        async def all_done() -> bool | None:
-            infos = [
-                (spec.name, info)
-                for spec in self.app.handlers.values()
-                if (info := await backend.message(self.app.name, delivery_message_id(event_id, spec.name))) is not None
-            ]
-            if not infos:
-                raise MessageNotFoundError(self.app.name, event_id)
-            for handler, info in infos:
-                _raise_if_dead(info, f"handler {handler} on event {event_id}")
-            return True if all(info.status is MessageStatus.done for _, info in infos) else None
-
-        url = backend.url
-        await _poll(all_done, timeout_s, lambda: WaitTimeoutError(f"event {event_id}", event_id, timeout_s, url=url))
+        app, ids = self.app.name, {name: delivery_message_id(event_id, name) for name in self.app.handlers}
+        waits = {
+            asyncio.ensure_future(backend.wait_for_end(app, message_id, timeout_s=timeout_s)): name
+            for name, message_id in ids.items()
+        }
+        ended: list[MessageInfo] = []
+        try:
+            waiting = set(waits)
+            while waiting:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for wait in done:
+                    if (info := wait.result()) is not None:
+                        # At once, whatever the other deliveries are doing: the event can no longer succeed.
+                        _raise_if_dead(info, f"handler {waits[wait]} on event {event_id}")
+                        ended.append(info)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        if not ended:
+            raise MessageNotFoundError(self.app.name, event_id)
+        if any(info.status is not MessageStatus.done for info in ended):
+            raise WaitTimeoutError(f"event {event_id}", event_id, timeout_s, url=backend.url)
 
     async def _event_info(self, backend: Reader, row: EventRow) -> EventInfo:
         deliveries = []
@@ -284,6 +290,10 @@ class Client:
     async def wait(self, workflow: str, workflow_id: str, message_id: str, *, timeout_s: float) -> int:
         """Wait until the turn that runs ``message_id`` has committed.
 
+        It does not poll: the backend announces each message's end (commit, dead letter, skip) as part of the write
+        that makes it, from whichever process, and the wait wakes on that (``Reader.wait_for_end``). Any number of
+        concurrent waits on one client share one listener and hold no pooled connection while they wait.
+
         Returns:
             The state version that turn committed.
 
@@ -298,19 +308,21 @@ class Client:
         self.app.spec(workflow)
         ref = InstanceRef(self.app.name, workflow, workflow_id)
         where = f"{workflow}/{workflow_id}"
-
-        async def committed() -> int | None:
-            info = await self._open().message(self.app.name, message_id)
-            if info is None:
-                raise MessageNotFoundError(self.app.name, message_id)
-            if info.instance != ref:
-                sent_to = str(parse_target(info.instance.workflow, info.instance.workflow_id))
-                raise MessageNotFoundError(self.app.name, message_id, expected=where, sent_to=sent_to)
-            _raise_if_dead(info, where)
-            return info.state_version if info.status is MessageStatus.done else None
-
-        url = self._open().url
-        return await _poll(committed, timeout_s, lambda: WaitTimeoutError(where, message_id, timeout_s, url=url))
+        backend = self._open()
+        # One read first: a message of another instance is refused at once, and one already ended returns.
+        info = await backend.message(self.app.name, message_id)
+        if info is not None and info.instance == ref and info.status is MessageStatus.pending:
+            info = await backend.wait_for_end(self.app.name, message_id, timeout_s=timeout_s)
+        if info is None:
+            raise MessageNotFoundError(self.app.name, message_id)
+        if info.instance != ref:
+            sent_to = str(parse_target(info.instance.workflow, info.instance.workflow_id))
+            raise MessageNotFoundError(self.app.name, message_id, expected=where, sent_to=sent_to)
+        _raise_if_dead(info, where)
+        if info.status is not MessageStatus.done:
+            raise WaitTimeoutError(where, message_id, timeout_s, url=backend.url)
+        assert info.state_version is not None  # a done message records the version its turn committed
+        return info.state_version
 
     async def turns(
         self, workflow: str | Target, workflow_id: str | None = None, *, limit: int = 100
@@ -451,24 +463,6 @@ class Client:
         if self._backend is None:
             raise ConfigurationError("the client is not open: use it inside `async with app.client() as client:`")
         return self._backend
-
-
-async def _poll(check: Callable[[], Awaitable[T | None]], timeout_s: float, timed_out: Callable[[], Exception]) -> T:
-    """Call ``check`` until it returns something other than None, pausing longer each time (up to 0.1 s).
-
-    Raises:
-        Exception: ``timed_out()`` once ``timeout_s`` has passed.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    pause_s = 0.005
-    while (result := await check()) is None:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise timed_out()
-        await asyncio.sleep(min(pause_s, remaining))
-        pause_s = min(pause_s * 2, WAIT_POLL_MAX_S)
-    return result
 
 
 def _raise_if_dead(info: MessageInfo, where: str) -> None:

@@ -504,6 +504,26 @@ class Reader(Protocol):
         """
         ...
 
+    async def wait_for_end(self, app: str, message_id: str, /, *, timeout_s: float) -> MessageInfo | None:
+        """Return the message's status as soon as it has ended (done, failed or skipped), or at ``timeout_s``.
+
+        The engine announces each end as part of the write that makes it (``commit_turn``, ``fail_turn``,
+        ``resolve_dead_letter`` with ``skip``), whichever process makes it, and the wait wakes on that announcement
+        instead of polling. Nothing is missed: an end committed before the wait began returns at once, and one
+        committed during the wait wakes it promptly, even if the engine's listener reconnected in between (every
+        wait reads the status again after a reconnect); an announcement that may be lost (a datagram) is made up for
+        by reading the status again now and then (at most about a second apart on such engines). Any number of
+        concurrent waits share the backend's one listener and hold no pooled connection while parked.
+
+        Returns:
+            The status read last: final (not pending) when the message ended; pending at the timeout; None if no
+            such message was sent to ``app`` (or it was pruned, or deleted with its instance; then soon after).
+
+        Raises:
+            BackendUnavailable: The engine cannot be reached, or the backend is closed (parked waits too).
+        """
+        ...
+
     async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
         """Return the instance's committed state, or None before its first committed turn.
 

@@ -31,10 +31,14 @@ if TYPE_CHECKING:
         TurnFailure,
         TurnRecordRow,
     )
+    from keel.backends.ends import EndWaiters
 
 
 class EngineBroker(Broker, Protocol):
-    """An engine's broker: the roles, plus closing what is its own (its wake transport)."""
+    """An engine's broker: the roles, plus closing what is its own (its wake transports)."""
+
+    #: The waits for messages to end (``wait_for_end``), for engine tests and diagnostics.
+    ends: EndWaiters
 
     async def aclose(self) -> None:
         """Release what the broker holds of its own. Safe to call twice."""
@@ -123,6 +127,10 @@ class ComposedBackend(Generic[StoreT, BrokerT]):
     async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
         """See ``base.Reader.message``."""
         return await self.broker.message(app, message_id)
+
+    async def wait_for_end(self, app: str, message_id: str, /, *, timeout_s: float) -> MessageInfo | None:
+        """See ``base.Reader.wait_for_end``."""
+        return await self.broker.wait_for_end(app, message_id, timeout_s=timeout_s)
 
     async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
         """See ``base.Reader.state``."""

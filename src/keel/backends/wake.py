@@ -91,7 +91,7 @@ class WakeGate:
         self._heard.setdefault(app, {})[workflow or _ANY] = self._epoch
         for waiter, workflows in self._waiters.get(app, {}).items():
             if workflows is None or not workflow or workflow in workflows:
-                _settle(waiter, None)
+                settle(waiter, None)
 
     def announce(self, app: str) -> None:
         """Wake this gate and its neighbours' for ``app``: a write of this process made work visible."""
@@ -107,7 +107,7 @@ class WakeGate:
         """End every parked wait with ``exc``."""
         for waiters in self._waiters.values():
             for waiter in waiters:
-                _settle(waiter, exc)
+                settle(waiter, exc)
 
     def close(self) -> None:
         """Refuse new waits and let the parked ones return. Safe to call twice."""
@@ -187,13 +187,13 @@ class WakeGate:
         self._since[app] = (workflows, self._epoch)
 
 
-def _settle(waiter: asyncio.Future[None], exc: BaseException | None) -> None:
-    """Resolve ``waiter`` from any thread: a neighbour's gate may live on another event loop."""
+def settle(waiter: asyncio.Future[None], exc: BaseException | None) -> None:
+    """Resolve ``waiter`` (an exception: raise it there) from any thread: a neighbour may live on another event loop."""
     loop = waiter.get_loop()
     if loop.is_closed():
         return
 
-    def settle() -> None:
+    def resolve() -> None:
         if waiter.done():
             return
         if exc is None:
@@ -206,7 +206,7 @@ def _settle(waiter: asyncio.Future[None], exc: BaseException | None) -> None:
     except RuntimeError:
         running = None
     if running is loop:
-        settle()
+        resolve()
     else:
         with contextlib.suppress(RuntimeError):  # closed meanwhile: nobody waits any more
-            loop.call_soon_threadsafe(settle)
+            loop.call_soon_threadsafe(resolve)

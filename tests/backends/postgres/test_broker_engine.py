@@ -195,9 +195,9 @@ def test_the_broker_sql_holds_every_statement_it_runs() -> None:
     expected = {"lock_inboxes", "append", "lock_ready", "lease", "renew", "lock_instance", "commit_turn"}
     expected |= {"fail_turn", "release", "message", "state", "turns", "has_work", "listen"}
     expected |= {"record_step", "retry_turn", "dead_letters", "resolve_dead_letter", "prune", "delete_instance"}
-    expected |= {"log_events", "logged_event", "events"}
+    expected |= {"log_events", "logged_event", "events", "mark_waited", "async_commit"}
     assert expected <= set(BROKER_QUERIES)
-    assert pg_store.SCHEMA_VERSION == 6
+    assert pg_store.SCHEMA_VERSION == 7
 
 
 async def test_state_history_keeps_the_last_versions(backend: PostgresBackend, postgres_url: str) -> None:

@@ -64,6 +64,13 @@ How each operation stays atomic and fenced:
   done or skipped messages are deleted, which nothing ever changes again, and rows another pruner holds are
   skipped. A handler delivery's instance goes with its last message, whole and without a tombstone.
 - ``renew``, ``release``: one fenced statement each; ``renew`` locks its rows in lock order before it writes.
+- ``wait_for_end``: each read of the status is one statement that also marks the message as waited for
+  (``keel_messages.waited``), in a transaction committed without waiting for the disk (the mark is not data: a
+  crash loses it with the listener's connection, and every wait marks again after the reconnect). The commit, dead
+  letter or skip that ends a marked message NOTIFYs its app's end channel in its own transaction; unmarked ones
+  notify nobody, because a NOTIFY makes a commit hold a database-wide lock until it has committed, which would line
+  up every commit behind the one before. Marking and ending both update the message's row, so one waits for the
+  other: either the end sees the mark (and notifies), or the mark's statement returns the ended row.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ from typing import TYPE_CHECKING, Any
 
 from keel.backends.base import InstanceKind, InstanceRef, Pruned, StepRecord, TurnCommit, TurnOutcome
 from keel.backends.batch import Batcher
+from keel.backends.ends import EndWaiters
 from keel.backends.postgres.connection import fetch_one
 from keel.backends.postgres.rows import claim as claim_from_row
 from keel.backends.postgres.rows import dead_letter, event_row, message_info, stored_record, turn_record
@@ -81,6 +89,7 @@ from keel.backends.postgres.transactions import (
     BROKER_QUERIES,
     channel_for,
     commit_in,
+    end_channel_for,
     fail_in,
     group_in,
     instance_params,
@@ -116,6 +125,11 @@ if TYPE_CHECKING:
 #: How many messages, turn records and events one statement of ``prune`` deletes at most; it repeats until done.
 PRUNE_BATCH = 1000
 
+#: How often a wait for a message's end reads its status again when no NOTIFY came. NOTIFY is not lost while the
+#: listener is connected, and each reconnect makes every wait read again, so this is only a net for what nothing
+#: announces: a commit by a process of an older keel, or a listener that cannot connect while the pool can.
+END_RECHECK_S = 5.0
+
 #: How many times ``publish`` looks again for the event in its way when that event is pruned meanwhile.
 _PUBLISH_ATTEMPTS = 3
 
@@ -127,7 +141,8 @@ class PostgresBroker:
         self._connection = connection
         self._schema = schema
         self._gate = WakeGate(connection.url)
-        self.listener = PostgresListener(connection, schema, self._gate)
+        self.ends = EndWaiters(connection.url, recheck_s=END_RECHECK_S)
+        self.listener = PostgresListener(connection, schema, self._gate, self.ends)
         #: Commits without sends or events and step records, written together when they wait at the same time.
         self._grouped: Batcher[TurnCommit | StepRecord, int] = Batcher(self._write_group)
 
@@ -266,7 +281,7 @@ class PostgresBroker:
         """
         try:
             async with self._transaction() as conn:
-                fenced = await group_in(conn, writes)
+                fenced = await group_in(conn, self._schema, writes)
         except (BackendUnavailable, asyncio.CancelledError):
             raise
         except Exception:
@@ -291,7 +306,7 @@ class PostgresBroker:
             BackendUnavailable: The server cannot be reached.
         """
         async with self._transaction() as conn:
-            written = await fail_in(conn, failure)
+            written = await fail_in(conn, self._schema, failure)
         await written.row()
 
     async def release(self, claim: Claim, /) -> None:
@@ -345,7 +360,12 @@ class PostgresBroker:
         Raises:
             BackendUnavailable: The server cannot be reached; the instance may or may not have been resolved.
         """
-        params = {**instance_params(instance), "skip": skip, "channel": channel_for(self._schema, instance.app)}
+        params = {
+            **instance_params(instance),
+            "skip": skip,
+            "channel": channel_for(self._schema, instance.app),
+            "end_channel": end_channel_for(self._schema, instance.app),
+        }
         async with self._transaction() as conn:
             if await fetch_one(conn, BROKER_QUERIES["lock_instance"], params) is None:
                 return None
@@ -356,6 +376,28 @@ class PostgresBroker:
         """Return a message's status, or None if no such message was sent to ``app``."""
         async with self._connection.connection() as conn:
             row = await fetch_one(conn, BROKER_QUERIES["message"], {"app": app, "message_id": message_id})
+        return None if row is None else message_info(app, message_id, row)
+
+    async def wait_for_end(self, app: str, message_id: str, /, *, timeout_s: float) -> MessageInfo | None:
+        """Return the message's status once it has ended, or at ``timeout_s`` (see ``base.Reader.wait_for_end``).
+
+        Each read marks the message as waited for (``mark_waited``), so that the write that ends it NOTIFYs its app's
+        end channel, which the listener connection LISTENs on; no pooled connection is held while parked.
+        """
+        return await self.ends.wait(
+            app,
+            message_id,
+            timeout_s=timeout_s,
+            listen=lambda: self.listener.watch_ends(app),
+            check=lambda: self._mark_waited(app, message_id),
+        )
+
+    async def _mark_waited(self, app: str, message_id: str) -> MessageInfo | None:
+        """Mark the message as waited for and read its status, in one round trip."""
+        async with self._transaction() as conn:
+            await conn.execute(BROKER_QUERIES["async_commit"])
+            marked = await conn.execute(BROKER_QUERIES["mark_waited"], {"app": app, "message_id": message_id})
+        row = await marked.fetchone()  # came back with the COMMIT
         return None if row is None else message_info(app, message_id, row)
 
     async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
@@ -382,6 +424,7 @@ class PostgresBroker:
     async def aclose(self) -> None:
         """Let the waiters go and close the listener connection (the pool is the store's). Safe to call twice."""
         self._gate.close()
+        self.ends.close()
         await self.listener.aclose()
 
     async def prune(self, app: str, /, *, finished_before: datetime, keys_before: datetime) -> Pruned:

@@ -1,5 +1,5 @@
 -- The statements of the PostgreSQL broker, loaded by keel.backends._sql; the tables are in schema.sql (runtime_v1 to
--- runtime_v5).
+-- runtime_v6).
 --
 -- Writes that must see every message committed before them run in one transaction of two statements: the first
 -- locks the instance rows, the second (a fresh snapshot under read committed, taken once the locks are held) reads
@@ -201,10 +201,12 @@ WITH new AS (
      WHERE h.app = %(app)s AND h.workflow = %(workflow)s AND h.workflow_id = %(workflow_id)s
        AND up.written AND h.version <= up.state_version - %(history_limit)s
 ), done AS (
+    -- RETURNING shows the row as updated: if a client marked it waited meanwhile, this waited for that mark.
     UPDATE keel_messages AS m
        SET status = 'done', state_version = up.state_version, finished_at = up.now
       FROM up
      WHERE m.app = %(app)s AND m.message_id = %(message_id)s
+    RETURNING m.waited
 ), recorded AS (
     INSERT INTO keel_turns (app, workflow, workflow_id, message_id, worker, attempt, fencing_token, version_read,
                             version_written, started_at, duration_s, outcome)
@@ -212,7 +214,8 @@ WITH new AS (
            %(version_read)s, up.state_version, %(started_at)s, %(duration_s)s, %(outcome)s
       FROM up
 )
-SELECT state_version FROM up
+-- Delivered at commit, to the clients waiting for this message's end (see runtime_v6 for why only to them).
+SELECT state_version, (SELECT pg_notify(%(end_channel)s, %(message_id)s) FROM done WHERE done.waited) FROM up
 
 -- fail_turn --
 -- Fenced: message failed with its error, instance paused on it, turn recorded, lease released; no row if stale.
@@ -229,6 +232,7 @@ WITH up AS (
        SET status = 'failed', error = %(error)s, finished_at = clock_timestamp()
       FROM up
      WHERE m.app = %(app)s AND m.message_id = %(message_id)s
+    RETURNING m.waited
 ), recorded AS (
     INSERT INTO keel_turns (app, workflow, workflow_id, message_id, worker, attempt, fencing_token, version_read,
                             version_written, started_at, duration_s, outcome, error)
@@ -236,7 +240,8 @@ WITH up AS (
            %(version_read)s, NULL, %(started_at)s, %(duration_s)s, %(outcome)s, %(error)s
       FROM up
 )
-SELECT state_version FROM up
+-- Delivered at commit, to the clients waiting for this message's end, as commit_turn's.
+SELECT state_version, (SELECT pg_notify(%(end_channel)s, %(message_id)s) FROM failed WHERE failed.waited) FROM up
 
 -- release --
 -- Clear the lease if it is still held under the given token; nothing otherwise (a retry's hold stays).
@@ -306,6 +311,7 @@ WITH dead AS (
            finished_at = CASE WHEN %(skip)s THEN m.finished_at END
       FROM dead
      WHERE m.seq = dead.seq
+    RETURNING m.message_id, m.waited
 ), resumed AS (
     UPDATE keel_instances AS i
        SET paused = false,
@@ -318,8 +324,26 @@ WITH dead AS (
       FROM dead
      WHERE i.app = %(app)s AND i.workflow = %(workflow)s AND i.workflow_id = %(workflow_id)s
 )
--- Delivered at commit: the instance may be claimable again, so idle workers should look.
-SELECT message_id, pg_notify(%(channel)s, %(workflow)s) FROM dead
+-- Delivered at commit: the instance may be claimable again, so idle workers should look; a skipped message has ended,
+-- so the clients waiting for it should look too.
+SELECT message_id, pg_notify(%(channel)s, %(workflow)s),
+       (SELECT pg_notify(%(end_channel)s, resolved.message_id) FROM resolved WHERE %(skip)s AND resolved.waited)
+  FROM dead
+
+-- mark_waited --
+-- Mark a message as waited for, so that the write that ends it notifies; its instance and status as message reads them.
+-- An end in progress holds the row: this waits for it to commit, then returns the row as that commit left it. Whatever
+-- commits after this has the mark. (A dead tuple per wait; the mark is never cleared: an ended message never ends
+-- again, and a dead letter retried and waited for anew is marked already.)
+UPDATE keel_messages
+   SET waited = true
+ WHERE app = %(app)s AND message_id = %(message_id)s
+RETURNING workflow, workflow_id, status, state_version, error
+
+-- async_commit --
+-- Commit the transaction without waiting for its WAL to reach the disk: for mark_waited, whose mark a crash may lose
+-- at no cost (the waiters' LISTEN connection breaks with the server, and every waiter marks and reads again).
+SET LOCAL synchronous_commit TO off
 
 -- message --
 -- A message's instance and status.

@@ -266,3 +266,10 @@ ALTER TABLE keel_instances
 -- instances as workflows (the default): prune keeps such a delivery's row, as that code kept every one, which costs a
 -- row and loses nothing.
 UPDATE keel_instances SET kind = 'delivery' WHERE starts_with(workflow, 'on/');
+
+-- runtime_v6 --
+-- Whether a client waits for the message to end (client.wait): the commit, dead letter or skip that ends it then
+-- NOTIFYs, in its own transaction. Only those notify, because a commit with a NOTIFY takes a lock of the whole
+-- database until it has committed, which would make every commit wait for the one before. A constant default is
+-- stored in the catalogue only: adding the column rewrites nothing.
+ALTER TABLE keel_messages ADD COLUMN waited boolean NOT NULL DEFAULT false;

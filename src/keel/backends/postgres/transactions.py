@@ -74,6 +74,16 @@ def channel_for(schema: str, app: str) -> str:
     return f"keel_{readable}_{digest}"
 
 
+def end_channel_for(schema: str, app: str) -> str:
+    """Return the NOTIFY channel of the ends of ``app``'s messages in ``schema`` (``wait_for_end``).
+
+    Apart from the work channel, so that workers never hear of ends, nor waiting clients of work.
+    """
+    readable = _UNSAFE.sub("_", app.lower())[:_READABLE_CHARS]
+    digest = hashlib.blake2b(f"{schema}\0{app}\0ends".encode(), digest_size=8).hexdigest()
+    return f"keel_ends_{readable}_{digest}"
+
+
 async def send_in(
     conn: _Connection, schema: str, messages: Sequence[NewMessage], *, returning: bool = True
 ) -> list[str]:
@@ -113,7 +123,7 @@ async def commit_in(conn: _Connection, schema: str, commit: TurnCommit) -> Fence
         LeaseLostError: The claim is stale; the caller's transaction must roll back (nothing of this was written).
     """
     claim = commit.claim
-    params = commit_params(commit)
+    params = commit_params(commit, schema)
     own = _order(claim.instance)
     await _lock_inboxes(conn, (m for m in commit.sends if _order(m.instance) < own))
     written = await queue_fenced(conn, claim, BROKER_QUERIES["commit_turn"], params)
@@ -126,10 +136,14 @@ async def commit_in(conn: _Connection, schema: str, commit: TurnCommit) -> Fence
     return written
 
 
-async def fail_in(conn: _Connection, failure: TurnFailure) -> Fenced:
+async def fail_in(conn: _Connection, schema: str, failure: TurnFailure) -> Fenced:
     """Queue one failed turn's record, to be read after the caller's COMMIT (see ``queue_fenced``)."""
     claim = failure.claim
-    params = {**turn_params(failure, TurnOutcome.failed), "error": failure.error}
+    params = {
+        **turn_params(failure, TurnOutcome.failed),
+        "error": failure.error,
+        "end_channel": end_channel_for(schema, claim.instance.app),
+    }
     return await queue_fenced(conn, claim, BROKER_QUERIES["fail_turn"], params)
 
 
@@ -172,7 +186,7 @@ async def queue_fenced(conn: _Connection, claim: Claim, query: LiteralString, pa
     return Fenced(claim, locked.fetchone, await conn.execute(query, params))
 
 
-async def group_in(conn: _Connection, writes: Sequence[TurnCommit | StepRecord]) -> list[Fenced]:
+async def group_in(conn: _Connection, schema: str, writes: Sequence[TurnCommit | StepRecord]) -> list[Fenced]:
     """Queue several fenced writes of different instances in one transaction (group commit), each fenced on its own.
 
     Only writes of one statement each: commits that neither send nor emit, and step records. One statement locks
@@ -197,13 +211,13 @@ async def group_in(conn: _Connection, writes: Sequence[TurnCommit | StepRecord])
 
     fenced = []
     for write in writes:
-        query, write_params = _fenced_statement(write)
+        query, write_params = _fenced_statement(write, schema)
         ref = write.claim.instance
         fenced.append(Fenced(write.claim, functools.partial(held_by, ref), await conn.execute(query, write_params)))
     return fenced
 
 
-def _fenced_statement(write: TurnCommit | StepRecord) -> tuple[LiteralString, dict[str, Any]]:
+def _fenced_statement(write: TurnCommit | StepRecord, schema: str) -> tuple[LiteralString, dict[str, Any]]:
     """The one statement of a commit without sends or events, or of a step record, and its parameters."""
     if isinstance(write, StepRecord):
         claim = write.claim
@@ -216,15 +230,16 @@ def _fenced_statement(write: TurnCommit | StepRecord) -> tuple[LiteralString, di
             "worker": write.worker,
             "duration_s": write.duration_s,
         }
-    return BROKER_QUERIES["commit_turn"], commit_params(write)
+    return BROKER_QUERIES["commit_turn"], commit_params(write, schema)
 
 
-def commit_params(commit: TurnCommit) -> dict[str, Any]:
-    """The parameters of the ``commit_turn`` statement."""
+def commit_params(commit: TurnCommit, schema: str) -> dict[str, Any]:
+    """The parameters of the ``commit_turn`` statement (in ``schema``, whose end channel it notifies if waited)."""
     return {
         **turn_params(commit, TurnOutcome.committed),
         "state": commit.state_json,
         "history_limit": STATE_HISTORY_LIMIT,
+        "end_channel": end_channel_for(schema, commit.claim.instance.app),
     }
 
 

@@ -27,6 +27,13 @@ How it works:
   ``SUBSCRIBE_POLL_S``, between which it LISTENs on the channels new waiters asked for.
 - Pool connections are never held while waiting. Connection failures become ``BackendUnavailable`` through the
   engine's error boundary (``connection.py``); a waiter that needs a connection that cannot be opened gets that error.
+
+The same connection hears of the ends of messages (``wait_for_end``, the backend's ``EndWaiters``), on a second
+channel per app (``end_channel_for``) whose payload is the message id: workers never LISTEN on it. A wait marks its
+message (``mark_waited``), and the commit, dead letter or skip that ends a marked message NOTIFYs in its own
+transaction. Each LISTEN on an end channel, on a new connection or again after a reconnect, is followed by every
+wait for that app reading its status again (``EndWaiters.recheck``): an end committed before the LISTEN took effect
+notified no one here, and is found by that read.
 """
 
 from __future__ import annotations
@@ -39,12 +46,13 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import sql
 
-from keel.backends.postgres.transactions import BROKER_QUERIES, channel_for
+from keel.backends.postgres.transactions import BROKER_QUERIES, channel_for, end_channel_for
 from keel.errors import BackendUnavailable
 
 if TYPE_CHECKING:
     from psycopg.rows import TupleRow
 
+    from keel.backends.ends import EndWaiters
     from keel.backends.postgres.connection import PostgresConnection
     from keel.backends.wake import WakeGate
 
@@ -57,12 +65,14 @@ SUBSCRIBE_POLL_S = 0.1
 class PostgresListener:
     """One LISTEN connection shared by every waiter of one backend, telling its gate what it hears."""
 
-    def __init__(self, connection: PostgresConnection, schema: str, gate: WakeGate) -> None:
+    def __init__(self, connection: PostgresConnection, schema: str, gate: WakeGate, ends: EndWaiters) -> None:
         self._pool = connection
         self._schema = schema
         self._gate = gate
+        self._ends = ends
         self._conninfo = connection.settings.conninfo
         self._apps: dict[str, str] = {}  # channel -> app, of every app waited for
+        self._end_apps: dict[str, str] = {}  # end channel -> app, of every app whose messages' ends were waited for
         self._listening: set[str] = set()  # channels LISTENed on the current connection
         self._conn: psycopg.AsyncConnection[TupleRow] | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -77,6 +87,16 @@ class PostgresListener:
         if self._closed:
             return
         self._apps[self.channel(app)] = app
+        self._start()
+
+    def watch_ends(self, app: str) -> None:
+        """Hear of the ends of ``app``'s messages from now on: LISTEN on its end channel, starting the pump if idle."""
+        if self._closed:
+            return
+        self._end_apps.setdefault(end_channel_for(self._schema, app), app)
+        self._start()
+
+    def _start(self) -> None:
         if self._pump is None or self._pump.done():
             self._pump = asyncio.create_task(self._run(), name="keel-postgres-listener")
 
@@ -99,11 +119,12 @@ class PostgresListener:
 
         After the connection is lost, reconnect at once if waiters remain, else end: the next waiter restarts it.
         """
-        while self._gate.waiting_apps() or self._conn is not None:
+        while self._gate.waiting_apps() or self._ends.apps() or self._conn is not None:
             try:
                 conn = await self._connect()
             except BackendUnavailable as exc:
                 self._gate.fail_all(exc)
+                self._ends.recheck()  # each read then fails too, or finds the end: the pool may still work
                 return
             try:
                 await self._serve(conn)
@@ -128,16 +149,24 @@ class PostgresListener:
                     self._heard(notify.channel, notify.payload)
 
     async def _subscribe(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
-        """LISTEN on channels with waiters not yet listened to, then wake those that already have work."""
+        """LISTEN on channels with waiters not yet listened to, then wake those that already have work (or ends)."""
         waited = {self.channel(app) for app in self._gate.waiting_apps()}
         for channel in [c for c in self._apps if c in waited and c not in self._listening]:
             async with self._pool.driver_errors():
-                await conn.execute(sql.SQL(BROKER_QUERIES["listen"]).format(channel=sql.Identifier(channel)))
-                self._listening.add(channel)
+                await self._listen(conn, channel)
                 cursor = await conn.execute(BROKER_QUERIES["has_work"], {"app": self._apps[channel]})
                 found = await cursor.fetchone()
             if found is not None and found[0]:
                 self._heard(channel)
+        ending = self._ends.apps()
+        for channel, app in [(c, a) for c, a in self._end_apps.items() if a in ending and c not in self._listening]:
+            async with self._pool.driver_errors():
+                await self._listen(conn, channel)
+            self._ends.recheck(app)  # ends committed before this LISTEN notified no one here
+
+    async def _listen(self, conn: psycopg.AsyncConnection[TupleRow], channel: str) -> None:
+        await conn.execute(sql.SQL(BROKER_QUERIES["listen"]).format(channel=sql.Identifier(channel)))
+        self._listening.add(channel)
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
@@ -147,7 +176,13 @@ class PostgresListener:
                 await conn.close()
 
     def _heard(self, channel: str, payload: str = "") -> None:
-        """Tell the gate of work on ``channel`` about ``payload`` (a workflow, or empty for any)."""
+        """Pass on what ``channel`` said: work about ``payload`` (a workflow, empty for any), or the end of a message.
+
+        On an end channel ``payload`` is the message id.
+        """
         app = self._apps.get(channel)
         if app is not None:
             self._gate.wake(app, payload or None)
+        ended_app = self._end_apps.get(channel)
+        if ended_app is not None:
+            self._ends.heard(ended_app, payload)

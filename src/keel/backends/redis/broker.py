@@ -41,6 +41,9 @@ Map of the design:
 - Waking: a send (by ``send``, ``publish`` or ``commit``) and ``resolve.lua`` append to the app's wake
   stream; ``wait_for_work`` waits on the backend's wake gate, fed by a pump blocking on that stream
   (``wake.py``). The end of a hold, or a timer coming due, wakes no one: idle workers see it at their next poll.
+- Ends: the commit, dead letter or skip that ends a message PUBLISHes its id on the app's ``ended:`` channel
+  from its script; ``wait_for_end`` waits on the backend's ``EndWaiters``, fed by one pub/sub connection
+  (``ends.py``), and reads the status again after every (re)subscription.
 - Errors: every call runs inside the connection's error boundary (``connection.py``), so driver errors become
   ``BackendUnavailable``.
 
@@ -70,7 +73,9 @@ from keel.backends.base import (
     TurnRecordRow,
 )
 from keel.backends.batch import Batcher
+from keel.backends.ends import EndWaiters
 from keel.backends.redis.cleanup import delete_call, prune_app
+from keel.backends.redis.ends import EndSubscriber
 from keel.backends.redis.keys import instance_member, parse_instance_member
 from keel.backends.redis.lua import runtime_script
 from keel.backends.redis.outbox import event_from_row, event_unit, outbox, send_unit
@@ -98,6 +103,11 @@ if TYPE_CHECKING:
 
 #: Turn records kept per instance, newest first; older ones are trimmed by the commit that pushes a new one.
 TURNS_LIMIT = 1000
+
+#: How often a wait for a message's end reads its status again when nothing was published. A subscriber hears
+#: every PUBLISH while connected, and each reconnect makes every wait read again, so this is only a net for what
+#: nothing announces (a commit by a process of an older keel).
+END_RECHECK_S = 5.0
 
 #: About how many entries an app's wake stream keeps (trimmed with ``MAXLEN ~``); waiters need only the last.
 WAKE_STREAM_MAXLEN = 100
@@ -140,6 +150,8 @@ class RedisBroker:
         self._boundary = connection.boundary
         self._gate = WakeGate(connection.url)
         self._waker = WakeStreams(waiting, connection.keys, connection.errors, self._gate)
+        self.ends = EndWaiters(connection.url, recheck_s=END_RECHECK_S)
+        self._end_subscriber = EndSubscriber(waiting, connection.keys, self.ends)
         scripts = {name: client.register_script(runtime_script(name)) for name in RUNTIME_SCRIPTS}
         self._scripts = scripts
         self._send, self._claim, self._renew = scripts["send.lua"], scripts["claim.lua"], scripts["renew.lua"]
@@ -426,6 +438,23 @@ class RedisBroker:
             error,
         )
 
+    async def wait_for_end(self, app: str, message_id: str, /, *, timeout_s: float) -> MessageInfo | None:
+        """Return the message's status once it has ended, or at ``timeout_s`` (see ``base.Reader.wait_for_end``).
+
+        The script that ends a message PUBLISHes its id on the app's ``ended:`` channel, which the backend's one
+        pub/sub connection subscribes to (``ends.py``); the reads go through the main pool, held only while reading.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached.
+        """
+        return await self.ends.wait(
+            app,
+            message_id,
+            timeout_s=timeout_s,
+            listen=lambda: self._end_subscriber.watch(app),
+            check=lambda: self.message(app, message_id),
+        )
+
     async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
         """Return the instance's committed state, or None before its first committed turn.
 
@@ -451,6 +480,8 @@ class RedisBroker:
     async def aclose(self) -> None:
         """Let the waiters go, stop the wake pumps and close the waiting pool (the main one is the store's)."""
         self._gate.close()
+        self.ends.close()
+        await self._end_subscriber.aclose()
         await self._waker.aclose()
 
     async def wait_for_work(self, app: str, /, *, timeout_s: float) -> None:

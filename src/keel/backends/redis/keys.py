@@ -48,6 +48,9 @@ and per app, under the tag ``{APP}`` (the app name encoded like a store key)::
     keel:tokfloor:{APP}        string  the highest fencing token of any deleted instance of the app
     keel:wake:{APP}            stream  one entry per send or resolved dead letter (capped), read with XREAD
                                        BLOCK by idle workers
+    keel:ended:{APP}           channel not a key: a pub/sub channel, published to with the message id by the
+                                       commit, dead letter or skip that ends a message; clients waiting for ends
+                                       subscribe to it
     keel:event:{APP}:ID        hash    one event of the app's log: q its sequence number (from seq:), y type,
                                        p payload JSON, h handlers as a JSON array, a published at, and when
                                        given: sa sw si the source instance's app, workflow and id, m the
@@ -213,6 +216,13 @@ class RedisKeys:
     def wake(self, app: str) -> str:
         """The stream that every send to ``app`` appends to, so that idle workers wake."""
         return f"{self.prefix}wake:{hash_tag(app)}"
+
+    def ended(self, app: str) -> str:
+        """The pub/sub channel (not a key) that announces the end of each of ``app``'s messages, for waiting clients.
+
+        The scripts name it themselves from a per-app key (``ended_channel`` in ``runtime_lib.lua``), exactly so.
+        """
+        return f"{self.prefix}ended:{hash_tag(app)}"
 
     def event(self, app: str, event_id: str) -> str:
         """The hash of one event of ``app``'s log."""

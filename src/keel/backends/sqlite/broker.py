@@ -41,6 +41,10 @@ How it works:
   processes (and connections) on the file (``wake``: a Unix datagram socket per waiting backend). Waiters also
   poll the app's newest seq every ``POLL_INTERVAL_S``, which finds a delayed message coming due (a next message
   whose visible time came after this object's last claim) and anything a lost wake-up would have announced.
+- Ends: a commit, a dead letter and a skipped dead letter wake the waits for that message's end
+  (``wait_for_end``) of every backend of this process on the file at once and, once committed, ring the ends
+  doorbells of the other processes waiting for one (``wake``); those waits read the status again every
+  ``END_RECHECK_S`` too, for a lost datagram.
 - Pruning runs in batches of ``PRUNE_BATCH`` rows, each its own short transaction, until nothing is left, so a
   big backlog never holds the write lock for long; one ``prune`` call still removes everything due. A handler
   delivery's instance goes whole with its message, row and all (no tombstone: its id is never reused).
@@ -58,6 +62,7 @@ import json
 from typing import TYPE_CHECKING
 
 from keel.backends.base import Pruned
+from keel.backends.ends import EndWaiters
 from keel.backends.sqlite import transactions as tx
 from keel.backends.sqlite.rows import (
     dead_letter,
@@ -97,6 +102,10 @@ if TYPE_CHECKING:
 #: thread (about 0.1 ms), so 20 ms costs an idle worker well under 1% of a core.
 POLL_INTERVAL_S = 0.02
 
+#: How often a wait for a message's end reads its status again although no datagram came: a datagram may be lost,
+#: or sent by an older keel that rings nothing for ends. One indexed read per wait.
+END_RECHECK_S = 1.0
+
 #: The most messages (and, separately, turn records) one pruning transaction deletes; ``prune`` repeats batches
 #: until one comes back short, letting other writers in between.
 PRUNE_BATCH = 500
@@ -109,7 +118,8 @@ class SqliteBroker:
         self.database = database
         # Backends of this process on the same file (or in-memory database) wake each other through their gates.
         self._gate = WakeGate(database.url, neighbours=database.url)
-        self._bell = SqliteWake(database, self._gate)
+        self.ends = EndWaiters(database.url, recheck_s=END_RECHECK_S, neighbours=database.url)
+        self._bell = SqliteWake(database, self._gate, self.ends)
 
     async def send(self, message: NewMessage, /) -> str:
         """Append ``message`` to its instance's inbox, or return the first id sent under its idempotency key.
@@ -201,12 +211,14 @@ class SqliteBroker:
             BackendUnavailable: The file cannot be written.
         """
         apps = {m.instance.app for m in commit.sends} | {e.app for e in commit.events}
+        ended = (commit.claim.instance.app, commit.claim.message_id)
         # commit_in runs inside the transaction, so it reads the clock after the write lock was taken.
         version = await self.database.write(
-            lambda conn: tx.commit_in(conn, commit), after_commit=self._bell.ring(*apps)
+            lambda conn: tx.commit_in(conn, commit), after_commit=self._bell.ring(*apps, ended=ended)
         )
         for app in apps:
             self._gate.announce(app)
+        self.ends.announce(ended[0], [ended[1]])
         return version
 
     async def fail_turn(self, failure: TurnFailure, /) -> None:
@@ -217,7 +229,9 @@ class SqliteBroker:
                 was written.
             BackendUnavailable: The file cannot be written.
         """
-        await self.database.write(lambda conn: tx.fail_in(conn, failure))
+        ended = (failure.claim.instance.app, failure.claim.message_id)
+        await self.database.write(lambda conn: tx.fail_in(conn, failure), after_commit=self._bell.ring(ended=ended))
+        self.ends.announce(ended[0], [ended[1]])
 
     async def release(self, claim: Claim, /) -> None:
         """Give back the lease if the claim's token is still current and the lease not released already.
@@ -270,10 +284,13 @@ class SqliteBroker:
             The dead message's id, or None (nothing changed) if the instance is unknown or not paused.
         """
         message_id = await self.database.write(
-            lambda conn: tx.resolve_in(conn, instance, skip=skip), after_commit=self._bell.ring_if_found(instance.app)
+            lambda conn: tx.resolve_in(conn, instance, skip=skip),
+            after_commit=self._bell.ring_if_found(instance.app, ends=skip),
         )
         if message_id is not None:
             self._gate.announce(instance.app)
+            if skip:
+                self.ends.announce(instance.app, [message_id])
         return message_id
 
     async def message(self, app: str, message_id: str, /) -> MessageInfo | None:
@@ -281,6 +298,22 @@ class SqliteBroker:
         params = {"app": app, "message_id": message_id}
         row = await self.database.run(lambda conn: conn.execute(QUERIES["message_info"], params).fetchone())
         return None if row is None else message_info(app, message_id, row)
+
+    async def wait_for_end(self, app: str, message_id: str, /, *, timeout_s: float) -> MessageInfo | None:
+        """Return the message's status once it has ended, or at ``timeout_s`` (see ``base.Reader.wait_for_end``).
+
+        A commit, dead letter or skip through a backend of this process on the same database wakes the wait at once
+        (``EndWaiters.announce``), one from another process by its datagram (``wake``); the status is read again
+        every ``END_RECHECK_S`` in case a datagram was lost.
+        """
+        loop = asyncio.get_running_loop()
+        return await self.ends.wait(
+            app,
+            message_id,
+            timeout_s=timeout_s,
+            listen=lambda: self._bell.listen_for_ends(loop),  # bound before the read: a later end rings it
+            check=lambda: self.message(app, message_id),
+        )
 
     async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
         """Return the instance's committed state, or None before its first committed turn."""
@@ -346,8 +379,9 @@ class SqliteBroker:
         return await self.database.write(lambda conn: tx.delete_in(conn, instance))
 
     async def aclose(self) -> None:
-        """Close the shared connection and its thread, and this backend's wake-up socket. Safe to call twice."""
+        """Close the shared connection and its thread, and this backend's wake-up sockets. Safe to call twice."""
         self._gate.close()
+        self.ends.close()
         try:
             await self.database.aclose()
         finally:

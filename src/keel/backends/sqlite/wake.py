@@ -18,6 +18,13 @@ SQLite cannot notify another process, so the processes sharing a file ring each 
 Nothing depends on a datagram arriving: waiters go on polling the file, so a lost wake-up, a sender with another
 temporary folder, or a folder that cannot be used (one warning, then polling only) costs latency, never work.
 The last process to close removes the folder; one binding at that moment makes it again.
+
+The ends of messages (``Reader.wait_for_end``: what ``client.wait`` waits for) travel the same way, through a
+second folder, ``<tempdir>/keel-ends-<hash>/``, where only backends waiting for an end bind a socket: a commit, a
+dead letter or a skip rings each socket there with ``APP NUL MESSAGE_ID`` (no NUL is in an app's name), so workers
+never hear of ends and a commit with nobody waiting lists an empty folder and sends nothing. A datagram that does
+not parse, or an end too long for one (an empty datagram goes out instead), makes every wait of that backend read
+its status again; a lost one is made up for by the waits' own re-reads (``EndWaiters.recheck_s``).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable, Iterable
 
+    from keel.backends.ends import EndWaiters
     from keel.backends.sqlite.connection import Database
     from keel.backends.wake import WakeGate
 
@@ -52,20 +60,39 @@ _BIND_ATTEMPTS = 3
 RING_BYTES = 512
 
 
+#: What a backend whose doorbell cannot be used falls back on, as its one warning says.
+_POLL_FALLBACK = "idle workers on this SQLite file will find new work by polling only"
+_RECHECK_FALLBACK = "waits for turns on this SQLite file will notice their ends by reading again now and then only"
+
+#: The longest end (app, NUL, message id) a datagram carries; ids and names are at most 255 characters each.
+END_BYTES = 2048
+
+
 def wake_folder(database: Path) -> Path:
-    """The folder where the processes of this user on ``database`` bind their sockets."""
+    """The folder where the processes of this user on ``database`` bind their sockets to hear of work."""
+    return _folder(database, "wake")
+
+
+def ends_folder(database: Path) -> Path:
+    """The folder where the backends of this user waiting for ends of messages on ``database`` bind their sockets."""
+    return _folder(database, "ends")
+
+
+def _folder(database: Path, kind: str) -> Path:
     key = f"{os.getuid() if hasattr(os, 'getuid') else 0}:{os.path.realpath(database)}"
     digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"keel-wake-{digest}"
+    return Path(tempfile.gettempdir()) / f"keel-{kind}-{digest}"
 
 
 class SqliteWake:
-    """What one SQLite backend hears of work: its doorbell, and the poll of the file since the last claim."""
+    """What one SQLite backend hears of work and of ends: its two doorbells, and the poll of the file for work."""
 
-    def __init__(self, database: Database, gate: WakeGate) -> None:
+    def __init__(self, database: Database, gate: WakeGate, ends: EndWaiters) -> None:
         self._database = database
         self._gate = gate
-        self._doorbell = Doorbell(database.path)
+        self._ends = ends
+        self._doorbell = Doorbell(wake_folder(database.path))
+        self._end_bell = Doorbell(ends_folder(database.path), max_bytes=END_BYTES, fallback=_RECHECK_FALLBACK)
         #: Per app, the newest seq the last claim saw (0 after a claim that filled its limit: work may be left) and
         #: the clock reading it was made at (a next message visible since then may be work).
         self._seen: dict[str, tuple[int, int]] = {}
@@ -89,15 +116,39 @@ class SqliteWake:
         """Have the doorbell heard on ``loop`` (bound once; a folder that cannot be used leaves the poll alone)."""
         self._doorbell.listen(loop, self._rung)
 
-    def ring(self, *apps: str) -> Callable[[object], None] | None:
-        """What a write runs after its commit: ring the other processes' doorbells for ``apps`` (None if none)."""
-        if not apps:
-            return None
-        return lambda _: self._doorbell.ring(apps)
+    def listen_for_ends(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have the ends doorbell heard on ``loop`` (bound once; an unusable folder leaves the waits' re-reads)."""
+        self._end_bell.listen(loop, self._ended)
 
-    def ring_if_found(self, app: str) -> Callable[[str | None], None]:
-        """What a write whose result may be None (nothing done) runs after its commit."""
-        return lambda found: None if found is None else self._doorbell.ring((app,))
+    def ring(self, *apps: str, ended: tuple[str, str] | None = None) -> Callable[[object], None] | None:
+        """What a write runs after its commit: ring the others for ``apps`` and the ``(app, message_id)`` it ended.
+
+        None if there is nothing to ring.
+        """
+        if not apps and ended is None:
+            return None
+
+        def rung(_: object) -> None:
+            if apps:
+                self._doorbell.ring(apps)
+            if ended is not None:
+                self._end_bell.ring(("\0".join(ended),))
+
+        return rung
+
+    def ring_if_found(self, app: str, *, ends: bool = False) -> Callable[[str | None], None]:
+        """What a write whose result may be None (nothing done) runs after its commit.
+
+        With ``ends``, the message id it returns is one it ended (a skipped dead letter).
+        """
+
+        def rung(found: str | None) -> None:
+            if found is not None:
+                self._doorbell.ring((app,))
+                if ends:
+                    self._end_bell.ring((f"{app}\0{found}",))
+
+        return rung
 
     async def has_new_work(self, app: str) -> bool:
         """True if the file shows work since the last claim of ``app`` (or the last wait, or look, that found some)."""
@@ -116,8 +167,9 @@ class SqliteWake:
         return False
 
     def close(self) -> None:
-        """Stop listening and remove this backend's socket. Safe to call twice."""
+        """Stop listening and remove this backend's sockets. Safe to call twice."""
         self._doorbell.close()
+        self._end_bell.close()
 
     async def _work_signals(self, app: str, since_us: int) -> tuple[int, int | None]:
         """The app's newest seq, and the first visible time of a next message after ``since_us`` (None if none)."""
@@ -133,12 +185,22 @@ class SqliteWake:
             if app:
                 self._gate.wake(app)
 
+    def _ended(self, ends: Iterable[str]) -> None:
+        for end in ends:
+            app, nul, message_id = end.partition("\0")
+            if nul and app and message_id:
+                self._ends.heard(app, message_id)
+            else:  # too long for a datagram, or not from keel: every wait reads again rather than guess
+                self._ends.recheck()
+
 
 class Doorbell:
-    """This backend's socket in the wake folder of its file, and the ringing of everyone else's."""
+    """This backend's socket in one folder of its file (work or ends), and the ringing of everyone else's there."""
 
-    def __init__(self, database: Path) -> None:
-        self.folder = wake_folder(database)
+    def __init__(self, folder: Path, *, max_bytes: int = RING_BYTES, fallback: str = _POLL_FALLBACK) -> None:
+        self.folder = folder
+        self._max_bytes = max_bytes
+        self._fallback = fallback
         self._listener: socket.socket | None = None
         self._address: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -172,10 +234,10 @@ class Doorbell:
         except (OSError, NotImplementedError) as exc:
             self._unusable = True
             logger.warning(
-                "cannot listen for wake-ups in %s (%s): idle workers on this SQLite file will find new work by "
-                "polling only",
+                "cannot listen for wake-ups in %s (%s): %s",
                 self.folder,
                 exc,
+                self._fallback,
                 extra={"folder": str(self.folder)},
             )
             return False
@@ -194,7 +256,7 @@ class Doorbell:
             return
         for app in apps:
             payload = app.encode("utf-8", "surrogatepass")
-            if len(payload) > RING_BYTES:
+            if len(payload) > self._max_bytes:
                 payload = b""
             for target in targets:
                 self._send(payload, target)
@@ -241,7 +303,7 @@ class Doorbell:
         apps: set[str] = set()
         while True:
             try:
-                data = listener.recv(RING_BYTES + 1)
+                data = listener.recv(self._max_bytes + 1)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # not seen in practice; the poll still finds the work

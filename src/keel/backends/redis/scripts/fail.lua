@@ -12,7 +12,7 @@
 --                       the inbox
 -- KEYS[3]  turns        keel:turns:{$inst}: turn_json pushed, trimmed to the limit
 -- KEYS[4]  leased       keel:leased:{$app}:$workflow: the instance leaves it (and joins no ready set)
--- KEYS[5]  dead         keel:dead:{$app}: $id added, scored by f
+-- KEYS[5]  dead         keel:dead:{$app}: $id added, scored by f; the end is published on keel:ended:{$app}
 -- KEYS[6]  turn_index   keel:turnidx:{$app}: $inst scored by its oldest kept turn record
 -- ARGV[1]  prefix       the key prefix
 -- ARGV[2]  member       $inst
@@ -39,6 +39,7 @@ end
 local failed_at = digits(now)
 redis.call("HSET", message, "s", "failed", "e", error_text, "f", failed_at)
 redis.call("ZADD", dead, failed_at, message_id)
+announce_end(prefix, dead, "dead", message_id)
 redis.call("HSET", instance, "paused", "1")
 record_turn(turns, turn_json, turns_limit, turn_index, member)
 drop_lease(prefix, member, leased)

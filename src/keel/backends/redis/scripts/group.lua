@@ -64,7 +64,8 @@
 -- The message is removed from the inbox wherever it sits: it was the next one when it was claimed, and a
 -- message sent since (visible no earlier than its send) only goes before it if the server's clock stepped
 -- back. The sends and events are appended exactly as send.lua and publish.lua append them (deduplicated
--- the same way), after the turn's own writes; every app that got a message is woken once.
+-- the same way), after the turn's own writes; every app that got a message is woken once. The message's
+-- end is published on keel:ended:{$app} (announce_end), for the clients waiting for it.
 
 -- A step record: a step's result for the claim's message, if the claim still holds its lease; the first
 -- result recorded under a name stands.
@@ -123,6 +124,7 @@ local function commit(keys, args)
     redis.call("ZREM", inbox, entry)
     redis.call("HSET", message, "v", version)
     finish_message(message, message_id, "done", now, finished, finished_keyed)
+    announce_end(prefix, finished, "finished", message_id)
     record_turn(turns, turn_json, turns_limit, turn_index, member)
     drop_lease(prefix, member, leased)
     make_ready(prefix, member, ready)

@@ -12,7 +12,8 @@
 -- KEYS[3]  dead            keel:dead:{$app}: the message leaves it
 -- KEYS[4]  ready           keel:ready:{$app}:$workflow: the instance joins it under its next message, if any
 --                          is pending
--- KEYS[5]  finished        keel:finished:{$app}: a skipped message without a key joins it, scored by x
+-- KEYS[5]  finished        keel:finished:{$app}: a skipped message without a key joins it, scored by x; a
+--                          skip is published on keel:ended:{$app}, for the clients waiting for its end
 -- KEYS[6]  finished_keyed  keel:finkeyed:{$app}: a skipped message with a key joins it, scored by its send
 -- KEYS[7]  wake            keel:wake:{$app}: one entry appended, the stream trimmed near wake_maxlen
 -- ARGV[1]  prefix          the key prefix, to name the keel:msg: key of the dead message (built here: its id
@@ -49,6 +50,7 @@ end
 if skip then
     redis.call("ZREM", inbox, head[1])
     finish_message(message, dead_id, "skipped", now_us(), finished, finished_keyed)
+    announce_end(prefix, finished, "finished", dead_id)
 else
     redis.call("HSET", message, "s", "pending", "n", "0")
     redis.call("HDEL", message, "e", "f")

@@ -225,6 +225,14 @@ local function finish_message(message, message_id, status, now, finished, finish
     end
 end
 
+-- Announce that message_id ended (done, failed or skipped) to the clients waiting for it: PUBLISH on its app's
+-- channel keel:ended:{$app}, named from app_key, the keel:STEM:{$app} key of the same app the script was given
+-- (a channel is no key: the script may name it). Waiters read the status again after every reconnect, so a
+-- message published while one was disconnected is not missed.
+local function announce_end(prefix, app_key, stem, message_id)
+    redis.call("PUBLISH", prefix .. "ended:" .. string.sub(app_key, #prefix + #stem + 2), message_id)
+end
+
 -- A reader over a script's KEYS and ARGV, for calls that carry a varying number of units (sends, events):
 -- read_keys and read_args return the next n of them as a table and move past them.
 local function reader(keys, args, next_key, next_arg)
