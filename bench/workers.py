@@ -27,7 +27,8 @@ def start_workers(
 
     ``only`` limits them to those workflows and handlers (``keel worker --only``).
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # This checkout's keel and bench, whatever keel the interpreter has installed (a worktree's, not main's).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     command = [
         sys.executable,
         "-m",
