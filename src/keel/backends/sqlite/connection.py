@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import sqlite3
+import threading
 import time
 import warnings
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -27,7 +28,7 @@ from keel.backends._url import query_options
 from keel.backends.sqlite.location import database_path, refuse_network_filesystem
 from keel.backends.sqlite.migrate import migrate
 from keel.backends.sqlite.thread import BlockingThread
-from keel.backends.sqlite.writes import MAX_GROUP, GroupFailure, PendingWrite, commit_group
+from keel.backends.sqlite.writes import MAX_GROUP, GroupFailure, PendingWrite, Refused, answer, commit_group
 from keel.errors import BackendUnavailable, ConfigurationError
 
 if TYPE_CHECKING:
@@ -97,8 +98,11 @@ class SqliteDatabase:
         self._thread = BlockingThread(f"keel-sqlite:{path.name}")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
-        #: Writes waiting for the thread: appended by ``write`` on the event loop, taken by ``_flush`` on the thread.
+        #: Writes waiting for the thread: appended by ``write`` on the event loop, taken by ``_flush`` on the thread;
+        #: ``_flushing`` is True while a flush is queued or running (it takes what is appended meanwhile).
         self._writes: collections.deque[PendingWrite[Any]] = collections.deque()
+        self._writes_lock = threading.Lock()
+        self._flushing = False
 
     async def open(self) -> None:
         """Connect, set the pragmas and create or migrate the schema."""
@@ -129,7 +133,7 @@ class SqliteDatabase:
         """Run ``fn(connection)`` in a ``BEGIN IMMEDIATE`` transaction: committed if it returns, else rolled back.
 
         The transaction may hold other writes of this process waiting at the same time (``writes``, group commit);
-        this one is answered after the commit, and rolled back alone if it raises.
+        this one is answered after the commit, and rolled back alone (to its savepoint) if it raises.
 
         Args:
             fn: The write; run again from the start if the transaction must be (it was rolled back first).
@@ -144,9 +148,12 @@ class SqliteDatabase:
         if self._closed:
             raise BackendUnavailable(self.url, "the store is closed")
         pending = PendingWrite(fn, after_commit, read_first)
-        self._writes.append(pending)
-        await self._thread.call(self._flush)  # this flush, or one queued before it, has run the write
-        return pending.outcome()
+        with self._writes_lock:
+            self._writes.append(pending)
+            start, self._flushing = not self._flushing, True
+        if start:
+            self._thread.post(self._flush)
+        return await pending.future
 
     async def aclose(self) -> None:
         """Close the connection and stop the thread. Safe to call twice."""
@@ -201,8 +208,25 @@ class SqliteDatabase:
         return error
 
     def _flush(self) -> None:
-        """Run the writes waiting now (up to ``MAX_GROUP``) in one transaction, on the thread."""
-        taken = [self._writes.popleft() for _ in range(min(len(self._writes), MAX_GROUP))]
+        """On the thread: run the writes waiting now (up to ``MAX_GROUP``) in one transaction, and answer them.
+
+        Writes still waiting after that go in another flush, queued behind the calls submitted meanwhile (reads wait
+        for one group at a time, not for every write that keeps coming).
+        """
+        with self._writes_lock:
+            # Closed: every write waiting fails now, in this flush (no other may run after the thread's end).
+            limit = MAX_GROUP if self._conn is not None else len(self._writes)
+            taken = [self._writes.popleft() for _ in range(min(len(self._writes), limit))]
+        try:
+            self._write_group(taken)
+        finally:
+            answer(taken)
+            with self._writes_lock:
+                again = self._flushing = bool(self._writes)
+            if again:
+                self._thread.post(self._flush)
+
+    def _write_group(self, taken: list[PendingWrite[Any]]) -> None:
         writing = [pending for pending in taken if not self._answered_by_reading(pending)]
         while writing:
             try:
@@ -215,9 +239,12 @@ class SqliteDatabase:
                 writing.pop(outcome.index).fail(self._translate(outcome.error))
                 continue
             for pending, result in zip(writing, outcome, strict=True):
-                pending.succeed(result)
+                if isinstance(result, Refused):
+                    pending.fail(self._translate(result.error))
+                else:
+                    pending.succeed(result)
             for pending, result in zip(writing, outcome, strict=True):
-                if pending.after_commit is not None:
+                if pending.after_commit is not None and not isinstance(result, Refused):
                     _after_commit(pending.after_commit, result)
             return
 
