@@ -9,9 +9,12 @@ Why a thread: sqlite3 blocks, and the event loop must never block. Why one funct
 transaction is opened, run and committed inside a single function on that thread, so nothing is ever
 awaited while the file's write lock is held; a paused or busy event loop cannot stall other processes.
 Writers take the lock up front (``BEGIN IMMEDIATE``) so that two of them never deadlock upgrading a read
-lock, and a generous busy timeout rides out contention between processes rather than failing fast; the waiting
-is done here, in pauses of at most a millisecond (``_BusyWait``), not by SQLite's busy handler, whose pauses grow
-to 100 ms. Writes of this process waiting at the same time share one transaction (``writes``: group commit).
+lock, and a generous busy timeout rides out contention between processes rather than failing fast. Keel
+processes take turns at a lock file first (``writelock``: they sleep in the kernel and are woken by the
+release); a process that does not (an older keel, the ``sqlite3`` shell) is waited for here, in pauses of at
+most a millisecond (``_BusyWait``), not by SQLite's busy handler, whose pauses grow to 100 ms. Both waits
+together last the busy timeout at most. Writes of this process waiting at the same time share one transaction
+(``writes``: group commit).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import warnings
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from keel.backends._url import query_options
-from keel.backends.sqlite.location import database_path, refuse_network_filesystem
+from keel.backends.sqlite.location import database_path, lock_path, refuse_network_filesystem
 from keel.backends.sqlite.migrate import migrate
 from keel.backends.sqlite.thread import BlockingThread
+from keel.backends.sqlite.writelock import WriteLock
 from keel.backends.sqlite.writes import MAX_GROUP, GroupFailure, PendingWrite, Refused, answer, commit_group
 from keel.errors import BackendUnavailable, ConfigurationError
 
@@ -103,6 +107,8 @@ class SqliteDatabase:
         self._writes: collections.deque[PendingWrite[Any]] = collections.deque()
         self._writes_lock = threading.Lock()
         self._flushing = False
+        #: Taken around each write transaction, so that keel processes on the file wait for each other in the kernel.
+        self._write_lock = None if in_memory else WriteLock(lock_path(path))
 
     async def open(self) -> None:
         """Connect, set the pragmas and create or migrate the schema."""
@@ -177,14 +183,15 @@ class SqliteDatabase:
         if not self._closed and self._conn is not None and not self.in_memory:
             warnings.warn(f"keel SQLite store {self.path} was not closed", ResourceWarning, stacklevel=1)
 
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _call(self, fn: Callable[[sqlite3.Connection], T], *, busy_timeout_s: float | None = None) -> T:
         """Run ``fn``, trying it again after a short pause while another process holds the lock it needs.
 
-        Trying again is safe: ``fn`` is a read, or a write transaction that rolled back (``commit_group``).
+        Trying again is safe: ``fn`` is a read, or a write transaction that rolled back (``commit_group``). Such
+        waits last ``busy_timeout_s`` at most (the URL's by default).
         """
         if self._conn is None:
             raise BackendUnavailable(self.url, "the connection is not open")
-        busy = _BusyWait(self.busy_timeout_s)
+        busy = _BusyWait(self.busy_timeout_s if busy_timeout_s is None else busy_timeout_s)
         while True:
             try:
                 return fn(self._conn)
@@ -230,7 +237,7 @@ class SqliteDatabase:
         writing = [pending for pending in taken if not self._answered_by_reading(pending)]
         while writing:
             try:
-                outcome = self._call(lambda conn: commit_group(conn, writing))
+                outcome = self._commit(writing)
             except Exception as exc:  # noqa: BLE001 - handed to every write of the group
                 for pending in writing:
                     pending.fail(exc)
@@ -247,6 +254,20 @@ class SqliteDatabase:
                 if pending.after_commit is not None and not isinstance(result, Refused):
                     _after_commit(pending.after_commit, result)
             return
+
+    def _commit(self, writing: list[PendingWrite[Any]]) -> list[Any] | GroupFailure:
+        """Run ``commit_group`` holding the keel processes' write lock (``writelock``), all within the busy timeout."""
+        if self._write_lock is None:
+            return self._call(lambda conn: commit_group(conn, writing))
+        started = time.monotonic()
+        if not self._write_lock.acquire(self.busy_timeout_s):
+            # What SQLite's lock would have given after the same wait: callers see one error for both.
+            raise self._translate(sqlite3.OperationalError("database is locked"))
+        try:
+            left_s = max(0.0, self.busy_timeout_s - (time.monotonic() - started))
+            return self._call(lambda conn: commit_group(conn, writing), busy_timeout_s=left_s)
+        finally:
+            self._write_lock.release()  # before the callers hear of it: the next writer need not wait for them
 
     def _answered_by_reading(self, pending: PendingWrite[Any]) -> bool:
         if pending.read_first is None:
@@ -314,6 +335,8 @@ class SqliteDatabase:
                 time.sleep(0.005)
 
     def _disconnect(self) -> None:
+        if self._write_lock is not None:
+            self._write_lock.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
