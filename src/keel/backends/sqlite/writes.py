@@ -33,6 +33,8 @@ T = TypeVar("T")
 #: The most writes one transaction runs; more waiting go in the next one, so no group holds the lock for long.
 MAX_GROUP = 16
 
+_UNSET: Any = object()
+
 _SAVEPOINT = "SAVEPOINT keel_write"
 _ROLLBACK_TO = "ROLLBACK TO keel_write"
 _RELEASE = "RELEASE keel_write"
@@ -54,7 +56,7 @@ class PendingWrite(Generic[T]):
         self.read_first = read_first
         self.loop = asyncio.get_running_loop()
         self.future: asyncio.Future[T] = self.loop.create_future()
-        self._result: T | None = None
+        self._result: T = _UNSET
         self._error: BaseException | None = None
 
     def succeed(self, result: T) -> None:
@@ -71,8 +73,10 @@ class PendingWrite(Generic[T]):
             return
         if self._error is not None:
             self.future.set_exception(self._error)
+        elif self._result is _UNSET:  # its group was cut short (the thread was interrupted): never report success
+            self.future.set_exception(RuntimeError("a keel SQLite write was never run"))
         else:
-            self.future.set_result(self._result)  # type: ignore[arg-type]  # None is a result of some writes
+            self.future.set_result(self._result)
 
 
 def answer(writes: Iterable[PendingWrite[Any]]) -> None:
