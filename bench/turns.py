@@ -2,11 +2,13 @@
 
 For each engine: the raw engine commit rate (the raw-driver compare-and-swap loop of ``store_update``, one
 process) as the baseline; then turns/s with 1 and 2 worker processes over many instances, every message sent
-at once and timed from the first send to the last commit; then, with one idle worker, the latency from
-``send`` to the turn's commit (taken from the turn record, so the client's wake-up does not blur it), and from
-``send`` to ``client.wait`` returning.
+at once and timed from the first send to the last commit; then durable steps/s of the ``stepped`` workflow
+(three no-op steps) with 1 and 2 workers, closed loop: ``--callers`` tasks each send to a fresh instance and
+wait for its commit, again and again for ``--seconds``; then, with one idle worker, the latency from ``send``
+to the turn's commit (taken from the turn record, so the client's wake-up does not blur it), and from ``send``
+to ``client.wait`` returning.
 
-Run: ``python -m bench.turns [--engines sqlite,postgres,redis] [--instances 200] [--turns 5]``.
+Run: ``python -m bench.turns [--engines sqlite,postgres,redis] [--instances 200] [--turns 5] [--callers 16]``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from bench import engines
-from bench.turns_app import Tick, app
+from bench.turns_app import STEPS, Tick, app
 from bench.workers import run_engines, start_workers, stop_workers
 from keel.backends import open_backend
 from keel.backends.base import InstanceRef, StoreOptions
@@ -38,6 +40,27 @@ async def throughput(url: str, tag: str, instances: int, turns: int) -> float:
         for n, ids in enumerate(sent):
             await client.wait("tick", f"{tag}-{n}", ids[-1], timeout_s=300)
         return instances * turns / (time.perf_counter() - started)
+
+
+async def closed_loop(url: str, tag: str, callers: int, seconds: float) -> float:
+    """Durable steps/s of ``callers`` tasks, each sending a ``stepped`` message to a fresh instance and waiting."""
+    async with app.client(url=url) as client:
+        done = 0
+        deadline = time.perf_counter() + seconds
+
+        async def caller(c: int) -> None:
+            nonlocal done
+            n = 0
+            while time.perf_counter() < deadline:
+                workflow_id = f"{tag}-{c}-{n}"
+                await client.wait(
+                    "stepped", workflow_id, await client.send("stepped", workflow_id, Tick(n=n)), timeout_s=60
+                )
+                done, n = done + 1, n + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(c) for c in range(callers)))
+        return done * STEPS / (time.perf_counter() - started)
 
 
 async def latencies(url: str, samples: int) -> tuple[list[float], list[float]]:
@@ -73,6 +96,14 @@ def run_engine(engine: str, args: argparse.Namespace) -> dict[str, object]:
                 stop_workers(workers)
             row[f"turns_per_s_{count}w"] = round(rate, 1)
             row[f"ratio_{count}w"] = round(rate / raw, 3)
+        for count in (1, 2):
+            workers = start_workers("bench.turns_app:app", url, count)
+            try:
+                steps = asyncio.run(closed_loop(url, f"s{count}", args.callers, args.seconds))
+            finally:
+                stop_workers(workers)
+            row[f"stepped_steps_per_s_{count}w"] = round(steps, 1)
+            row[f"stepped_ratio_{count}w"] = round(steps / raw, 3)
         workers = start_workers("bench.turns_app:app", url, 1)
         try:
             sample, waited = asyncio.run(latencies(url, args.samples))
@@ -91,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--callers", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/turns.json"))
     args = parser.parse_args(argv)

@@ -24,6 +24,10 @@ async def tick(ctx: keel.TurnContext[Count], msg: Tick) -> None:
     ctx.state.last = msg.n
 
 
+#: The steps of one ``stepped`` turn.
+STEPS = 3
+
+
 async def noop() -> int:
     return 1
 
@@ -31,6 +35,6 @@ async def noop() -> int:
 @app.workflow(state=Count, message=Tick)
 async def stepped(ctx: keel.TurnContext[Count], msg: Tick) -> None:
     """Three no-op steps, each recorded durably before the next starts, then the commit."""
-    for name in ("one", "two", "three"):
+    for name in ("one", "two", "three")[:STEPS]:
         ctx.state.count += await ctx.step(name, noop)
     ctx.state.last = msg.n

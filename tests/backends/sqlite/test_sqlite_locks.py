@@ -11,14 +11,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import keel
+from keel.backends import open_backend
+from keel.backends.base import StoreOptions
 from keel.backends.sqlite import connection as database_module
 from keel.backends.sqlite import writes
+from keel.backends.sqlite.backend import SqliteBackend
 from tests._engine import APP, claim_one, ref, send
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
-    from keel.backends.sqlite.backend import SqliteBackend
     from keel.backends.sqlite.writes import GroupFailure, PendingWrite
 
 
@@ -77,10 +79,68 @@ async def test_a_write_that_raises_in_a_group_fails_alone(backend: SqliteBackend
     )
     await blocked
     assert isinstance(outcomes[1], keel.StaleWriteError)
-    assert groups[-2:] == [3, 2]  # rolled back, then the others again without it
+    assert groups[-1:] == [3]  # rolled back to its savepoint alone: the others committed in the same transaction
     for key, version in (("a", 1), ("taken", 1), ("b", 1)):
         record = await backend.store.get(key)
         assert record is not None and record.version == version
+
+
+async def test_a_write_whose_error_ends_the_transaction_fails_alone(backend: SqliteBackend, groups: list[int]) -> None:
+    def ends_the_transaction(conn: sqlite3.Connection) -> None:  # as SQLite does itself after a full disk
+        conn.execute("INSERT INTO keel_kv (key, version, value, written_at, writer) VALUES ('lost', 1, '1', '', 't')")
+        conn.execute("ROLLBACK")
+        raise sqlite3.OperationalError("database or disk is full")
+
+    blocked = await busy_thread(backend, 0.2)
+    outcomes = await asyncio.gather(
+        backend.store.put("a", "1", expected_version=None, writer="t"),
+        backend.database.write(ends_the_transaction),
+        backend.store.put("b", "1", expected_version=None, writer="t"),
+        return_exceptions=True,
+    )
+    await blocked
+    assert isinstance(outcomes[1], keel.BackendUnavailable)
+    assert "full" in str(outcomes[1])
+    assert groups[-2:] == [3, 2]  # the whole transaction went: the others ran again, without it
+    assert await backend.store.get("lost") is None
+    for key in ("a", "b"):
+        record = await backend.store.get(key)
+        assert record is not None and record.version == 1
+
+
+async def test_a_group_whose_writes_all_fail_writes_nothing(backend: SqliteBackend, groups: list[int]) -> None:
+    await backend.store.put("taken", "0", expected_version=None, writer="t")
+    blocked = await busy_thread(backend, 0.2)
+    outcomes = await asyncio.gather(
+        *(backend.store.put("taken", str(n), expected_version=5, writer="t") for n in range(3)),
+        return_exceptions=True,
+    )
+    await blocked
+    assert [type(o) for o in outcomes] == [keel.StaleWriteError] * 3
+    assert groups[-1:] == [3]
+    record = await backend.store.get("taken")
+    assert record is not None and record.version == 1 and record.value_json == "0"
+
+
+async def test_writes_left_when_the_last_memory_handle_closes_still_run(memory_url: str) -> None:
+    first = await open_backend(memory_url, StoreOptions())
+    assert isinstance(first, SqliteBackend)
+    blocked = await busy_thread(first, 0.1)
+    count = 3 * writes.MAX_GROUP  # more than one group: the second is queued after the thread was told to stop
+    puts = [first.store.put(f"k{n}", "1", expected_version=None, writer="t") for n in range(count)]
+    abandoned = [asyncio.ensure_future(put) for put in puts]
+    await asyncio.sleep(0)
+    for task in abandoned:
+        task.cancel()  # their callers give up; their writes may still happen, and here they do
+    await first.aclose()  # the last handle: the thread stops after what was submitted, follow-ups included
+    await asyncio.gather(blocked, *abandoned, return_exceptions=True)
+
+    again = await open_backend(memory_url, StoreOptions())
+    try:
+        await asyncio.wait_for(again.store.put("after", "1", expected_version=None, writer="t"), timeout=5)
+        assert [await again.store.get(f"k{n}") is not None for n in range(count)] == [True] * count
+    finally:
+        await again.aclose()
 
 
 async def test_after_commit_runs_after_a_commit_only(backend: SqliteBackend) -> None:

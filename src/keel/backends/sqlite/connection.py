@@ -12,9 +12,12 @@ Why a thread: sqlite3 blocks, and the event loop must never block. Why one funct
 transaction is opened, run and committed inside a single function on that thread, so nothing is ever
 awaited while the file's write lock is held; a paused or busy event loop cannot stall other processes.
 Writers take the lock up front (``BEGIN IMMEDIATE``) so that two of them never deadlock upgrading a read
-lock, and a generous busy timeout rides out contention between processes rather than failing fast; the waiting
-is done here, in pauses of at most a millisecond (``_BusyWait``), not by SQLite's busy handler, whose pauses grow
-to 100 ms. Writes of this process waiting at the same time share one transaction (``writes``: group commit).
+lock, and a generous busy timeout rides out contention between processes rather than failing fast. Keel
+processes take turns at a lock file first (``writelock``: they sleep in the kernel and are woken by the
+release); a process that does not (an older keel, the ``sqlite3`` shell) is waited for here, in pauses of at
+most a millisecond (``_BusyWait``), not by SQLite's busy handler, whose pauses grow to 100 ms. Both waits
+together last the busy timeout at most. Writes of this process waiting at the same time share one transaction
+(``writes``: group commit).
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ from __future__ import annotations
 import collections
 import logging
 import sqlite3
+import threading
 import time
 import warnings
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from keel.backends._url import query_options
-from keel.backends.sqlite.location import database_path, refuse_network_filesystem
+from keel.backends.sqlite.location import database_path, lock_path, refuse_network_filesystem
 from keel.backends.sqlite.migrate import migrate
 from keel.backends.sqlite.thread import BlockingThread
-from keel.backends.sqlite.writes import MAX_GROUP, GroupFailure, PendingWrite, commit_group
+from keel.backends.sqlite.writelock import WriteLock
+from keel.backends.sqlite.writes import MAX_GROUP, GroupFailure, PendingWrite, Refused, answer, commit_group
 from keel.errors import BackendOverloaded, BackendUnavailable, ConfigurationError
 
 if TYPE_CHECKING:
@@ -100,8 +105,13 @@ class SqliteDatabase:
         self._thread = BlockingThread(f"keel-sqlite:{path.name}")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
-        #: Writes waiting for the thread: appended by ``write`` on the event loop, taken by ``_flush`` on the thread.
+        #: Writes waiting for the thread: appended by ``write`` on the event loop, taken by ``_flush`` on the thread;
+        #: ``_flushing`` is True while a flush is queued or running (it takes what is appended meanwhile).
         self._writes: collections.deque[PendingWrite[Any]] = collections.deque()
+        self._writes_lock = threading.Lock()
+        self._flushing = False
+        #: Taken around each write transaction, so that keel processes on the file wait for each other in the kernel.
+        self._write_lock = None if in_memory else WriteLock(lock_path(path))
 
     async def open(self) -> None:
         """Connect, set the pragmas and create or migrate the schema."""
@@ -132,7 +142,7 @@ class SqliteDatabase:
         """Run ``fn(connection)`` in a ``BEGIN IMMEDIATE`` transaction: committed if it returns, else rolled back.
 
         The transaction may hold other writes of this process waiting at the same time (``writes``, group commit);
-        this one is answered after the commit, and rolled back alone if it raises.
+        this one is answered after the commit, and rolled back alone (to its savepoint) if it raises.
 
         Args:
             fn: The write; run again from the start if the transaction must be (it was rolled back first).
@@ -147,9 +157,12 @@ class SqliteDatabase:
         if self._closed:
             raise BackendUnavailable(self.url, "the store is closed")
         pending = PendingWrite(fn, after_commit, read_first)
-        self._writes.append(pending)
-        await self._thread.call(self._flush)  # this flush, or one queued before it, has run the write
-        return pending.outcome()
+        with self._writes_lock:
+            self._writes.append(pending)
+            start, self._flushing = not self._flushing, True
+        if start:
+            self._thread.post(self._flush)
+        return await pending.future
 
     async def aclose(self) -> None:
         """Close the connection and stop the thread. Safe to call twice."""
@@ -173,14 +186,15 @@ class SqliteDatabase:
         if not self._closed and self._conn is not None and not self.in_memory:
             warnings.warn(f"keel SQLite store {self.path} was not closed", ResourceWarning, stacklevel=1)
 
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _call(self, fn: Callable[[sqlite3.Connection], T], *, busy_timeout_s: float | None = None) -> T:
         """Run ``fn``, trying it again after a short pause while another process holds the lock it needs.
 
-        Trying again is safe: ``fn`` is a read, or a write transaction that rolled back (``commit_group``).
+        Trying again is safe: ``fn`` is a read, or a write transaction that rolled back (``commit_group``). Such
+        waits last ``busy_timeout_s`` at most (the URL's by default).
         """
         if self._conn is None:
             raise BackendUnavailable(self.url, "the connection is not open")
-        busy = _BusyWait(self.busy_timeout_s)
+        busy = _BusyWait(self.busy_timeout_s if busy_timeout_s is None else busy_timeout_s)
         while True:
             try:
                 return fn(self._conn)
@@ -219,12 +233,29 @@ class SqliteDatabase:
         )
 
     def _flush(self) -> None:
-        """Run the writes waiting now (up to ``MAX_GROUP``) in one transaction, on the thread."""
-        taken = [self._writes.popleft() for _ in range(min(len(self._writes), MAX_GROUP))]
+        """On the thread: run the writes waiting now (up to ``MAX_GROUP``) in one transaction, and answer them.
+
+        Writes still waiting after that go in another flush, queued behind the calls submitted meanwhile (reads wait
+        for one group at a time, not for every write that keeps coming).
+        """
+        with self._writes_lock:
+            # Closed: every write waiting fails now, in this flush (no other may run after the thread's end).
+            limit = MAX_GROUP if self._conn is not None else len(self._writes)
+            taken = [self._writes.popleft() for _ in range(min(len(self._writes), limit))]
+        try:
+            self._write_group(taken)
+        finally:
+            answer(taken)
+            with self._writes_lock:
+                again = self._flushing = bool(self._writes)
+            if again:
+                self._thread.post(self._flush)
+
+    def _write_group(self, taken: list[PendingWrite[Any]]) -> None:
         writing = [pending for pending in taken if not self._answered_by_reading(pending)]
         while writing:
             try:
-                outcome = self._call(lambda conn: commit_group(conn, writing))
+                outcome = self._commit(writing)
             except Exception as exc:  # noqa: BLE001 - handed to every write of the group
                 for pending in writing:
                     pending.fail(exc)
@@ -233,11 +264,28 @@ class SqliteDatabase:
                 writing.pop(outcome.index).fail(self._translate(outcome.error))
                 continue
             for pending, result in zip(writing, outcome, strict=True):
-                pending.succeed(result)
+                if isinstance(result, Refused):
+                    pending.fail(self._translate(result.error))
+                else:
+                    pending.succeed(result)
             for pending, result in zip(writing, outcome, strict=True):
-                if pending.after_commit is not None:
+                if pending.after_commit is not None and not isinstance(result, Refused):
                     _after_commit(pending.after_commit, result)
             return
+
+    def _commit(self, writing: list[PendingWrite[Any]]) -> list[Any] | GroupFailure:
+        """Run ``commit_group`` holding the keel processes' write lock (``writelock``), all within the busy timeout."""
+        if self._write_lock is None:
+            return self._call(lambda conn: commit_group(conn, writing))
+        started = time.monotonic()
+        if not self._write_lock.acquire(self.busy_timeout_s):
+            # What SQLite's lock would have given after the same wait: callers see one error for both.
+            raise self._translate(sqlite3.OperationalError("database is locked"))
+        try:
+            left_s = max(0.0, self.busy_timeout_s - (time.monotonic() - started))
+            return self._call(lambda conn: commit_group(conn, writing), busy_timeout_s=left_s)
+        finally:
+            self._write_lock.release()  # before the callers hear of it: the next writer need not wait for them
 
     def _answered_by_reading(self, pending: PendingWrite[Any]) -> bool:
         if pending.read_first is None:
@@ -307,6 +355,8 @@ class SqliteDatabase:
                 time.sleep(0.005)
 
     def _disconnect(self) -> None:
+        if self._write_lock is not None:
+            self._write_lock.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None

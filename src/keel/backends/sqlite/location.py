@@ -1,4 +1,4 @@
-"""Where a SQLite database lives: URL to absolute path, and the refusal of network filesystems."""
+"""Where a SQLite database lives: URL to absolute path, keel's lock file next to it, network filesystems refused."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def database_path(url: str) -> Path:
     if path.is_dir():
         raise ConfigurationError(f"cannot use {path} as a SQLite database: it is a folder")
     return path
+
+
+def lock_path(database: Path) -> Path:
+    """The file next to ``database`` whose ``flock`` keel's writers take turns at (``writelock``).
+
+    Next to it, like SQLite's own ``-wal`` and ``-shm``: every process that can open the database finds it there, and it
+    is on the same (local) filesystem. It is never removed; it is empty and costs an inode.
+    """
+    return database.with_name(database.name + "-keel-lock")
 
 
 def refuse_network_filesystem(path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 _STOP = object()
 
@@ -39,30 +42,52 @@ class BlockingThread:
         self._queue.put((loop, future, fn))
         return await future
 
+    def post(self, fn: Callable[[], object]) -> None:
+        """Have the thread run ``fn()`` after the calls already submitted, answering nobody: ``fn`` must not raise."""
+        self._queue.put((None, None, fn))
+
     @property
     def alive(self) -> bool:
         """True until ``stop`` has ended the thread."""
         return self._thread.is_alive()
 
     def stop(self) -> None:
-        """Finish the calls already submitted, then end the thread."""
+        """Finish the calls already submitted (and what they post meanwhile), then end the thread."""
         if self._thread.is_alive():
             self._queue.put(_STOP)
             if threading.current_thread() is not self._thread:
                 self._thread.join()
 
     def _serve(self) -> None:
+        stopping = False
         while True:
-            item = self._queue.get()
+            if not stopping:
+                item = self._queue.get()
+            else:
+                try:  # a call run before the stop may have posted a follow-up (more writes): run it too
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return
             if item is _STOP:
-                return
+                stopping = True
+                continue
             loop, future, fn = item
+            if future is None:
+                _run_posted(fn)
+                continue
             try:
                 result = fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine, not swallowed
                 _answer(loop, future, None, exc)
             else:
                 _answer(loop, future, result, None)
+
+
+def _run_posted(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception:  # a posted function answers its callers itself; this thread must keep serving the others
+        logger.exception("a call posted to a keel SQLite thread failed")
 
 
 def _answer(
