@@ -1,0 +1,217 @@
+"""Benchmark: does a turn cost more as an instance's history, or the backlog of other work, grows?
+
+Two curves per engine, each on a fresh database with one real ``keel worker`` (``--only tick``):
+
+- **history**: one instance's kept history (turn records, state versions, done messages: what retention keeps for a
+  day) grows 10 -> 100 -> 1,000 -> 10,000 turns;
+- **backlog**: the messages pending for others grow 100 -> 1,000 -> 10,000 -> 100,000: half to instances of a
+  workflow no worker here runs (``parked``: ready work of another pool), a quarter as timers due in a day to other
+  instances of the measured workflow, a quarter as timers due in a day to the measured instance itself.
+
+The fill is not measured: history by one message that makes the instance send itself the next one in each commit
+(a chain), the backlog by the public client's ``send`` (many at once). At each size, measured on the instance:
+
+- **send -> commit**: ``--samples`` messages one after the other (``--idle-s`` apart, so the worker is idle and
+  must be woken), from just before ``send`` to the commit as the turn record says it (start + duration), so the
+  client's polling in ``wait`` does not blur it; median and p99;
+- **closed loop**: one message starting a chain of ``--chain`` turns on the instance, each sending the next in its
+  commit, so a new turn starts only once the last committed and no client is in the loop; turns/s from the first
+  turn's start to the last commit, and the median and p99 of the time between consecutive commits.
+
+Every figure is also given as a ratio to the smallest size's, in the same run. Each size is what the instance (or
+the backlog) held when its measurement began; measuring adds ``--samples + --chain`` turns to the instance.
+
+Run: ``python -m bench.growth [--engines sqlite,postgres,redis] [--curves history,backlog]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import statistics
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bench import engines
+from bench.growth_app import Tick, app
+from bench.workers import run_engines, start_workers, stop_workers
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from keel.client import Client
+
+#: The measured instance of the backlog curve; the history curve measures instance ``h{SIZE}`` at each size.
+MEASURED = "measured"
+
+#: How far in the future the backlog's timers fall due: never during a run.
+TIMER_DELAY_S = 24 * 3600.0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
+async def _count(client: Client, workflow_id: str) -> int:
+    """How many turns the instance has committed (its state counts them)."""
+    state = await client.state("tick", workflow_id)
+    return 0 if state is None else int(state.value.count)
+
+
+async def _until_count(client: Client, workflow_id: str, target: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while await _count(client, workflow_id) < target:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{workflow_id}: {await _count(client, workflow_id)} of {target} turns in {timeout_s}s")
+        await asyncio.sleep(0.05)
+
+
+async def _bounded(calls: list[Callable[[], Awaitable[object]]], concurrency: int) -> None:
+    """Run the calls, at most ``concurrency`` at a time."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(call: Callable[[], Awaitable[object]]) -> None:
+        async with gate:
+            await call()
+
+    await asyncio.gather(*(one(call) for call in calls))
+
+
+async def fill_history(client: Client, workflow_id: str, target: int) -> None:
+    """Bring an instance to ``target`` committed turns with one self-sending chain."""
+    have = await _count(client, workflow_id)
+    if target > have:
+        await client.send("tick", workflow_id, Tick(chain=target - have - 1))
+        await _until_count(client, workflow_id, target, timeout_s=600)
+
+
+class Backlog:
+    """The pending messages of others, grown in steps: what has been sent so far of each kind."""
+
+    def __init__(self) -> None:
+        self.parked = self.timers_elsewhere = self.timers_here = 0
+
+    async def grow_to(self, client: Client, size: int, concurrency: int) -> None:
+        calls: list[Callable[[], Awaitable[object]]] = []
+        half, quarter = size // 2, size // 4
+        for n in range(self.parked, half):
+            calls.append(lambda n=n: client.send("parked", f"parked-{n}", Tick(n=n)))
+        for n in range(self.timers_elsewhere, quarter):
+            calls.append(lambda n=n: client.send("tick", f"timer-{n}", Tick(n=n), delay_s=TIMER_DELAY_S))
+        for n in range(self.timers_here, size - half - quarter):
+            calls.append(lambda n=n: client.send("tick", MEASURED, Tick(n=n), delay_s=TIMER_DELAY_S))
+        await _bounded(calls, concurrency)
+        self.parked, self.timers_elsewhere, self.timers_here = half, quarter, size - half - quarter
+
+
+async def send_to_commit(client: Client, workflow_id: str, samples: int, idle_s: float) -> list[float]:
+    """Milliseconds from before each send to its turn's commit, one message at a time."""
+    result = []
+    for _ in range(samples):
+        await asyncio.sleep(idle_s)  # the worker goes idle and must be woken
+        sent_at = time.time()
+        message_id = await client.send("tick", workflow_id, Tick())
+        await client.wait("tick", workflow_id, message_id, timeout_s=60)
+        [turn] = await client.turns("tick", workflow_id, limit=1)
+        if turn.message_id != message_id:
+            raise SystemExit(f"the newest turn of {workflow_id} ran {turn.message_id}, not {message_id}")
+        committed_at = (turn.started_at + timedelta(seconds=turn.duration_s)).timestamp()
+        result.append((committed_at - sent_at) * 1000)
+    return result
+
+
+async def closed_loop(client: Client, workflow_id: str, turns: int) -> tuple[float, list[float]]:
+    """Run a chain of ``turns`` on an instance; its turns/s and the milliseconds between its commits."""
+    have = await _count(client, workflow_id)
+    await client.send("tick", workflow_id, Tick(chain=turns - 1))
+    await _until_count(client, workflow_id, have + turns, timeout_s=120)
+    records = await client.turns("tick", workflow_id, limit=turns)
+    starts = [r.started_at.timestamp() for r in records]
+    commits = sorted(r.started_at.timestamp() + r.duration_s for r in records)
+    rate = turns / (commits[-1] - min(starts))
+    return rate, [(b - a) * 1000 for a, b in itertools.pairwise(commits)]
+
+
+def _p99(sample: list[float]) -> float:
+    return statistics.quantiles(sample, n=100)[98] if len(sample) > 1 else sample[0]
+
+
+async def measure(client: Client, workflow_id: str, args: argparse.Namespace) -> dict[str, float]:
+    latency = await send_to_commit(client, workflow_id, args.samples, args.idle_s)
+    rate, gaps = await closed_loop(client, workflow_id, args.chain)
+    return {
+        "send_commit_p50_ms": round(statistics.median(latency), 2),
+        "send_commit_p99_ms": round(_p99(latency), 2),
+        "loop_turns_per_s": round(rate, 1),
+        "loop_gap_p50_ms": round(statistics.median(gaps), 2),
+        "loop_gap_p99_ms": round(_p99(gaps), 2),
+    }
+
+
+def _with_ratios(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add each figure's ratio to the smallest size's (``*_x``)."""
+    first = points[0]
+    for point in points:
+        for name in [k for k in point if k.endswith(("_ms", "_per_s"))]:
+            point[f"{name}_x"] = round(point[name] / first[name], 2) if first[name] else None
+    return points
+
+
+async def curve(url: str, kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Grow the history or the backlog size by size, measuring at each."""
+    backlog = Backlog()
+    points = []
+    async with app.client(url=url) as client:
+        for size in args.history if kind == "history" else args.backlog:
+            started = time.perf_counter()
+            if kind == "history":
+                measured = f"h{size}"  # a fresh instance per size, so that each starts at exactly its size
+                await fill_history(client, measured, size)
+            else:
+                measured = MEASURED
+                await backlog.grow_to(client, size, args.fill_concurrency)
+                await fill_history(client, measured, 1)  # it has a committed state before the first sample
+            filled_s = time.perf_counter() - started
+            await asyncio.sleep(args.settle_s)
+            point = {"size": size, "fill_s": round(filled_s, 1), **await measure(client, measured, args)}
+            print(f"  {kind} {size}: {point}", flush=True)
+            points.append(point)
+    return _with_ratios(points)
+
+
+def run_engine(engine: str, args: argparse.Namespace) -> dict[str, object]:
+    row: dict[str, object] = {"engine": engine}
+    for kind in args.curves.split(","):
+        with engines.prepared(engine) as (url, _):
+            workers = start_workers("bench.growth_app:app", url, 1, only=("tick",))
+            try:
+                row[kind] = asyncio.run(curve(url, kind, args))
+            finally:
+                stop_workers(workers)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", default="sqlite,postgres,redis")
+    parser.add_argument("--curves", default="history,backlog")
+    parser.add_argument("--history", type=_ints, default=[10, 100, 1000, 10000], help="turns, comma-separated")
+    parser.add_argument("--backlog", type=_ints, default=[100, 1000, 10000, 100000], help="messages")
+    parser.add_argument("--samples", type=int, default=40, help="send -> commit samples at each size")
+    parser.add_argument("--idle-s", type=float, default=0.02, help="pause before each send -> commit sample")
+    parser.add_argument("--chain", type=int, default=200, help="turns of the closed loop at each size")
+    parser.add_argument("--settle-s", type=float, default=1.0, help="pause between a fill and its measurement")
+    parser.add_argument("--fill-concurrency", type=int, default=32, help="sends in flight while filling")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/growth.json"))
+    args = parser.parse_args(argv)
+    # The benchmark's Redis keeps nothing on disk; its warning per connection would drown the figures.
+    logging.getLogger("keel.backends.redis").setLevel(logging.ERROR)
+    return run_engines("growth", args, run_engine)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
