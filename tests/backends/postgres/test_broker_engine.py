@@ -197,7 +197,7 @@ def test_the_broker_sql_holds_every_statement_it_runs() -> None:
     expected |= {"record_step", "retry_turn", "dead_letters", "resolve_dead_letter", "prune", "delete_instance"}
     expected |= {"log_events", "logged_event", "events"}
     assert expected <= set(BROKER_QUERIES)
-    assert pg_store.SCHEMA_VERSION == 6
+    assert pg_store.SCHEMA_VERSION == 7
 
 
 async def test_state_history_keeps_the_last_versions(backend: PostgresBackend, postgres_url: str) -> None:

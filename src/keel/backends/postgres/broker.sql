@@ -1,5 +1,5 @@
 -- The statements of the PostgreSQL broker, loaded by keel.backends._sql; the tables are in schema.sql (runtime_v1 to
--- runtime_v5).
+-- runtime_v6).
 --
 -- Writes that must see every message committed before them run in one transaction of two statements: the first
 -- locks the instance rows, the second (a fresh snapshot under read committed, taken once the locks are held) reads
@@ -78,20 +78,27 @@ SELECT coalesce(
 -- Lock up to limit claimable instances, earliest visible next message first, skipping rows other claimers hold, and
 -- keep their keys for lease, the transaction's next statement, in the transaction-local setting keel.claimed (a JSON
 -- array): both statements go to the server together, one round trip per claim, whether it finds work or not.
--- The server's now is read once (an InitPlan), so that the index scan on keel_instances_ready stops at it.
+-- Each asked workflow is one range of keel_instances_ready_by_workflow (so the ready instances of the others are never
+-- stepped over), up to limit from each, merged; the server's now is read once (an InitPlan), so that each index scan
+-- stops at it. Rows locked beyond the first limit are let go when the claim's transaction ends, a moment later.
 SELECT set_config(
            'keel.claimed',
            coalesce(jsonb_agg(jsonb_build_object('workflow', workflow, 'workflow_id', workflow_id)), '[]')::text,
            true)
-  FROM (SELECT workflow, workflow_id
-          FROM keel_instances
-         WHERE app = %(app)s AND workflow = ANY(%(workflows)s::text[])
-           AND next_seq IS NOT NULL AND NOT paused
-           AND next_visible_at <= (SELECT clock_timestamp())
-           AND (lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp())
-         ORDER BY next_visible_at, next_seq
-         LIMIT %(limit)s
-           FOR UPDATE SKIP LOCKED) AS ready
+  FROM (SELECT ready.workflow, ready.workflow_id
+          FROM unnest(%(workflows)s::text[]) AS asked (workflow)
+               CROSS JOIN LATERAL (
+                   SELECT workflow, workflow_id, next_visible_at, next_seq
+                     FROM keel_instances
+                    WHERE app = %(app)s AND workflow = asked.workflow
+                      AND next_seq IS NOT NULL AND NOT paused
+                      AND next_visible_at <= (SELECT clock_timestamp())
+                      AND (lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp())
+                    ORDER BY next_visible_at, next_seq
+                    LIMIT %(limit)s
+                      FOR UPDATE SKIP LOCKED) AS ready
+         ORDER BY ready.next_visible_at, ready.next_seq
+         LIMIT %(limit)s) AS ready
 
 -- lease --
 -- After lock_ready, in a fresh snapshot taken with the rows locked: lease the instances it locked (keel.claimed) under

@@ -3,8 +3,9 @@
 ``schema.sql`` holds the steps; ``bootstrap`` runs every time, the rest once each, in this order: version 1 is the
 store's tables, version 2 the runtime's (``broker.py``), version 3 its step results and dead letters, version 4 its
 durable timers, pruning and instance deletion, version 5 its event log, version 6 each instance's kind (workflow or
-delivery). ``keel_schema`` records the version reached; an advisory lock (``lock_schema``) serialises processes
-starting together. Opening the store alone creates the runtime's tables too: one schema version for the whole engine.
+delivery), version 7 the index claims read one workflow at a time. ``keel_schema`` records the version reached; an
+advisory lock (``lock_schema``) serialises processes starting together. Opening the store alone creates the
+runtime's tables too: one schema version for the whole engine.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ QUERIES = load_queries(__package__ or __name__, "queries.sql")
 
 #: The schema steps (``schema.sql``), by name.
 _SCHEMA = load_queries(__package__ or __name__, "schema.sql")
-MIGRATIONS = tuple(_SCHEMA[step] for step in ("store_v1", *(f"runtime_v{n}" for n in range(1, 6))))
+MIGRATIONS = tuple(_SCHEMA[step] for step in ("store_v1", *(f"runtime_v{n}" for n in range(1, 7))))
 
 #: The schema version this code needs, recorded in ``keel_schema`` under ``SCHEMA_COMPONENT``. The component keeps
 #: the name it got when the store was all there was: it counts the steps of the whole engine's schema.
