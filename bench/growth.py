@@ -33,6 +33,7 @@ import logging
 import statistics
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ from bench.growth_app import Tick, app
 from bench.workers import run_engines, start_workers, stop_workers
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from keel.client import Client
 
@@ -70,7 +71,7 @@ async def _until_count(client: Client, workflow_id: str, target: int, timeout_s:
         await asyncio.sleep(0.05)
 
 
-async def _bounded(calls: list[Callable[[], Awaitable[object]]], concurrency: int) -> None:
+async def _bounded(calls: Sequence[Callable[[], Awaitable[object]]], concurrency: int) -> None:
     """Run the calls, at most ``concurrency`` at a time."""
     gate = asyncio.Semaphore(concurrency)
 
@@ -96,14 +97,11 @@ class Backlog:
         self.parked = self.timers_elsewhere = self.timers_here = 0
 
     async def grow_to(self, client: Client, size: int, concurrency: int) -> None:
-        calls: list[Callable[[], Awaitable[object]]] = []
         half, quarter = size // 2, size // 4
-        for n in range(self.parked, half):
-            calls.append(lambda n=n: client.send("parked", f"parked-{n}", Tick(n=n)))
-        for n in range(self.timers_elsewhere, quarter):
-            calls.append(lambda n=n: client.send("tick", f"timer-{n}", Tick(n=n), delay_s=TIMER_DELAY_S))
-        for n in range(self.timers_here, size - half - quarter):
-            calls.append(lambda n=n: client.send("tick", MEASURED, Tick(n=n), delay_s=TIMER_DELAY_S))
+        sends = [("parked", f"parked-{n}", n, 0.0) for n in range(self.parked, half)]
+        sends += [("tick", f"timer-{n}", n, TIMER_DELAY_S) for n in range(self.timers_elsewhere, quarter)]
+        sends += [("tick", MEASURED, n, TIMER_DELAY_S) for n in range(self.timers_here, size - half - quarter)]
+        calls = [partial(client.send, workflow, wid, Tick(n=n), delay_s=delay) for workflow, wid, n, delay in sends]
         await _bounded(calls, concurrency)
         self.parked, self.timers_elsewhere, self.timers_here = half, quarter, size - half - quarter
 

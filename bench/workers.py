@@ -27,7 +27,9 @@ def start_workers(
 
     ``only`` limits them to those workflows and handlers (``keel worker --only``).
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The benchmark's own modules, then the caller's path: workers must run the keel the client runs (a checkout's
+    # src/ given in PYTHONPATH), not whichever one the interpreter has installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     command = [
         sys.executable,
         "-m",
