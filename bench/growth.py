@@ -14,12 +14,15 @@ The fill is not measured: history by one message that makes the instance send it
 - **send -> commit**: ``--samples`` messages one after the other (``--idle-s`` apart, so the worker is idle and
   must be woken), from just before ``send`` to the commit as the turn record says it (start + duration), so the
   client's polling in ``wait`` does not blur it; median and p99;
-- **closed loop**: one message starting a chain of ``--chain`` turns on the instance, each sending the next in its
-  commit, so a new turn starts only once the last committed and no client is in the loop; turns/s from the first
-  turn's start to the last commit, and the median and p99 of the time between consecutive commits.
+- **closed loop**: ``--loops`` times, one message starting a chain of ``--chain`` turns on the instance, each sending
+  the next in its commit, so a new turn starts only once the last committed and no client is in the loop; turns/s
+  from the first turn's start to the last commit (the median of the loops), and the median and p99 of the time
+  between consecutive commits (over all loops).
 
-Every figure is also given as a ratio to the smallest size's, in the same run. Each size is what the instance (or
-the backlog) held when its measurement began; measuring adds ``--samples + --chain`` turns to the instance.
+Every figure is also given as a ratio to the smallest size's, in the same run. The history curve measures a fresh
+instance per size, ``h{SIZE}``, filled to exactly that size (the earlier sizes' instances stay, so the database's
+whole history grows too); the backlog curve measures one instance, ``measured``, whose own timers are part of the
+backlog. Measuring adds ``--samples + --loops * --chain`` turns to the measured instance.
 
 Run: ``python -m bench.growth [--engines sqlite,postgres,redis] [--curves history,backlog]``.
 """
@@ -140,11 +143,15 @@ def _p99(sample: list[float]) -> float:
 
 async def measure(client: Client, workflow_id: str, args: argparse.Namespace) -> dict[str, float]:
     latency = await send_to_commit(client, workflow_id, args.samples, args.idle_s)
-    rate, gaps = await closed_loop(client, workflow_id, args.chain)
+    rates, gaps = [], []
+    for _ in range(args.loops):
+        rate, between = await closed_loop(client, workflow_id, args.chain)
+        rates.append(rate)
+        gaps += between
     return {
         "send_commit_p50_ms": round(statistics.median(latency), 2),
         "send_commit_p99_ms": round(_p99(latency), 2),
-        "loop_turns_per_s": round(rate, 1),
+        "loop_turns_per_s": round(statistics.median(rates), 1),
         "loop_gap_p50_ms": round(statistics.median(gaps), 2),
         "loop_gap_p99_ms": round(_p99(gaps), 2),
     }
@@ -201,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=_ints, default=[100, 1000, 10000, 100000], help="messages")
     parser.add_argument("--samples", type=int, default=40, help="send -> commit samples at each size")
     parser.add_argument("--idle-s", type=float, default=0.02, help="pause before each send -> commit sample")
-    parser.add_argument("--chain", type=int, default=200, help="turns of the closed loop at each size")
+    parser.add_argument("--chain", type=int, default=200, help="turns of each closed loop")
+    parser.add_argument("--loops", type=int, default=3, help="closed loops at each size (turns/s: their median)")
     parser.add_argument("--settle-s", type=float, default=1.0, help="pause between a fill and its measurement")
     parser.add_argument("--fill-concurrency", type=int, default=32, help="sends in flight while filling")
     parser.add_argument("--out", type=Path, default=Path("bench/results/growth.json"))
