@@ -36,7 +36,7 @@ def plan(conn: sqlite3.Connection, name: str) -> list[str]:
     return [str(row[3]) for row in conn.execute("EXPLAIN QUERY PLAN " + query, params)]
 
 
-#: What a claim and a commit run, and how each must reach its rows.
+#: What a claim and a commit run (and resolving a dead letter), and how each must reach its rows.
 EXPECTED = {
     # claim: the ready instances of one asked workflow, then the lease, the message's attempt and its steps
     "ready_instances": [
@@ -56,6 +56,11 @@ EXPECTED = {
     ],
     "trim_state_history": [
         "SEARCH keel_state_history USING PRIMARY KEY (app=? AND workflow=? AND workflow_id=? AND version<?)"
+    ],
+    # retrying or skipping a dead letter: the instance's failed message, not a walk over the app's messages
+    "dead_letter_of": [
+        "SEARCH i USING PRIMARY KEY (app=? AND workflow=? AND workflow_id=?)",
+        "SEARCH m USING INDEX keel_messages_failed_by_instance (app=? AND workflow=? AND workflow_id=?)",
     ],
 }
 

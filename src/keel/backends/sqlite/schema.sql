@@ -349,3 +349,7 @@ UPDATE keel_instances SET kind = 'delivery' WHERE substr(workflow, 1, 3) = 'on/'
 -- (the backlog of a pool of workers that is down, or of a handler that runs elsewhere), at every claim.
 CREATE INDEX keel_instances_ready_by_workflow ON keel_instances (app, workflow, next_visible_us, next_seq)
 WHERE next_seq IS NOT NULL AND paused = 0;
+
+-- The failed message pausing an instance, which retrying or skipping a dead letter looks up: without it, the lookup
+-- walked all of the app's messages in seq order (keel_messages_app) until it met the instance's failed one.
+CREATE INDEX keel_messages_failed_by_instance ON keel_messages (app, workflow, workflow_id, seq) WHERE status = 'failed';
