@@ -19,7 +19,11 @@ The fill is not measured: history by one message that makes the instance send it
   from the first turn's start to the last commit (the median of the loops), and the median and p99 of the time
   between consecutive commits (over all loops).
 
-Every figure is also given as a ratio to the smallest size's, in the same run. The history curve measures a fresh
+Each size is measured against a control, back to back, sample for sample: a second database (on Redis, a second key
+prefix) with its own worker, that does not grow (an instance of the smallest history, or the smallest backlog), so
+that the machine's load, which moves every figure here by tens of percent within a minute, hits both alike. Every
+figure is given as a ratio to the smallest size's in the same run (``_x``), and as that ratio over the control's
+(``_xc``): what growing did, with the machine's drift taken out. The history curve measures a fresh
 instance per size, ``h{SIZE}``, filled to exactly that size (the earlier sizes' instances stay, so the database's
 whole history grows too); the backlog curve measures one instance, ``measured``, whose own timers are part of the
 backlog. Measuring adds ``--samples + --loops * --chain`` turns to the measured instance.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import logging
 import statistics
@@ -45,7 +50,7 @@ from bench.growth_app import Tick, app
 from bench.workers import run_engines, start_workers, stop_workers
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Iterator, Sequence
 
     from keel.client import Client
 
@@ -141,13 +146,7 @@ def _p99(sample: list[float]) -> float:
     return statistics.quantiles(sample, n=100)[98] if len(sample) > 1 else sample[0]
 
 
-async def measure(client: Client, workflow_id: str, args: argparse.Namespace) -> dict[str, float]:
-    latency = await send_to_commit(client, workflow_id, args.samples, args.idle_s)
-    rates, gaps = [], []
-    for _ in range(args.loops):
-        rate, between = await closed_loop(client, workflow_id, args.chain)
-        rates.append(rate)
-        gaps += between
+def _summary(latency: list[float], rates: list[float], gaps: list[float]) -> dict[str, float]:
     return {
         "send_commit_p50_ms": round(statistics.median(latency), 2),
         "send_commit_p99_ms": round(_p99(latency), 2),
@@ -157,46 +156,83 @@ async def measure(client: Client, workflow_id: str, args: argparse.Namespace) ->
     }
 
 
+async def measure(sides: list[tuple[Client, str]], args: argparse.Namespace) -> list[dict[str, float]]:
+    """Measure each (client, instance), taking their samples in turn, so that the machine's load hits all alike."""
+    latency: list[list[float]] = [[] for _ in sides]
+    rates: list[list[float]] = [[] for _ in sides]
+    gaps: list[list[float]] = [[] for _ in sides]
+    for _ in range(args.samples):
+        for n, (client, workflow_id) in enumerate(sides):
+            latency[n] += await send_to_commit(client, workflow_id, 1, args.idle_s)
+    for _ in range(args.loops):
+        for n, (client, workflow_id) in enumerate(sides):
+            rate, between = await closed_loop(client, workflow_id, args.chain)
+            rates[n].append(rate)
+            gaps[n] += between
+    return [_summary(latency[n], rates[n], gaps[n]) for n in range(len(sides))]
+
+
 def _with_ratios(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add each figure's ratio to the smallest size's (``*_x``)."""
+    """Add each figure's ratio to the smallest size's (``*_x``), and that ratio over the control's (``*_xc``)."""
     first = points[0]
     for point in points:
         for name in [k for k in point if k.endswith(("_ms", "_per_s"))]:
-            point[f"{name}_x"] = round(point[name] / first[name], 2) if first[name] else None
+            point[f"{name}_x"] = round(point[name] / first[name], 2)
+            against = (point[name] / point["control"][name]) / (first[name] / first["control"][name])
+            point[f"{name}_xc"] = round(against, 2)
     return points
 
 
-async def curve(url: str, kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Grow the history or the backlog size by size, measuring at each."""
-    backlog = Backlog()
+async def curve(urls: tuple[str, str], kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Grow the history or the backlog size by size on the first URL, measuring at each against the second's."""
+    grown_backlog = Backlog()
     points = []
-    async with app.client(url=url) as client:
-        for size in args.history if kind == "history" else args.backlog:
+    async with app.client(url=urls[0]) as grown, app.client(url=urls[1]) as control:
+        sizes = args.history if kind == "history" else args.backlog
+        if kind == "backlog":
+            await Backlog().grow_to(control, sizes[0], args.fill_concurrency)
+            await fill_history(control, MEASURED, 1)
+        for size in sizes:
             started = time.perf_counter()
             if kind == "history":
-                measured = f"h{size}"  # a fresh instance per size, so that each starts at exactly its size
-                await fill_history(client, measured, size)
+                # Fresh instances per size, so that each starts at exactly its size; the control's stays small.
+                measured, steady = f"h{size}", f"h{sizes[0]}-{size}"
+                await fill_history(grown, measured, size)
+                await fill_history(control, steady, sizes[0])
             else:
-                measured = MEASURED
-                await backlog.grow_to(client, size, args.fill_concurrency)
-                await fill_history(client, measured, 1)  # it has a committed state before the first sample
+                measured = steady = MEASURED
+                await grown_backlog.grow_to(grown, size, args.fill_concurrency)
+                await fill_history(grown, measured, 1)  # it has a committed state before the first sample
             filled_s = time.perf_counter() - started
             await asyncio.sleep(args.settle_s)
-            point = {"size": size, "fill_s": round(filled_s, 1), **await measure(client, measured, args)}
+            figures, steady_figures = await measure([(grown, measured), (control, steady)], args)
+            point = {"size": size, "fill_s": round(filled_s, 1), **figures, "control": steady_figures}
             print(f"  {kind} {size}: {point}", flush=True)
             points.append(point)
     return _with_ratios(points)
 
 
+@contextlib.contextmanager
+def _two_places(engine: str) -> Iterator[tuple[str, str]]:
+    """Two fresh places on ``engine``: the one that grows, and the control (on Redis, one DB, two key prefixes)."""
+    with engines.prepared(engine) as (url, _):
+        if engine == "redis":
+            yield url, f"{url}?prefix=keel-control:"
+        else:
+            with engines.prepared(engine) as (control, _):
+                yield url, control
+
+
 def run_engine(engine: str, args: argparse.Namespace) -> dict[str, object]:
     row: dict[str, object] = {"engine": engine}
     for kind in args.curves.split(","):
-        with engines.prepared(engine) as (url, _):
-            workers = start_workers("bench.growth_app:app", url, 1, only=("tick",))
+        with _two_places(engine) as urls:
+            workers = [start_workers("bench.growth_app:app", url, 1, only=("tick",)) for url in urls]
             try:
-                row[kind] = asyncio.run(curve(url, kind, args))
+                row[kind] = asyncio.run(curve(urls, kind, args))
             finally:
-                stop_workers(workers)
+                for started in workers:
+                    stop_workers(started)
     return row
 
 

@@ -113,6 +113,11 @@ WITH picked AS MATERIALIZED (
            lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_s)s)
       FROM picked
      WHERE i.app = %(app)s AND i.workflow = picked.workflow AND i.workflow_id = picked.workflow_id
+       -- The same keys again as arrays, which the primary key's index scan takes as its condition. The planner cannot
+       -- know that picked holds at most limit rows (it guesses 100), so on the join alone it scanned every instance of
+       -- the app (or of the workflow) to hash them, at every claim: the cost grew with the number of instances.
+       AND i.workflow = ANY (ARRAY(SELECT workflow FROM picked))
+       AND i.workflow_id = ANY (ARRAY(SELECT workflow_id FROM picked))
     RETURNING i.workflow, i.workflow_id, i.fencing_token, i.lease_expires_at, i.next_visible_at, i.next_seq, i.state,
               i.state_version
 ), tried AS (
