@@ -30,8 +30,8 @@ def _ack(claim: Claim) -> TurnCommit:
 async def _write_schema_version_5(url: str) -> None:
     """Workflow instance loan/42 and delivery on/mail/e1, each with one done message, as schema version 5 kept them.
 
-    Written by this keel, then taken back to version 5: without ``keel_instances.kind`` (version 6) and
-    ``keel_messages.waited`` (version 7).
+    Written by this keel, then taken back to version 5: without ``keel_instances.kind`` (version 6),
+    ``keel_messages.waited`` and the index of version 7.
     """
     async with opened_backend(url) as backend:
         await backend.send(NewMessage(ref(), "m1", "{}"))
@@ -42,6 +42,7 @@ async def _write_schema_version_5(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("ALTER TABLE keel_instances DROP COLUMN kind")
         conn.execute("ALTER TABLE keel_messages DROP COLUMN waited")
+        conn.execute("DROP INDEX keel_instances_ready_by_workflow")
         conn.execute(pg_store.QUERIES["record_schema_version"], {"component": "store", "version": 5})
 
 

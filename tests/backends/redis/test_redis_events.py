@@ -141,10 +141,10 @@ async def test_the_schema_step_from_4_records_6_and_rewrites_nothing_written_wit
     with caplog.at_level(logging.INFO, logger=STORE_LOGGER):
         opened = await open_backend(redis_url, StoreOptions())
     try:
-        assert any("upgraded from schema 4 to 6" in r.getMessage() for r in caplog.records if r.name == STORE_LOGGER)
-        assert await raw.hget("keel:schema", "store") == str(STORE_SCHEMA_VERSION) == "6"
+        assert any("upgraded from schema 4 to 7" in r.getMessage() for r in caplog.records if r.name == STORE_LOGGER)
+        assert await raw.hget("keel:schema", "store") == str(STORE_SCHEMA_VERSION) == "7"
         # Its instances have their kind already (this keel wrote them): upgrade_6.lua keeps it.
-        written["keel:schema"] = ("hash", -1, {"store": "6"})
+        written["keel:schema"] = ("hash", -1, {"store": "7"})
         assert await snapshot(raw) == written
         # The data runs on, and gets an event log.
         assert await opened.publish(new_event(event_id="e1")) == "e1"
@@ -154,5 +154,5 @@ async def test_the_schema_step_from_4_records_6_and_rewrites_nothing_written_wit
     finally:
         await opened.aclose()
     before = await snapshot(raw)
-    await reopen(redis_url)  # at schema 6 already: nothing changes
+    await reopen(redis_url)  # at schema 7 already: nothing changes
     assert await snapshot(raw) == before

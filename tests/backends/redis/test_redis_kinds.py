@@ -63,7 +63,7 @@ async def test_the_schema_step_from_5_writes_each_instances_kind_and_prune_goes_
     with caplog.at_level(logging.INFO, logger=MIGRATE_LOGGER):
         opened = await open_backend(url, StoreOptions())
     try:
-        assert await raw.hget(keys.schema, "store") == str(STORE_SCHEMA_VERSION) == "6"
+        assert await raw.hget(keys.schema, "store") == str(STORE_SCHEMA_VERSION) == "7"
         assert any("4 instance(s) given a kind for schema 6" in r.getMessage() for r in caplog.records)
         assert await raw.hget(keys.instance(instance_member(ref("a"))), "kind") == "workflow"
         for n in range(3):

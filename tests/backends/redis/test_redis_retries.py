@@ -245,7 +245,7 @@ async def test_the_schema_step_indexes_the_dead_letters_of_a_layout_2_database(
     with caplog.at_level(logging.INFO, logger=MIGRATE_LOGGER):
         opened = await open_backend(url, StoreOptions())
     try:
-        assert await raw.hget(f"{prefix}schema", "store") == str(STORE_SCHEMA_VERSION) == "6"
+        assert await raw.hget(f"{prefix}schema", "store") == str(STORE_SCHEMA_VERSION) == "7"
         assert any("5 dead letter(s) indexed" in r.getMessage() for r in caplog.records)
         letters = await opened.dead_letters(APP, limit=10)
         assert [d.message_id for d in letters] == [failed[f"loans/loan/{n}"] for n in (4, 3, 2, 1, 0)]

@@ -137,7 +137,7 @@ async def test_the_schema_step_dates_and_indexes_a_layout_3_database(
         opened = await open_backend(url, StoreOptions())
     after_us = micros(await server_now(raw))
     try:
-        assert await raw.hget(keys.schema, "store") == str(STORE_SCHEMA_VERSION) == "6"
+        assert await raw.hget(keys.schema, "store") == str(STORE_SCHEMA_VERSION) == "7"
         assert any(f"{8 + BULK} message(s) upgraded for schema 4" in r.getMessage() for r in caplog.records)
         assert calls.count("upgrade_4.lua") > 10 and "upgrade_3.lua" not in calls
         member = old.member

@@ -78,20 +78,27 @@ SELECT coalesce(
 -- Lock up to limit claimable instances, earliest visible next message first, skipping rows other claimers hold, and
 -- keep their keys for lease, the transaction's next statement, in the transaction-local setting keel.claimed (a JSON
 -- array): both statements go to the server together, one round trip per claim, whether it finds work or not.
--- The server's now is read once (an InitPlan), so that the index scan on keel_instances_ready stops at it.
+-- Each asked workflow is one range of keel_instances_ready_by_workflow (so the ready instances of the others are never
+-- stepped over), up to limit from each, merged; the server's now is read once (an InitPlan), so that each index scan
+-- stops at it. Rows locked beyond the first limit are let go when the claim's transaction ends, a moment later.
 SELECT set_config(
            'keel.claimed',
            coalesce(jsonb_agg(jsonb_build_object('workflow', workflow, 'workflow_id', workflow_id)), '[]')::text,
            true)
-  FROM (SELECT workflow, workflow_id
-          FROM keel_instances
-         WHERE app = %(app)s AND workflow = ANY(%(workflows)s::text[])
-           AND next_seq IS NOT NULL AND NOT paused
-           AND next_visible_at <= (SELECT clock_timestamp())
-           AND (lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp())
-         ORDER BY next_visible_at, next_seq
-         LIMIT %(limit)s
-           FOR UPDATE SKIP LOCKED) AS ready
+  FROM (SELECT ready.workflow, ready.workflow_id
+          FROM unnest(%(workflows)s::text[]) AS asked (workflow)
+               CROSS JOIN LATERAL (
+                   SELECT workflow, workflow_id, next_visible_at, next_seq
+                     FROM keel_instances
+                    WHERE app = %(app)s AND workflow = asked.workflow
+                      AND next_seq IS NOT NULL AND NOT paused
+                      AND next_visible_at <= (SELECT clock_timestamp())
+                      AND (lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp())
+                    ORDER BY next_visible_at, next_seq
+                    LIMIT %(limit)s
+                      FOR UPDATE SKIP LOCKED) AS ready
+         ORDER BY ready.next_visible_at, ready.next_seq
+         LIMIT %(limit)s) AS ready
 
 -- lease --
 -- After lock_ready, in a fresh snapshot taken with the rows locked: lease the instances it locked (keel.claimed) under
@@ -106,6 +113,11 @@ WITH picked AS MATERIALIZED (
            lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_s)s)
       FROM picked
      WHERE i.app = %(app)s AND i.workflow = picked.workflow AND i.workflow_id = picked.workflow_id
+       -- The same keys again as arrays, which the primary key's index scan takes as its condition. The planner cannot
+       -- know that picked holds at most limit rows (it guesses 100), so on the join alone it scanned every instance of
+       -- the app (or of the workflow) to hash them, at every claim: the cost grew with the number of instances.
+       AND i.workflow = ANY (ARRAY(SELECT workflow FROM picked))
+       AND i.workflow_id = ANY (ARRAY(SELECT workflow_id FROM picked))
     RETURNING i.workflow, i.workflow_id, i.fencing_token, i.lease_expires_at, i.next_visible_at, i.next_seq, i.state,
               i.state_version
 ), tried AS (

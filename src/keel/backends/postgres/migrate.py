@@ -3,9 +3,9 @@
 ``schema.sql`` holds the steps; ``bootstrap`` runs every time, the rest once each, in this order: version 1 is the
 store's tables, version 2 the runtime's (``broker.py``), version 3 its step results and dead letters, version 4 its
 durable timers, pruning and instance deletion, version 5 its event log, version 6 each instance's kind (workflow or
-delivery), version 7 the mark of the messages a client waits for. ``keel_schema`` records the version reached; an
-advisory lock (``lock_schema``) serialises processes starting together. Opening the store alone creates the runtime's
-tables too: one schema version for the whole engine.
+delivery), version 7 the mark of the messages a client waits for and the index claims read one workflow at a time.
+``keel_schema`` records the version reached; an advisory lock (``lock_schema``) serialises processes starting together.
+Opening the store alone creates the runtime's tables too: one schema version for the whole engine.
 """
 
 from __future__ import annotations

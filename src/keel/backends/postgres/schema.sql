@@ -273,3 +273,12 @@ UPDATE keel_instances SET kind = 'delivery' WHERE starts_with(workflow, 'on/');
 -- database until it has committed, which would make every commit wait for the one before. A constant default is
 -- stored in the catalogue only: adding the column rewrites nothing.
 ALTER TABLE keel_messages ADD COLUMN waited boolean NOT NULL DEFAULT false;
+
+-- Claims look for ready instances workflow by workflow, each in one range of this index. keel_instances_ready orders
+-- all of an app's workflows together, so a claim for some of them stepped over every ready instance of the others
+-- (the backlog of a pool of workers that is down, or of a handler that runs elsewhere), at every claim. Indexing
+-- keel_instances must not be cut off by the URL's query timeout, however big it is.
+SET LOCAL statement_timeout = 0;
+
+CREATE INDEX keel_instances_ready_by_workflow ON keel_instances (app, workflow, next_visible_at, next_seq)
+    WHERE next_seq IS NOT NULL AND NOT paused;

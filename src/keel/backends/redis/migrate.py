@@ -19,6 +19,9 @@ prune goes by. The deliveries stored so far are exactly the instances of the pse
 workflow names cannot contain ``/``): this upgrade is the one place that reads the name (``keel.records.handler_of``),
 once. The instances are found with ``SCAN`` over ``inst:`` keys.
 
+From 6 to 7 nothing is rewritten: the ready sets were per workflow already (version 7 is the one at which the SQL
+engines index their ready instances by workflow), so only the version is recorded.
+
 All work batch by batch, one script per batch, so the server is never blocked for long; the scripts are
 idempotent, so processes connecting together may both run them, and one cut short is finished by the next
 connect (the version stays where it was until an upgrade completed). Processes of an older keel must be
@@ -51,8 +54,10 @@ logger = logging.getLogger(__name__)
 #: 3 adds step results, retry holds and dead letters (2 -> 3 indexes the failed messages: ``migrate.py``),
 #: 4 adds timers, pruning and deletion (3 -> 4 dates the messages and builds the new indexes: ``migrate.py``),
 #: 5 adds the event log and handler deliveries (keys created on first use, so 4 -> 5 only records the number),
-#: 6 stores each instance's kind (5 -> 6 writes it into every instance's hash: ``migrate.py``).
-STORE_SCHEMA_VERSION = 6
+#: 6 stores each instance's kind (5 -> 6 writes it into every instance's hash: ``migrate.py``), 7 is the version at
+#: which SQLite and PostgreSQL index their ready instances by workflow (Redis always kept a ready set per workflow,
+#: so 6 -> 7 only records the number, keeping the engines' versions in step).
+STORE_SCHEMA_VERSION = 7
 
 #: The field of the schema hash that holds the store's layout version.
 SCHEMA_COMPONENT = "store"

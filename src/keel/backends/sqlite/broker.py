@@ -2,7 +2,7 @@
 
 How it works:
 
-- Tables (``schema.sql``, sections ``runtime_v2`` to ``runtime_v6``): ``keel_instances`` holds each instance's
+- Tables (``schema.sql``, sections ``runtime_v2`` to ``runtime_v7``): ``keel_instances`` holds each instance's
   ``kind`` (workflow or delivery, from the message that created it), lease, fencing token, paused flag, committed
   state and ``next_seq`` / ``next_visible_us``, the seq and visible time of its next message; ``keel_messages`` is
   every inbox, with one ``seq`` for the whole file, each message's ``visible_us`` (sent time plus its delay), status
@@ -16,8 +16,9 @@ How it works:
   commit's transaction after its fence check.
 - Order and durable timers: an instance's next message is its pending one with the smallest (``visible_us``,
   ``seq``); a claim takes only instances whose ``next_visible_us`` has come, in (``next_visible_us``,
-  ``next_seq``) order, from one index. A send moves ``next_*`` to the new message only if it becomes visible
-  first; a commit, failure or resolved dead letter recomputes them. A retried message or a retried dead letter
+  ``next_seq``) order, from one index range per workflow it asks for (so the ready instances of the others, however
+  many, cost it nothing), merged. A send moves ``next_*`` to the new message only if it becomes visible first; a
+  commit, failure or resolved dead letter recomputes them. A retried message or a retried dead letter
   keeps its (``visible_us``, ``seq``), so it stays first.
 - Every write is one plain function of ``transactions`` run on the database thread inside one ``BEGIN
   IMMEDIATE`` transaction (``SqliteDatabase.write``), so the file's write lock is taken before anything is read:
@@ -58,7 +59,6 @@ How it works:
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import TYPE_CHECKING
 
 from keel.backends.base import Pruned
@@ -183,7 +183,7 @@ class SqliteBroker:
         if limit <= 0:
             return []  # SQLite reads a negative LIMIT as "no limit"
         self._gate.claiming(app, workflows)
-        names = json.dumps(sorted(set(workflows)))
+        names = sorted(set(workflows))
         lease_us = micros(lease_s)
         claims, latest, now = await self.database.write(
             lambda conn: tx.claim_in(conn, app, names, worker, lease_us, limit),

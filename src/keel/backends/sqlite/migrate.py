@@ -34,6 +34,7 @@ MIGRATIONS = (
     _SCHEMA["runtime_v4"],
     _SCHEMA["runtime_v5"],
     _SCHEMA["runtime_v6"],
+    _SCHEMA["runtime_v7"],
 )
 
 #: The schema version this code writes and reads, recorded in ``keel_schema`` under ``SCHEMA_COMPONENT``.

@@ -46,12 +46,12 @@ SELECT
     )
 
 -- ready_instances --
--- Instances of the asked workflows (:workflows is a JSON array) whose next message is visible, not paused and
--- not under a live lease (nor held by a retry), in the order of their next messages: first visible, first sent.
-SELECT workflow, workflow_id FROM keel_instances
-WHERE app = :app AND next_seq IS NOT NULL AND paused = 0 AND next_visible_us <= :now_us
+-- Instances of one workflow whose next message is visible, not paused and not under a live lease (nor held by a
+-- retry), in the order of their next messages (first visible, first sent), with that order's keys. One range of
+-- keel_instances_ready_by_workflow: the ready instances of other workflows are never stepped over.
+SELECT next_visible_us, next_seq, workflow, workflow_id FROM keel_instances
+WHERE app = :app AND workflow = :workflow AND next_seq IS NOT NULL AND paused = 0 AND next_visible_us <= :now_us
     AND (lease_expires_us IS NULL OR lease_expires_us <= :now_us)
-    AND workflow IN (SELECT value FROM json_each(:workflows))
 ORDER BY next_visible_us, next_seq
 LIMIT :limit
 

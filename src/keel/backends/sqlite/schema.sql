@@ -342,3 +342,14 @@ ALTER TABLE keel_instances ADD COLUMN kind TEXT NOT NULL DEFAULT 'workflow' CHEC
 -- creates its instances as workflows (the default): prune then keeps such a delivery's row, as version 5 kept every
 -- workflow's, which costs a row and loses nothing.
 UPDATE keel_instances SET kind = 'delivery' WHERE substr(workflow, 1, 3) = 'on/';
+
+-- runtime_v7 --
+-- Claims look for ready instances workflow by workflow, each in one range of this index. keel_instances_ready orders
+-- all of an app's workflows together, so a claim for some of them stepped over every ready instance of the others
+-- (the backlog of a pool of workers that is down, or of a handler that runs elsewhere), at every claim.
+CREATE INDEX keel_instances_ready_by_workflow ON keel_instances (app, workflow, next_visible_us, next_seq)
+WHERE next_seq IS NOT NULL AND paused = 0;
+
+-- The failed message pausing an instance, which retrying or skipping a dead letter looks up: without it, the lookup
+-- walked all of the app's messages in seq order (keel_messages_app) until it met the instance's failed one.
+CREATE INDEX keel_messages_failed_by_instance ON keel_messages (app, workflow, workflow_id, seq) WHERE status = 'failed';

@@ -123,7 +123,23 @@ def publish_in(conn: sqlite3.Connection, event: NewEvent, *, first_wins: bool = 
     return event.event_id
 
 
-def nothing_ready(conn: sqlite3.Connection, app: str, workflows_json: str) -> tuple[list[Claim], int, int] | None:
+def ready_instances(
+    conn: sqlite3.Connection, app: str, workflows: Sequence[str], now: int, limit: int
+) -> list[tuple[str, str]]:
+    """Up to ``limit`` instances of ``workflows`` a claim at ``now`` may take, first visible (then first sent) first.
+
+    One indexed range per workflow (``ready_instances``), merged here: one range over all of the app's workflows
+    would step over every ready instance of the workflows not asked for, at every claim.
+    """
+    found = []
+    for workflow in workflows:
+        params = {"app": app, "workflow": workflow, "now_us": now, "limit": limit}
+        found += conn.execute(QUERIES["ready_instances"], params).fetchall()
+    found.sort()  # by (next_visible_us, next_seq): a seq is unique, so the sort never compares further
+    return [(workflow, workflow_id) for _, _, workflow, workflow_id in found[:limit]]
+
+
+def nothing_ready(conn: sqlite3.Connection, app: str, workflows: Sequence[str]) -> tuple[list[Claim], int, int] | None:
     """What ``claim_in`` would return if no instance is ready (no claims, the newest seq, the clock); else None.
 
     Run outside any transaction, so that a claim finding nothing never takes the write lock: most claims of an idle
@@ -133,14 +149,13 @@ def nothing_ready(conn: sqlite3.Connection, app: str, workflows_json: str) -> tu
     """
     latest = int(conn.execute(QUERIES["latest_seq"], {"app": app}).fetchone()[0])
     now = now_us()
-    params = {"app": app, "workflows": workflows_json, "now_us": now, "limit": 1}
-    if conn.execute(QUERIES["ready_instances"], params).fetchone() is not None:
+    if ready_instances(conn, app, workflows, now, 1):
         return None
     return [], latest, now
 
 
 def claim_in(
-    conn: sqlite3.Connection, app: str, workflows_json: str, worker: str, lease_us: int, limit: int
+    conn: sqlite3.Connection, app: str, workflows: Sequence[str], worker: str, lease_us: int, limit: int
 ) -> tuple[list[Claim], int, int]:
     """Lease the ready instances; also return the app's newest seq and the clock reading the claim was made at.
 
@@ -149,8 +164,7 @@ def claim_in(
     yet; one whose next message is not visible yet is not ready either.
     """
     now = now_us()
-    params = {"app": app, "workflows": workflows_json, "now_us": now, "limit": limit}
-    ready = conn.execute(QUERIES["ready_instances"], params).fetchall()
+    ready = ready_instances(conn, app, workflows, now, limit)
     claims = [
         _lease(conn, InstanceRef(app, workflow, workflow_id), worker, now + lease_us) for workflow, workflow_id in ready
     ]

@@ -12,7 +12,7 @@
 -- "{" and "}" encoded, the tag of the per-app keys. Times are microseconds since the epoch by this
 -- server's clock (TIME).
 --
--- keel:schema                 hash    component -> schema version, "store" -> "6" (schema.lua, at connect)
+-- keel:schema                 hash    component -> schema version, "store" -> "7" (schema.lua, at connect)
 -- keel:inst:{$inst}           hash    tok     fencing token: raised by every claim, never lowered or reused;
 --                                             created by the instance's first send, at its app's tokfloor
 --                                     own     lease owner ("host:pid"), absent when no worker holds a lease;

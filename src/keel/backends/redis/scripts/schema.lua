@@ -26,7 +26,8 @@
 -- delivery instances, all created on first use, so going from 4 to 5 rewrites nothing and only records
 -- the number. 6 adds each instance's kind (workflow or delivery) to its keel:inst: hash; going from 5 to 6
 -- (or from any older layout, after its own upgrades), the engine runs upgrade_6.lua over every instance
--- (batch by batch, idempotent) before calling this script.
+-- (batch by batch, idempotent) before calling this script. 7 changes no key (the ready sets were per
+-- workflow already; the SQL engines index theirs so at 7), so going from 6 to 7 only records the number.
 --
 -- One script, so that processes starting together never lower a version another one has just raised.
 
