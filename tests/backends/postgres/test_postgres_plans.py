@@ -76,6 +76,7 @@ PARAMS: dict[str, Any] = {
     "idempotency_key": None,
     "delay_s": 0.0,
     "channel": "c",
+    "end_channel": "e",
 }
 
 
