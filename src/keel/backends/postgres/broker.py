@@ -43,7 +43,7 @@ How each operation stays atomic and fenced:
   write with nothing else in its transaction (all but a commit that sends or emits) is committed without waiting
   for its answer, and refused (``LeaseLostError``) after the COMMIT: one round trip.
 - Group commit: the step records and the commits that neither send nor emit, waiting at the same time, share one
-  transaction (``keel.backends.batch``, ``transactions.group_in``): one statement locks all their instance rows in
+  transaction (``keel.backends.batch``, ``transactions.script_group``): one statement locks all their instance rows in
   lock order, then each one's fenced statement goes out; a refused one writes nothing and takes nothing of the
   others with it, and each caller is answered (or refused) after the shared COMMIT.
 - ``publish``: one transaction. One statement appends the event unless the log holds its id or (in its app) its
@@ -77,16 +77,20 @@ from keel.backends.batch import Batcher
 from keel.backends.postgres.connection import fetch_one
 from keel.backends.postgres.rows import claim as claim_from_row
 from keel.backends.postgres.rows import dead_letter, event_row, message_info, stored_record, turn_record
+from keel.backends.postgres.scripts import Script
 from keel.backends.postgres.transactions import (
     BROKER_QUERIES,
     channel_for,
     commit_in,
-    fail_in,
-    group_in,
+    fenced_row,
+    held_rows,
     instance_params,
     publish_in,
-    queue_fenced,
+    script_fenced,
+    script_group,
+    script_sends,
     send_in,
+    standing_id,
     turn_params,
 )
 from keel.backends.postgres.wake import PostgresListener
@@ -130,6 +134,8 @@ class PostgresBroker:
         self.listener = PostgresListener(connection, schema, self._gate)
         #: Commits without sends or events and step records, written together when they wait at the same time.
         self._grouped: Batcher[TurnCommit | StepRecord, int] = Batcher(self._write_group)
+        #: Sends of this process's concurrent callers, written together the same way.
+        self._sends: Batcher[NewMessage, str] = Batcher(self._write_sends)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
@@ -148,8 +154,16 @@ class PostgresBroker:
             yield conn
             await conn.execute(BROKER_QUERIES["commit"])
 
+    async def _run(self, script: Script) -> list[list[tuple[Any, ...]] | None]:
+        """Run ``script`` on a pooled connection: one transaction, one round trip (``scripts.py``)."""
+        async with self._connection.connection() as conn:
+            return await script.run(conn)
+
     async def send(self, message: NewMessage, /) -> str:
         """Append ``message`` to its inbox and wake the app's listeners, unless its id or idempotency key was used.
+
+        Written with the other sends of this broker waiting at the same time, in one transaction (group commit):
+        each is answered once that transaction has committed, and a conflict of one refuses that one alone.
 
         Returns:
             The message's id, or the id of the message first sent under the same idempotency key.
@@ -158,9 +172,33 @@ class PostgresBroker:
             IdempotencyConflictError: The key was used for the instance with another payload; nothing was written.
             BackendUnavailable: The server cannot be reached; the message may or may not have been appended.
         """
-        async with self._transaction() as conn:
-            [message_id] = await send_in(conn, self._schema, [message])
-        return message_id
+        return await self._sends.submit(message)
+
+    async def _write_sends(self, messages: Sequence[NewMessage]) -> list[str | BaseException]:
+        """Append messages in one transaction, each deduplicated on its own; each one's id, or its conflict.
+
+        Every append is its own statement and an idempotency conflict is an answer, not an error, so a conflict of
+        one writes nothing of it and leaves the others be. A statement that fails outright aborts the transaction:
+        then each message goes again alone, so that only the one at fault gets the error.
+        """
+        script = Script()
+        appended = script_sends(script, self._schema, messages)
+        try:
+            results = await self._run(script)
+        except (BackendUnavailable, asyncio.CancelledError):
+            raise
+        except Exception:
+            if len(messages) == 1:
+                raise
+            return [outcome for message in messages for outcome in await self._write_sends([message])]
+        outcomes: list[str | BaseException] = []
+        for message, index in zip(messages, appended, strict=True):
+            [row] = results[index] or [()]  # the statement always returns its one row
+            try:
+                outcomes.append(standing_id(message, row))
+            except IdempotencyConflictError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     async def send_many(self, messages: Sequence[NewMessage], /) -> list[str]:
         """Append each message as ``send`` does, in order, in one transaction: all of them, or none.
@@ -215,13 +253,10 @@ class PostgresBroker:
         self._gate.claiming(app, workflows)
         if limit <= 0 or not workflows:
             return []
-        wanted = {"app": app, "workflows": list(workflows), "limit": limit}
-        lease = {"app": app, "worker": worker, "lease_s": lease_s}
-        async with self._transaction() as conn:
-            await conn.execute(BROKER_QUERIES["lock_ready"], wanted)
-            leased = await conn.execute(BROKER_QUERIES["lease"], lease)
-        # Read once the block is over: the leases came back with its COMMIT, in the same round trip.
-        rows = await leased.fetchall()
+        script = Script()
+        script.add("lock_ready", {"app": app, "workflows": list(workflows), "limit": limit})
+        leased = script.add("lease", {"app": app, "worker": worker, "lease_s": float(lease_s)})
+        rows = (await self._run(script))[leased] or []
         return [claim_from_row(app, row) for row in rows]
 
     async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
@@ -264,19 +299,21 @@ class PostgresBroker:
         A statement that fails outright (rather than being refused by its fence) aborts the transaction: then each
         write goes again alone, so that only the one at fault gets its error.
         """
+        script = Script()
+        locked, fenced = script_group(script, writes)
         try:
-            async with self._transaction() as conn:
-                fenced = await group_in(conn, writes)
+            results = await self._run(script)
         except (BackendUnavailable, asyncio.CancelledError):
             raise
         except Exception:
             if len(writes) == 1:
                 raise
             return [outcome for write in writes for outcome in await self._write_group([write])]
+        held = held_rows(results[locked])
         outcomes: list[int | BaseException] = []
-        for write, written in zip(writes, fenced, strict=True):
+        for write, index in zip(writes, fenced, strict=True):
             try:
-                row = await written.row()
+                row = fenced_row(write.claim, results[index], held.get(write.claim.instance))
             except LeaseLostError as exc:
                 outcomes.append(exc)
             else:
@@ -290,9 +327,8 @@ class PostgresBroker:
             LeaseLostError: The claim's token is no longer the instance's, or its lease expired; nothing was written.
             BackendUnavailable: The server cannot be reached.
         """
-        async with self._transaction() as conn:
-            written = await fail_in(conn, failure)
-        await written.row()
+        params = {**turn_params(failure, TurnOutcome.failed), "error": failure.error}
+        await self._fenced(failure.claim, "fail_turn", params)
 
     async def release(self, claim: Claim, /) -> None:
         """Give the lease back if the claim's token is still current; otherwise do nothing."""
@@ -319,15 +355,24 @@ class PostgresBroker:
             LeaseLostError: The lease is no longer live (moved on, expired or released); nothing was written.
             BackendUnavailable: The server cannot be reached; the retry may or may not have been recorded.
         """
-        claim = failure.claim
         params = {
             **turn_params(failure, TurnOutcome.retry),
             "error": failure.error,
             "delay_s": float(delay_s),
         }
-        async with self._transaction() as conn:
-            written = await queue_fenced(conn, claim, BROKER_QUERIES["retry_turn"], params)
-        await written.row()
+        await self._fenced(failure.claim, "retry_turn", params)
+
+    async def _fenced(self, claim: Claim, name: str, params: dict[str, Any]) -> tuple[Any, ...]:
+        """Run fenced statement ``name`` after locking the claim's instance row: one transaction, one round trip.
+
+        Raises:
+            LeaseLostError: The lease was not live; nothing was written.
+        """
+        script = Script()
+        locked, written = script_fenced(script, claim, name, params)
+        results = await self._run(script)
+        held = results[locked]
+        return fenced_row(claim, results[written], held[0] if held else None)
 
     async def dead_letters(self, app: str, /, *, limit: int) -> list[DeadLetter]:
         """Return the app's dead-lettered messages (status failed), newest failure first."""
