@@ -17,7 +17,8 @@ alone) off the instance until then.
 
 How each operation stays atomic and fenced:
 
-- ``send``: one transaction. It locks the instance row (creating it), then appends the message, makes it the
+- ``send``: one transaction, shared with the other sends of this broker waiting at the same time (group commit,
+  ``scripts.py``: one round trip). It locks the instance row (creating it), then appends the message, makes it the
   instance's next one if it becomes visible before the current next one (unless a dead letter pauses the instance:
   it stays next), and notifies the app's channel, delivered at commit (not for a timer, which is no work yet; idle
   workers find it by polling once it is due). Locking first makes the messages of one inbox draw their seq in commit
@@ -30,8 +31,8 @@ How each operation stays atomic and fenced:
   server's clock, not paused, lease absent or expired by ``clock_timestamp()``) in ``(next_visible_at, next_seq)``
   order, so concurrent claimers in any process take disjoint rows; a second statement raises their tokens, sets the
   leases and counts the attempts. The first hands the second the rows it locked through a transaction-local setting
-  (``keel.claimed``), so both go out together: a claim takes one round trip. A retried message (a ``retry_turn``
-  hold) and a dead letter sent back keep their ``(visible_at, seq)``, so they stay first.
+  (``keel.claimed``), so both go out together in one script: a claim takes one round trip. A retried message (a
+  ``retry_turn`` hold) and a dead letter sent back keep their ``(visible_at, seq)``, so they stay first.
 - ``commit_turn``, ``fail_turn``, ``record_step`` and ``retry_turn``: one transaction. It locks the instance row,
   then one statement writes everything under the condition that the lease is live (by the server's clock, read
   after the lock is held); when that condition fails nothing is written and ``LeaseLostError`` says why, from the
@@ -40,12 +41,13 @@ How each operation stays atomic and fenced:
   events as ``publish`` does, in the same transaction: a refused commit rolls back everything. A commit with a
   NULL state (a handler delivery's acknowledgement) writes no state and keeps the claim's version. A step keeps
   its first result: the insert does nothing on a name already recorded. A refused statement writes nothing, so a
-  write with nothing else in its transaction (all but a commit that sends or emits) is committed without waiting
-  for its answer, and refused (``LeaseLostError``) after the COMMIT: one round trip.
+  write with nothing else in its transaction (all but a commit that sends or emits) is one script, committed
+  without waiting for its answer, and refused (``LeaseLostError``) after the commit: one round trip.
 - Group commit: the step records and the commits that neither send nor emit, waiting at the same time, share one
-  transaction (``keel.backends.batch``, ``transactions.script_group``): one statement locks all their instance rows in
-  lock order, then each one's fenced statement goes out; a refused one writes nothing and takes nothing of the
-  others with it, and each caller is answered (or refused) after the shared COMMIT.
+  transaction (``keel.backends.batch``, ``transactions.script_group``): one statement locks all their instance rows
+  in lock order, then each one's fenced statement goes out; a refused one writes nothing and takes nothing of the
+  others with it, and each caller is answered (or refused) after the shared commit. Sends are grouped the same way
+  (``transactions.script_sends``), each append refused (an idempotency conflict) on its own.
 - ``publish``: one transaction. One statement appends the event unless the log holds its id or (in its app) its
   idempotency key; a concurrent append of either makes it wait for that transaction to end, then do nothing. An
   appended event's deliveries are sent as ``send`` sends them; otherwise a second statement finds the event that
@@ -141,10 +143,10 @@ class PostgresBroker:
     async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
         """Lend a pooled connection inside one transaction, in pipeline mode.
 
-        Statements go out as they are queued and their results are read only when needed, so a write waits for
-        the server only when it needs an answer to go on, and once more for its COMMIT: once for a claim, a handler
-        delivery's acknowledgement or another fenced write whose answer is read after the block (its cursor holds
-        the rows that came back with the COMMIT), twice for a send or a commit that sends or emits. The transaction
+        For the writes that read an answer before they go on (a commit that sends or emits, ``send_many``,
+        ``publish``, ``delete_instance``, ``resolve_dead_letter``); the others are scripts (``_run``), one round
+        trip each. Statements go out as they are queued and their results are read only when needed, so a write
+        waits for the server only when it needs an answer to go on, and once more for its COMMIT. The transaction
         is opened and closed with plain statements, because psycopg's transaction blocks wait for the server as they
         start and as they end in pipeline mode. When the block raises (``LeaseLostError``, a failed statement), the
         pool's connection block rolls back.
