@@ -1,13 +1,13 @@
 """One round trip per transaction: several prepared statements sent as one text, run as one implicit transaction.
 
-Why: in psycopg's pipeline mode every statement is its own write to the socket and wakes the server's backend once;
-on loopback that kernel and wake-up work, not the statements, was most of a write's cost (``bench/README.md``,
-"Where the time goes"). A ``Script`` instead sends ``EXECUTE name(literal, ...); EXECUTE ...`` as one simple-query
-message: one write, one wake-up, one answer. PostgreSQL runs the statements of such a message as one transaction
-(an error in any rolls back all of them), and under read committed each still takes a fresh snapshot when it
-starts, so a statement that follows a row lock sees everything committed before the lock was granted, exactly as
-in an explicit transaction. The values are bound on the client (psycopg's ``ClientCursor`` quoting, with
-``standard_conforming_strings``, which keel's servers have on since PostgreSQL 9.1).
+Why: in psycopg's pipeline mode every statement is its own write to the socket and wakes the server's backend once; on
+loopback that kernel and wake-up work, not the statements, was most of a write's cost (``bench/README.md``, "Where the
+time goes"). A ``Script`` instead sends ``EXECUTE name(literal, ...); EXECUTE ...`` as one simple-query message: one
+write, one wake-up, one answer. PostgreSQL runs the statements of such a message as one transaction (an error in any
+rolls back all of them), and under read committed each still takes a fresh snapshot when it starts, so a statement that
+follows a row lock sees everything committed before the lock was granted, exactly as in an explicit transaction. The
+values are bound on the client: psycopg's ``ClientCursor`` quotes each one with libpq's ``PQescapeLiteral`` for the
+connection, right whatever the server's settings.
 
 The statements are ``PREPARE``d on each pooled connection (``prepare``: the pool's ``configure`` callback, and again
 after psycopg dropped them), so the server parses and plans them once, not per call: plain text statements would be
