@@ -44,6 +44,8 @@ class Counts:
 
     def saw(self, text: str, n: int = 1) -> None:
         head = text.lstrip().split(None, 1)[0].upper() if text.strip() else "?"
+        if head == "EXECUTE":  # a statement keel prepared (scripts.py): by its name
+            head = text.split(None, 2)[1].split("(", 1)[0]
         self.statements += n
         self.by_kind[head] += n
         if head in {"BEGIN", "EVALSHA", "EVAL"}:
@@ -91,7 +93,15 @@ def _wrap_psycopg(cls: Any) -> None:
     execute = cls.execute
 
     async def counted_execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        COUNTS.saw(str(query))
+        text = query.decode() if isinstance(query, bytes) else str(query)
+        statements = text.split(";\n")
+        if len(statements) > 1 and text.startswith("EXECUTE"):
+            # keel's scripts (scripts.py): prepared statements in one message, one implicit transaction.
+            COUNTS.transactions += 1
+            for statement in statements:
+                COUNTS.saw(statement)
+        else:
+            COUNTS.saw(text)
         return await execute(self, query, *args, **kwargs)
 
     cls.execute = counted_execute

@@ -13,7 +13,7 @@ import json
 from typing import TYPE_CHECKING
 
 import keel
-from tests._engine import claim_all, commit_of, ref, send, step_of
+from tests._engine import claim_all, commit_of, new_message, ref, send, step_of
 
 if TYPE_CHECKING:
     from keel.backends.base import Backend
@@ -85,3 +85,26 @@ async def test_a_caller_cancelled_while_its_commit_waits_does_not_stop_the_other
     assert outcomes[1:] == [1, 1]
     for claim in claims[1:]:
         assert await backend.state(claim.instance) is not None
+
+
+async def test_concurrent_sends_each_stand_or_fall_alone(backend: Backend, other: Backend) -> None:
+    # Engines may write the sends that wait at the same time together too; a conflict of one refuses that one only.
+    first = await send(backend, ref("taken"), {"n": 0}, key="k")
+    messages = [new_message(ref(str(n)), {"n": n}, key="k") for n in range(6)]
+    messages.insert(3, new_message(ref("taken"), {"n": 1}, key="k"))  # the key holds another payload there
+    messages.append(new_message(ref("taken"), {"n": 0}, key="k"))  # the same payload: the first id, nothing appended
+    outcomes = await asyncio.gather(*(backend.send(m) for m in messages), return_exceptions=True)
+
+    conflict = outcomes.pop(3)
+    assert isinstance(conflict, keel.IdempotencyConflictError), conflict
+    assert conflict.key == "k"
+    assert outcomes.pop() == first
+    assert outcomes == [m.message_id for m in messages[:3] + messages[4:7]]
+    # Each was answered after its commit: another backend sees them at once, and "taken" holds only its first.
+    claims = {c.instance.workflow_id: c for c in await claim_all(other, limit=20)}
+    assert sorted(claims) == sorted([*map(str, range(6)), "taken"])
+    for n in range(6):
+        assert json.loads(claims[str(n)].payload_json) == {"n": n}
+    assert claims["taken"].message_id == first
+    await other.commit_turn(commit_of(claims["taken"], {}))
+    assert await claim_all(other, limit=20) == []

@@ -17,7 +17,8 @@ alone) off the instance until then.
 
 How each operation stays atomic and fenced:
 
-- ``send``: one transaction. It locks the instance row (creating it), then appends the message, makes it the
+- ``send``: one transaction, shared with the other sends of this broker waiting at the same time (group commit,
+  ``scripts.py``: one round trip). It locks the instance row (creating it), then appends the message, makes it the
   instance's next one if it becomes visible before the current next one (unless a dead letter pauses the instance:
   it stays next), and notifies the app's channel, delivered at commit (not for a timer, which is no work yet; idle
   workers find it by polling once it is due). Locking first makes the messages of one inbox draw their seq in commit
@@ -30,8 +31,8 @@ How each operation stays atomic and fenced:
   server's clock, not paused, lease absent or expired by ``clock_timestamp()``) in ``(next_visible_at, next_seq)``
   order, so concurrent claimers in any process take disjoint rows; a second statement raises their tokens, sets the
   leases and counts the attempts. The first hands the second the rows it locked through a transaction-local setting
-  (``keel.claimed``), so both go out together: a claim takes one round trip. A retried message (a ``retry_turn``
-  hold) and a dead letter sent back keep their ``(visible_at, seq)``, so they stay first.
+  (``keel.claimed``), so both go out together in one script: a claim takes one round trip. A retried message (a
+  ``retry_turn`` hold) and a dead letter sent back keep their ``(visible_at, seq)``, so they stay first.
 - ``commit_turn``, ``fail_turn``, ``record_step`` and ``retry_turn``: one transaction. It locks the instance row,
   then one statement writes everything under the condition that the lease is live (by the server's clock, read
   after the lock is held); when that condition fails nothing is written and ``LeaseLostError`` says why, from the
@@ -40,12 +41,13 @@ How each operation stays atomic and fenced:
   events as ``publish`` does, in the same transaction: a refused commit rolls back everything. A commit with a
   NULL state (a handler delivery's acknowledgement) writes no state and keeps the claim's version. A step keeps
   its first result: the insert does nothing on a name already recorded. A refused statement writes nothing, so a
-  write with nothing else in its transaction (all but a commit that sends or emits) is committed without waiting
-  for its answer, and refused (``LeaseLostError``) after the COMMIT: one round trip.
+  write with nothing else in its transaction (all but a commit that sends or emits) is one script, committed
+  without waiting for its answer, and refused (``LeaseLostError``) after the commit: one round trip.
 - Group commit: the step records and the commits that neither send nor emit, waiting at the same time, share one
-  transaction (``keel.backends.batch``, ``transactions.group_in``): one statement locks all their instance rows in
-  lock order, then each one's fenced statement goes out; a refused one writes nothing and takes nothing of the
-  others with it, and each caller is answered (or refused) after the shared COMMIT.
+  transaction (``keel.backends.batch``, ``transactions.script_group``): one statement locks all their instance rows
+  in lock order, then each one's fenced statement goes out; a refused one writes nothing and takes nothing of the
+  others with it, and each caller is answered (or refused) after the shared commit. Sends are grouped the same way
+  (``transactions.script_sends``), each append refused (an idempotency conflict) on its own.
 - ``publish``: one transaction. One statement appends the event unless the log holds its id or (in its app) its
   idempotency key; a concurrent append of either makes it wait for that transaction to end, then do nothing. An
   appended event's deliveries are sent as ``send`` sends them; otherwise a second statement finds the event that
@@ -85,17 +87,21 @@ from keel.backends.ends import EndWaiters
 from keel.backends.postgres.connection import fetch_one
 from keel.backends.postgres.rows import claim as claim_from_row
 from keel.backends.postgres.rows import dead_letter, event_row, message_info, stored_record, turn_record
+from keel.backends.postgres.scripts import Script
 from keel.backends.postgres.transactions import (
     BROKER_QUERIES,
     channel_for,
     commit_in,
     end_channel_for,
-    fail_in,
-    group_in,
+    fenced_row,
+    held_rows,
     instance_params,
     publish_in,
-    queue_fenced,
+    script_fenced,
+    script_group,
+    script_sends,
     send_in,
+    standing_id,
     turn_params,
 )
 from keel.backends.postgres.wake import PostgresListener
@@ -145,15 +151,17 @@ class PostgresBroker:
         self.listener = PostgresListener(connection, schema, self._gate, self.ends)
         #: Commits without sends or events and step records, written together when they wait at the same time.
         self._grouped: Batcher[TurnCommit | StepRecord, int] = Batcher(self._write_group)
+        #: Sends of this process's concurrent callers, written together the same way.
+        self._sends: Batcher[NewMessage, str] = Batcher(self._write_sends)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
         """Lend a pooled connection inside one transaction, in pipeline mode.
 
-        Statements go out as they are queued and their results are read only when needed, so a write waits for
-        the server only when it needs an answer to go on, and once more for its COMMIT: once for a claim, a handler
-        delivery's acknowledgement or another fenced write whose answer is read after the block (its cursor holds
-        the rows that came back with the COMMIT), twice for a send or a commit that sends or emits. The transaction
+        For the writes that read an answer before they go on (a commit that sends or emits, ``send_many``,
+        ``publish``, ``delete_instance``, ``resolve_dead_letter``); the others are scripts (``_run``), one round
+        trip each. Statements go out as they are queued and their results are read only when needed, so a write
+        waits for the server only when it needs an answer to go on, and once more for its COMMIT. The transaction
         is opened and closed with plain statements, because psycopg's transaction blocks wait for the server as they
         start and as they end in pipeline mode. When the block raises (``LeaseLostError``, a failed statement), the
         pool's connection block rolls back.
@@ -163,8 +171,16 @@ class PostgresBroker:
             yield conn
             await conn.execute(BROKER_QUERIES["commit"])
 
+    async def _run(self, script: Script) -> list[list[tuple[Any, ...]] | None]:
+        """Run ``script`` on a pooled connection: one transaction, one round trip (``scripts.py``)."""
+        async with self._connection.connection() as conn:
+            return await script.run(conn)
+
     async def send(self, message: NewMessage, /) -> str:
         """Append ``message`` to its inbox and wake the app's listeners, unless its id or idempotency key was used.
+
+        Written with the other sends of this broker waiting at the same time, in one transaction (group commit):
+        each is answered once that transaction has committed, and a conflict of one refuses that one alone.
 
         Returns:
             The message's id, or the id of the message first sent under the same idempotency key.
@@ -173,9 +189,33 @@ class PostgresBroker:
             IdempotencyConflictError: The key was used for the instance with another payload; nothing was written.
             BackendUnavailable: The server cannot be reached; the message may or may not have been appended.
         """
-        async with self._transaction() as conn:
-            [message_id] = await send_in(conn, self._schema, [message])
-        return message_id
+        return await self._sends.submit(message)
+
+    async def _write_sends(self, messages: Sequence[NewMessage]) -> list[str | BaseException]:
+        """Append messages in one transaction, each deduplicated on its own; each one's id, or its conflict.
+
+        Every append is its own statement and an idempotency conflict is an answer, not an error, so a conflict of
+        one writes nothing of it and leaves the others be. A statement that fails outright aborts the transaction:
+        then each message goes again alone, so that only the one at fault gets the error.
+        """
+        script = Script()
+        appended = script_sends(script, self._schema, messages)
+        try:
+            results = await self._run(script)
+        except (BackendUnavailable, asyncio.CancelledError):
+            raise
+        except Exception:
+            if len(messages) == 1:
+                raise
+            return [outcome for message in messages for outcome in await self._write_sends([message])]
+        outcomes: list[str | BaseException] = []
+        for message, index in zip(messages, appended, strict=True):
+            [row] = results[index] or [()]  # the statement always returns its one row
+            try:
+                outcomes.append(standing_id(message, row))
+            except IdempotencyConflictError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     async def send_many(self, messages: Sequence[NewMessage], /) -> list[str]:
         """Append each message as ``send`` does, in order, in one transaction: all of them, or none.
@@ -230,13 +270,10 @@ class PostgresBroker:
         self._gate.claiming(app, workflows)
         if limit <= 0 or not workflows:
             return []
-        wanted = {"app": app, "workflows": list(workflows), "limit": limit}
-        lease = {"app": app, "worker": worker, "lease_s": lease_s}
-        async with self._transaction() as conn:
-            await conn.execute(BROKER_QUERIES["lock_ready"], wanted)
-            leased = await conn.execute(BROKER_QUERIES["lease"], lease)
-        # Read once the block is over: the leases came back with its COMMIT, in the same round trip.
-        rows = await leased.fetchall()
+        script = Script()
+        script.add("lock_ready", {"app": app, "workflows": list(workflows), "limit": limit})
+        leased = script.add("lease", {"app": app, "worker": worker, "lease_s": float(lease_s)})
+        rows = (await self._run(script))[leased] or []
         return [claim_from_row(app, row) for row in rows]
 
     async def renew(self, claims: Sequence[Claim], /, *, lease_s: float) -> list[bool]:
@@ -279,19 +316,21 @@ class PostgresBroker:
         A statement that fails outright (rather than being refused by its fence) aborts the transaction: then each
         write goes again alone, so that only the one at fault gets its error.
         """
+        script = Script()
+        locked, fenced = script_group(script, self._schema, writes)
         try:
-            async with self._transaction() as conn:
-                fenced = await group_in(conn, self._schema, writes)
+            results = await self._run(script)
         except (BackendUnavailable, asyncio.CancelledError):
             raise
         except Exception:
             if len(writes) == 1:
                 raise
             return [outcome for write in writes for outcome in await self._write_group([write])]
+        held = held_rows(results[locked])
         outcomes: list[int | BaseException] = []
-        for write, written in zip(writes, fenced, strict=True):
+        for write, index in zip(writes, fenced, strict=True):
             try:
-                row = await written.row()
+                row = fenced_row(write.claim, results[index], held.get(write.claim.instance))
             except LeaseLostError as exc:
                 outcomes.append(exc)
             else:
@@ -305,9 +344,12 @@ class PostgresBroker:
             LeaseLostError: The claim's token is no longer the instance's, or its lease expired; nothing was written.
             BackendUnavailable: The server cannot be reached.
         """
-        async with self._transaction() as conn:
-            written = await fail_in(conn, self._schema, failure)
-        await written.row()
+        params = {
+            **turn_params(failure, TurnOutcome.failed),
+            "error": failure.error,
+            "end_channel": end_channel_for(self._schema, failure.claim.instance.app),
+        }
+        await self._fenced(failure.claim, "fail_turn", params)
 
     async def release(self, claim: Claim, /) -> None:
         """Give the lease back if the claim's token is still current; otherwise do nothing."""
@@ -334,15 +376,24 @@ class PostgresBroker:
             LeaseLostError: The lease is no longer live (moved on, expired or released); nothing was written.
             BackendUnavailable: The server cannot be reached; the retry may or may not have been recorded.
         """
-        claim = failure.claim
         params = {
             **turn_params(failure, TurnOutcome.retry),
             "error": failure.error,
             "delay_s": float(delay_s),
         }
-        async with self._transaction() as conn:
-            written = await queue_fenced(conn, claim, BROKER_QUERIES["retry_turn"], params)
-        await written.row()
+        await self._fenced(failure.claim, "retry_turn", params)
+
+    async def _fenced(self, claim: Claim, name: str, params: dict[str, Any]) -> tuple[Any, ...]:
+        """Run fenced statement ``name`` after locking the claim's instance row: one transaction, one round trip.
+
+        Raises:
+            LeaseLostError: The lease was not live; nothing was written.
+        """
+        script = Script()
+        locked, written = script_fenced(script, claim, name, params)
+        results = await self._run(script)
+        held = results[locked]
+        return fenced_row(claim, results[written], held[0] if held else None)
 
     async def dead_letters(self, app: str, /, *, limit: int) -> list[DeadLetter]:
         """Return the app's dead-lettered messages (status failed), newest failure first."""

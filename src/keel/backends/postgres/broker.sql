@@ -4,7 +4,9 @@
 -- Writes that must see every message committed before them run in one transaction of two statements: the first
 -- locks the instance rows, the second (a fresh snapshot under read committed, taken once the locks are held) reads
 -- and writes. One statement alone would read the inbox through a snapshot older than the row it locked. Lease
--- times come from clock_timestamp(), the server's clock. Parameters use psycopg's %(name)s style.
+-- times come from clock_timestamp(), the server's clock. Parameters use psycopg's %(name)s style. The statements
+-- scripts.py prepares get their parameter types from the server's inference: a parameter whose use alone would be
+-- inferred wrongly is cast (%(delay_s)s::float8, which next to the literal 0 would be taken for an integer).
 --
 -- A lease is live while its token is the instance's, lease_owner is set and lease_expires_at is in the future.
 -- Commit, release and retry clear lease_owner; a retry leaves lease_expires_at set, to hold the instance back from
@@ -37,7 +39,7 @@ WITH revived AS (
 ), sent AS (
     INSERT INTO keel_messages (app, message_id, workflow, workflow_id, payload, idempotency_key, sent_at, visible_at)
     SELECT %(app)s, %(message_id)s, %(workflow)s, %(workflow_id)s, %(payload)s, %(idempotency_key)s,
-           clock.now, clock.now + make_interval(secs => greatest(%(delay_s)s, 0))
+           clock.now, clock.now + make_interval(secs => greatest(%(delay_s)s::float8, 0))
       FROM (SELECT clock_timestamp() AS now) AS clock
     ON CONFLICT DO NOTHING
     RETURNING message_id, seq, visible_at
@@ -72,7 +74,7 @@ SELECT coalesce(
        -- Delivered at commit, naming the workflow (listeners wake only the workers that claim it); a repeated send
        -- wakes listeners for nothing, which is allowed. A timer wakes nobody: nothing is claimable because of it
        -- before it is due, and idle workers poll (has_work counts it once due).
-       CASE WHEN %(delay_s)s <= 0 THEN pg_notify(%(channel)s, %(workflow)s) END
+       CASE WHEN %(delay_s)s::float8 <= 0 THEN pg_notify(%(channel)s, %(workflow)s) END
 
 -- lock_ready --
 -- Lock up to limit claimable instances, earliest visible next message first, skipping rows other claimers hold, and
@@ -284,7 +286,7 @@ SELECT 1 FROM held
 WITH up AS (
     UPDATE keel_instances
        SET lease_owner = NULL,
-           lease_expires_at = clock_timestamp() + make_interval(secs => greatest(%(delay_s)s, 0))
+           lease_expires_at = clock_timestamp() + make_interval(secs => greatest(%(delay_s)s::float8, 0))
      WHERE app = %(app)s AND workflow = %(workflow)s AND workflow_id = %(workflow_id)s
        AND fencing_token = %(fencing_token)s AND lease_owner IS NOT NULL AND lease_expires_at > clock_timestamp()
     RETURNING state_version

@@ -38,6 +38,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from keel.backends._url import mask_password, scheme_of
 from keel.backends.postgres.migrate import QUERIES, migrate
+from keel.backends.postgres.scripts import prepare
 from keel.backends.probe import SharedProbe
 from keel.errors import BackendOverloaded, BackendUnavailable, ConfigurationError
 
@@ -181,6 +182,8 @@ class PostgresConnection:
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
             settings.conninfo,
             kwargs={"autocommit": True},
+            # The broker's scripts execute statements prepared once per connection (scripts.py).
+            configure=prepare,
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
             timeout=settings.pool_timeout_s,

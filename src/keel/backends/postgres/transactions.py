@@ -20,7 +20,6 @@ travel together (see ``PostgresBroker._transaction``).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 from typing import TYPE_CHECKING, Any
@@ -48,6 +47,8 @@ if TYPE_CHECKING:
 
     import psycopg
     from psycopg.rows import TupleRow
+
+    from keel.backends.postgres.scripts import Script
 
     _Connection = psycopg.AsyncConnection[TupleRow]
     _Cursor = psycopg.AsyncCursor[TupleRow]
@@ -136,17 +137,6 @@ async def commit_in(conn: _Connection, schema: str, commit: TurnCommit) -> Fence
     return written
 
 
-async def fail_in(conn: _Connection, schema: str, failure: TurnFailure) -> Fenced:
-    """Queue one failed turn's record, to be read after the caller's COMMIT (see ``queue_fenced``)."""
-    claim = failure.claim
-    params = {
-        **turn_params(failure, TurnOutcome.failed),
-        "error": failure.error,
-        "end_channel": end_channel_for(schema, claim.instance.app),
-    }
-    return await queue_fenced(conn, claim, BROKER_QUERIES["fail_turn"], params)
-
-
 class Fenced:
     """A fenced write queued on a connection: ``row()`` reads the server's answer, once it has come back.
 
@@ -186,42 +176,11 @@ async def queue_fenced(conn: _Connection, claim: Claim, query: LiteralString, pa
     return Fenced(claim, locked.fetchone, await conn.execute(query, params))
 
 
-async def group_in(conn: _Connection, schema: str, writes: Sequence[TurnCommit | StepRecord]) -> list[Fenced]:
-    """Queue several fenced writes of different instances in one transaction (group commit), each fenced on its own.
-
-    Only writes of one statement each: commits that neither send nor emit, and step records. One statement locks
-    every instance row first, in lock order, so that each write's snapshot shows every message sent before it (as
-    ``queue_fenced`` does for one); then each write goes out. A refused write writes nothing, so it takes nothing of
-    the others with it: each ``Fenced`` is read after the caller's COMMIT and raises ``LeaseLostError`` for its own.
-    """
-    refs = sorted({w.claim.instance for w in writes}, key=_order)
-    params = {
-        "apps": [ref.app for ref in refs],
-        "workflows": [ref.workflow for ref in refs],
-        "workflow_ids": [ref.workflow_id for ref in refs],
-    }
-    locked = await conn.execute(BROKER_QUERIES["lock_instances"], params)
-    rows: dict[InstanceRef, tuple[Any, ...]] = {}
-
-    async def held_by(ref: InstanceRef) -> tuple[Any, ...] | None:
-        if not rows:
-            for app, workflow, workflow_id, *held in await locked.fetchall():
-                rows[InstanceRef(app, workflow, workflow_id)] = tuple(held)
-        return rows.get(ref)
-
-    fenced = []
-    for write in writes:
-        query, write_params = _fenced_statement(write, schema)
-        ref = write.claim.instance
-        fenced.append(Fenced(write.claim, functools.partial(held_by, ref), await conn.execute(query, write_params)))
-    return fenced
-
-
-def _fenced_statement(write: TurnCommit | StepRecord, schema: str) -> tuple[LiteralString, dict[str, Any]]:
-    """The one statement of a commit without sends or events, or of a step record, and its parameters."""
+def fenced_call(write: TurnCommit | StepRecord, schema: str) -> tuple[str, dict[str, Any]]:
+    """The name of the one statement of a commit without sends or events, or of a step record, and its parameters."""
     if isinstance(write, StepRecord):
         claim = write.claim
-        return BROKER_QUERIES["record_step"], {
+        return "record_step", {
             **instance_params(claim.instance),
             "message_id": claim.message_id,
             "fencing_token": claim.fencing_token,
@@ -230,7 +189,69 @@ def _fenced_statement(write: TurnCommit | StepRecord, schema: str) -> tuple[Lite
             "worker": write.worker,
             "duration_s": write.duration_s,
         }
-    return BROKER_QUERIES["commit_turn"], commit_params(write, schema)
+    return "commit_turn", commit_params(write, schema)
+
+
+def script_sends(script: Script, schema: str, messages: Sequence[NewMessage]) -> list[int]:
+    """Queue on ``script`` the sends of ``messages``: their inboxes locked (new instances created), then each appended.
+
+    Each append is a statement of its own and refuses on its own: a repeated id or key appends nothing, and a key
+    holding another payload is a conflict that ``standing_id`` raises for that message alone, after the script ran;
+    the others are written. Returns the index of each message's answer in the script's results.
+    """
+    params = _inbox_params(messages)
+    if params is not None:
+        script.add("lock_inboxes", params)
+    return [script.add("append", _send_params(schema, message)) for message in messages]
+
+
+def script_group(script: Script, schema: str, writes: Sequence[TurnCommit | StepRecord]) -> tuple[int, list[int]]:
+    """Queue on ``script`` several fenced writes of different instances (group commit), each fenced on its own.
+
+    Only writes of one statement each: commits that neither send nor emit, and step records. One statement locks
+    every instance row first, in lock order, so that each write's snapshot shows every message sent before it (as
+    ``queue_fenced`` does for one); then each write goes out. A refused write writes nothing, so it takes nothing of
+    the others with it.
+
+    Returns the index of the lock's answer (``held_rows`` reads it) and of each write's, for ``fenced_row``.
+    """
+    refs = sorted({w.claim.instance for w in writes}, key=_order)
+    locked = script.add(
+        "lock_instances",
+        {
+            "apps": [ref.app for ref in refs],
+            "workflows": [ref.workflow for ref in refs],
+            "workflow_ids": [ref.workflow_id for ref in refs],
+        },
+    )
+    return locked, [script.add(*fenced_call(write, schema)) for write in writes]
+
+
+def script_fenced(script: Script, claim: Claim, name: str, params: dict[str, Any]) -> tuple[int, int]:
+    """Queue on ``script`` what ``queue_fenced`` queues: the claim's instance row locked, then statement ``name``.
+
+    Returns the index of the lock's answer and of the statement's, for ``fenced_row``.
+    """
+    return script.add("lock_instance", instance_params(claim.instance)), script.add(name, params)
+
+
+def held_rows(rows: Sequence[tuple[Any, ...]] | None) -> dict[InstanceRef, tuple[Any, ...]]:
+    """What ``lock_instances`` found in each locked row, by instance."""
+    return {InstanceRef(app, workflow, workflow_id): tuple(held) for app, workflow, workflow_id, *held in rows or ()}
+
+
+def fenced_row(
+    claim: Claim, written: Sequence[tuple[Any, ...]] | None, held: tuple[Any, ...] | None
+) -> tuple[Any, ...]:
+    """The row a scripted fenced statement returned.
+
+    Raises:
+        LeaseLostError: It returned none: the lease was not live, and nothing of it was written; ``held`` (the
+            instance row its lock found, None if none) says why.
+    """
+    if not written:
+        raise LeaseLostError(_describe(claim.instance), claim.fencing_token, _lease_problem(claim, held))
+    return written[0]
 
 
 def commit_params(commit: TurnCommit, schema: str) -> dict[str, Any]:
@@ -279,18 +300,25 @@ async def _lock_inboxes(conn: _Connection, messages: Iterable[NewMessage]) -> No
 
     The lock order is the module docstring's; an instance new here takes the kind of its first message in ``messages``.
     """
+    params = _inbox_params(messages)
+    if params is not None:
+        await conn.execute(BROKER_QUERIES["lock_inboxes"], params)
+
+
+def _inbox_params(messages: Iterable[NewMessage]) -> dict[str, Any] | None:
+    """The parameters of ``lock_inboxes`` for the messages' instances, each once, in lock order; None for none."""
     kinds: dict[InstanceRef, InstanceKind] = {}
     for message in messages:
         kinds.setdefault(message.instance, message.kind)
     ordered = sorted(kinds, key=_order)
-    if ordered:
-        params = {
-            "apps": [ref.app for ref in ordered],
-            "workflows": [ref.workflow for ref in ordered],
-            "workflow_ids": [ref.workflow_id for ref in ordered],
-            "kinds": [kinds[ref].value for ref in ordered],
-        }
-        await conn.execute(BROKER_QUERIES["lock_inboxes"], params)
+    if not ordered:
+        return None
+    return {
+        "apps": [ref.app for ref in ordered],
+        "workflows": [ref.workflow for ref in ordered],
+        "workflow_ids": [ref.workflow_id for ref in ordered],
+        "kinds": [kinds[ref].value for ref in ordered],
+    }
 
 
 async def _append(conn: _Connection, schema: str, messages: Sequence[NewMessage], *, returning: bool) -> list[str]:
@@ -311,11 +339,11 @@ async def _append(conn: _Connection, schema: str, messages: Sequence[NewMessage]
         async for _ in cursor.results():
             row = await cursor.fetchone()
             assert row is not None  # the statement always returns its one row
-            ids.append(_standing_id(messages[len(ids)], row))
+            ids.append(standing_id(messages[len(ids)], row))
     return ids
 
 
-def _standing_id(message: NewMessage, row: tuple[Any, ...]) -> str:
+def standing_id(message: NewMessage, row: tuple[Any, ...]) -> str:
     """The id ``append`` says stands for ``message``; raise if its key holds a message with another payload."""
     first_id, conflict = str(row[0]), bool(row[1])
     if conflict:
