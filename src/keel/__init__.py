@@ -6,7 +6,6 @@ The public names are the ones in ``__all__``; everything else may change between
 from __future__ import annotations
 
 from keel.app import App
-from keel.batch import Outgoing
 from keel.client import Client
 from keel.context import HandlerContext, TurnContext
 from keel.errors import (
@@ -44,6 +43,7 @@ from keel.errors import (
     WaitTimeoutError,
 )
 from keel.events import Event
+from keel.outgoing import Outgoing
 from keel.records import DeadLetter, HandlerDelivery, MessageStatus, Target, TurnOutcome, TurnRecord, WorkflowInstance
 from keel.retention import Retention
 from keel.retry import RetryPolicy

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from keel.backends import open_backend
 from keel.backends.base import InstanceRef, StoreOptions
-from keel.batch import build_batch, conflicting_index, in_item
 from keel.errors import (
     ConfigurationError,
     IdempotencyConflictError,
@@ -20,6 +19,7 @@ from keel.errors import (
 )
 from keel.events import Delivery, EventInfo, delivery_message_id
 from keel.outbox import build_message, build_published_event
+from keel.outgoing import build_batch, conflicting_index, in_item
 from keel.payload import DEFAULT_MAX_VALUE_BYTES, decode, validate_key
 from keel.records import (
     DeadLetter,
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from keel.app import App
     from keel.backends.base import Backend, ClientBackend, EventRow, MessageInfo, Reader, TurnRecordRow
     from keel.backends.base import DeadLetter as DeadLetterRow
-    from keel.batch import Outgoing
     from keel.events import Event
+    from keel.outgoing import Outgoing
     from keel.records import Target
 
 logger = logging.getLogger(__name__)
