@@ -19,6 +19,11 @@ The rule, written here once (``wait``), is what makes a wake-up impossible to mi
    ``recheck_s`` passes (the safety net: a lost datagram, a process of an older keel that announces nothing), or
    the timeout; then it reads again.
 
+An engine that must be told which messages are waited for (PostgreSQL marks their rows) does so with the reads that
+``check`` is asked to ``mark``: the first one, and the first after each ``recheck``, which is when a transport may
+have lost what the engine was told (the server restarted under it). The reads after an end was heard, or after
+``recheck_s`` with nothing heard, only read: the mark made before still stands.
+
 Every wait of one backend shares its transport: registering a hundred waits costs a hundred dictionary entries,
 and one listener hears for all of them.
 """
@@ -45,15 +50,20 @@ _NEIGHBOURS: dict[str, weakref.WeakSet[EndWaiters]] = {}
 class _Waiter:
     """One parked wait: a future that whoever hears of its message settles, renewed after each wake-up."""
 
-    __slots__ = ("future", "loop")
+    __slots__ = ("future", "loop", "rechecked")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
+        #: A ``recheck`` came since the last read: the next one marks again.
+        self.rechecked = False
 
-    def rearm(self) -> None:
+    def rearm(self) -> bool:
+        """Renew the future for the next park; return whether the read that follows must mark (a recheck came)."""
         if self.future.done():
             self.future = self.loop.create_future()
+        rechecked, self.rechecked = self.rechecked, False
+        return rechecked
 
 
 class EndWaiters:
@@ -96,6 +106,7 @@ class EndWaiters:
         for (waited_app, _), waiters in list(self._waiters.items()):
             if app is None or waited_app == app:
                 for waiter in list(waiters):
+                    waiter.rechecked = True
                     settle(waiter.future, None)
 
     def close(self) -> None:
@@ -111,7 +122,7 @@ class EndWaiters:
         message_id: str,
         *,
         timeout_s: float,
-        check: Callable[[], Awaitable[MessageInfo | None]],
+        check: Callable[[bool], Awaitable[MessageInfo | None]],
         listen: Callable[[], object] | None = None,
     ) -> MessageInfo | None:
         """Return the message's status once it has ended, or is gone, or at the timeout (then still pending).
@@ -120,7 +131,8 @@ class EndWaiters:
             app: The message's app.
             message_id: The message.
             timeout_s: The longest wait; the status is read at least once, however small it is.
-            check: Reads the status (None: no such message); an engine may register its interest with it.
+            check: Reads the status (None: no such message); when its argument (``mark``) is true, the engine also
+                registers its interest in the message's end with that read, if it needs to (see above).
             listen: Called before every read: has the transport hear of ``app`` (idempotent, never blocks).
 
         Raises:
@@ -132,17 +144,18 @@ class EndWaiters:
         key = (app, message_id)
         waiter = _Waiter(loop)
         self._waiters.setdefault(key, set()).add(waiter)
+        mark = True
         try:
             while True:
                 if listen is not None:
                     listen()
-                info = await check()
+                info = await check(mark)
                 remaining = deadline - loop.time()
                 if info is None or info.status is not MessageStatus.pending or remaining <= 0:
                     return info
                 await asyncio.wait((waiter.future,), timeout=min(self.recheck_s, remaining))
                 self._refuse_if_closed()
-                waiter.rearm()  # before the read: an end announced from here on wakes the next park
+                mark = waiter.rearm()  # before the read: an end or recheck announced from here on wakes the next park
         finally:
             waiters = self._waiters.get(key)
             if waiters is not None:

@@ -115,6 +115,43 @@ async def test_a_killed_listener_loses_no_end(
     assert listener.backend_pid not in {None, pid}
 
 
+async def test_a_woken_wait_reads_without_marking_again(
+    backend: PostgresBackend, other: PostgresBackend, postgres_url: str
+) -> None:
+    message_id = await send(other, ref())
+    waiting = await parked(backend, message_id)
+    row_version = "SELECT xmin::text FROM keel_messages WHERE message_id = %s"
+    await other.commit_turn(commit_of(await claim_one(other)))
+    # db_rows blocks the event loop: the wait cannot read between the commit and this, so this is the end's version.
+    ended = db_rows(postgres_url, row_version, message_id)
+    info = await asyncio.wait_for(waiting, 5)
+    assert info is not None and info.status is MessageStatus.done
+    assert db_rows(postgres_url, row_version, message_id) == ended  # the read after the NOTIFY wrote nothing
+
+
+async def test_a_wait_marks_again_after_the_listener_reconnects(
+    backend: PostgresBackend, other: PostgresBackend, end_notifications: list[str], postgres_url: str
+) -> None:
+    message_id = await send(other, ref())
+    waiting = await parked(backend, message_id)
+    # As if a server restart had lost the mark (committed without waiting for the disk) with the listener.
+    db_rows(postgres_url, "UPDATE keel_messages SET waited = false WHERE message_id = %s", message_id)
+    listener = backend.broker.listener
+    pid = listener.backend_pid
+    assert db_rows(postgres_url, "SELECT pg_terminate_backend(%s, 5000)", pid) == [(True,)]
+    deadline = time.monotonic() + 5
+    marked: list[tuple[object, ...]] = []
+    while marked != [(True,)]:
+        assert time.monotonic() < deadline, "the wait did not mark its message again after the reconnect"
+        await asyncio.sleep(0.05)
+        marked = db_rows(postgres_url, "SELECT waited FROM keel_messages WHERE message_id = %s", message_id)
+    assert listener.backend_pid not in {None, pid}
+    await other.commit_turn(commit_of(await claim_one(other)))
+    info = await asyncio.wait_for(waiting, 2)  # the NOTIFY, not the 300 s safety re-read
+    assert info is not None and info.status is MessageStatus.done
+    assert end_notifications == [message_id]
+
+
 async def test_parked_waits_hold_no_pooled_connection(postgres_url: str, other: PostgresBackend) -> None:
     async with opened_backend(f"{postgres_url}&pool_min_size=1&pool_max_size=1") as opened:
         sent = [await send(other, ref(f"i{n}")) for n in range(50)]

@@ -66,13 +66,16 @@ How each operation stays atomic and fenced:
   done or skipped messages are deleted, which nothing ever changes again, and rows another pruner holds are
   skipped. A handler delivery's instance goes with its last message, whole and without a tombstone.
 - ``renew``, ``release``: one fenced statement each; ``renew`` locks its rows in lock order before it writes.
-- ``wait_for_end``: each read of the status is one statement that also marks the message as waited for
+- ``wait_for_end``: the first read of the status is one statement that also marks the message as waited for
   (``keel_messages.waited``), in a transaction committed without waiting for the disk (the mark is not data: a
-  crash loses it with the listener's connection, and every wait marks again after the reconnect). The commit, dead
-  letter or skip that ends a marked message NOTIFYs its app's end channel in its own transaction; unmarked ones
-  notify nobody, because a NOTIFY makes a commit hold a database-wide lock until it has committed, which would line
-  up every commit behind the one before. Marking and ending both update the message's row, so one waits for the
-  other: either the end sees the mark (and notifies), or the mark's statement returns the ended row.
+  crash loses it with the listener's connection, and every wait marks again after the reconnect); so is the first
+  read after each (re)LISTEN of the listener (``EndWaiters.recheck``). The commit, dead letter or skip that ends a
+  marked message NOTIFYs its app's end channel in its own transaction; unmarked ones notify nobody, because a NOTIFY
+  makes a commit hold a database-wide lock until it has committed, which would line up every commit behind the one
+  before. Marking and ending both update the message's row, so one waits for the other: either the end sees the
+  mark (and notifies), or the mark's statement returns the ended row. The other reads (after a NOTIFY was heard,
+  or the safety re-read) are plain ``message`` reads: the mark is never cleared, so it still stands, and writing
+  it again would only leave another dead tuple and more WAL per wait.
 """
 
 from __future__ import annotations
@@ -432,15 +435,16 @@ class PostgresBroker:
     async def wait_for_end(self, app: str, message_id: str, /, *, timeout_s: float) -> MessageInfo | None:
         """Return the message's status once it has ended, or at ``timeout_s`` (see ``base.Reader.wait_for_end``).
 
-        Each read marks the message as waited for (``mark_waited``), so that the write that ends it NOTIFYs its app's
-        end channel, which the listener connection LISTENs on; no pooled connection is held while parked.
+        The first read, and the first after each (re)LISTEN, marks the message as waited for (``mark_waited``), so
+        that the write that ends it NOTIFYs its app's end channel, which the listener connection LISTENs on; the
+        others only read. No pooled connection is held while parked.
         """
         return await self.ends.wait(
             app,
             message_id,
             timeout_s=timeout_s,
             listen=lambda: self.listener.watch_ends(app),
-            check=lambda: self._mark_waited(app, message_id),
+            check=lambda mark: self._mark_waited(app, message_id) if mark else self.message(app, message_id),
         )
 
     async def _mark_waited(self, app: str, message_id: str) -> MessageInfo | None:

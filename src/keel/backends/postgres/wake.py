@@ -33,7 +33,8 @@ channel per app (``end_channel_for``) whose payload is the message id: workers n
 message (``mark_waited``), and the commit, dead letter or skip that ends a marked message NOTIFYs in its own
 transaction. Each LISTEN on an end channel, on a new connection or again after a reconnect, is followed by every
 wait for that app reading its status again (``EndWaiters.recheck``): an end committed before the LISTEN took effect
-notified no one here, and is found by that read.
+notified no one here, and is found by that read, which also marks the message again (a restarted server may have
+lost the mark; the reads after a NOTIFY only read).
 """
 
 from __future__ import annotations

@@ -452,7 +452,7 @@ class RedisBroker:
             message_id,
             timeout_s=timeout_s,
             listen=lambda: self._end_subscriber.watch(app),
-            check=lambda: self.message(app, message_id),
+            check=lambda _mark: self.message(app, message_id),  # nothing to mark: every end is announced
         )
 
     async def state(self, instance: InstanceRef, /) -> StoredRecord | None:

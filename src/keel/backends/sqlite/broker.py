@@ -312,7 +312,7 @@ class SqliteBroker:
             message_id,
             timeout_s=timeout_s,
             listen=lambda: self._bell.listen_for_ends(loop),  # bound before the read: a later end rings it
-            check=lambda: self.message(app, message_id),
+            check=lambda _mark: self.message(app, message_id),  # nothing to mark: every end is announced
         )
 
     async def state(self, instance: InstanceRef, /) -> StoredRecord | None:
