@@ -35,6 +35,23 @@ async def _send_all(client: object, sleep_s: float) -> dict[tuple[str, int], str
     return dict(pair for batch in batches for pair in batch)
 
 
+def _wait_for_turns_in_flight(worker: WorkerProcess, timeout_s: float = 30.0) -> None:
+    """Return once ``worker`` has started a turn after its first commit: a kill right after this finds it in flight.
+
+    Its turns sleep 0.3 s. Waiting for a commit alone is not enough: a worker's concurrent turns commit together
+    (group commit) and log one by one after that commit, so a kill just after the first such line can land while
+    every slot is between its commit and its next claim, with nothing in flight.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        log = worker.log()
+        first_commit = log.find("turn committed")
+        if first_commit >= 0 and log.find("turn started", first_commit) >= 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the worker never started a turn after its first commit:\n{worker.log()}")
+
+
 async def test_a_killed_worker_loses_nothing_and_its_turns_are_finished_by_others(
     shared_backend_url: str, tmp_path: Path
 ) -> None:
@@ -44,8 +61,8 @@ async def test_a_killed_worker_loses_nothing_and_its_turns_are_finished_by_other
             worker.wait_for_log("started for app process-tests")
         async with app.client(url=shared_backend_url) as client:
             sent = await _send_all(client, sleep_s=0.3)
-            workers[0].wait_for_log("turn committed")
             victim = workers[0]
+            _wait_for_turns_in_flight(victim)
             victim.signal(signal.SIGKILL)
             victim.proc.wait()
             workers.append(WorkerProcess(shared_backend_url, tmp_path / "w3.log", lease_s=2.0))
