@@ -19,12 +19,16 @@ import statistics
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bench import engines
 from bench.turns_app import STEPS, Tick, app
 from bench.workers import run_engines, start_workers, stop_workers
 from keel.backends import open_backend
 from keel.backends.base import InstanceRef, StoreOptions
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,24 +88,29 @@ async def latencies(url: str, samples: int) -> tuple[list[float], list[float]]:
     return committed, waited
 
 
+def _with_workers(url: str, count: int, measure: Coroutine[Any, Any, float]) -> float:
+    """Run ``measure`` with ``count`` fresh ``keel worker`` processes serving the bench's app, stopped after."""
+    try:
+        workers = start_workers("bench.turns_app:app", url, count)
+    except BaseException:
+        measure.close()  # never started: no "coroutine was never awaited" warning
+        raise
+    try:
+        return asyncio.run(measure)
+    finally:
+        stop_workers(workers)
+
+
 def run_engine(engine: str, args: argparse.Namespace) -> dict[str, object]:
     with engines.prepared(engine) as (url, baselines):
         raw = baselines["raw"](url, "bench:raw-commit", time.time() + args.seconds) / args.seconds
         row: dict[str, object] = {"engine": engine, "raw_commits_per_s": round(raw, 1)}
         for count in (1, 2):
-            workers = start_workers("bench.turns_app:app", url, count)
-            try:
-                rate = asyncio.run(throughput(url, f"w{count}", args.instances, args.turns))
-            finally:
-                stop_workers(workers)
+            rate = _with_workers(url, count, throughput(url, f"w{count}", args.instances, args.turns))
             row[f"turns_per_s_{count}w"] = round(rate, 1)
             row[f"ratio_{count}w"] = round(rate / raw, 3)
         for count in (1, 2):
-            workers = start_workers("bench.turns_app:app", url, count)
-            try:
-                steps = asyncio.run(closed_loop(url, f"s{count}", args.callers, args.seconds))
-            finally:
-                stop_workers(workers)
+            steps = _with_workers(url, count, closed_loop(url, f"s{count}", args.callers, args.seconds))
             row[f"stepped_steps_per_s_{count}w"] = round(steps, 1)
             row[f"stepped_ratio_{count}w"] = round(steps / raw, 3)
         workers = start_workers("bench.turns_app:app", url, 1)

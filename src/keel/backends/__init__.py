@@ -4,7 +4,8 @@ Each scheme names the module holding its engine's entry points, ``open_engine(ur
 and ``open_backend(url, options)`` (store and broker composed, ``composed.py``): ``backend.py`` of the engine's
 package (``sqlite/memory.py`` for ``memory://``). ``wake.py`` holds the one wake gate every engine's broker uses;
 ``slots.py`` a first-come-first-served queue for a pool's connections, ``probe.py`` the one question (does the server
-answer?) that tells load (``BackendOverloaded``) from an outage (``BackendUnavailable``).
+answer?) that tells load (``BackendOverloaded``) from an outage (``BackendUnavailable``); ``tasks.py`` stops the
+engines' background tasks.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ that limits its clients (PostgreSQL's ``max_connections``) would refuse them, an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING
+
+from keel.backends.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -31,10 +32,7 @@ class SharedProbe:
 
     async def aclose(self) -> None:
         """Stop a running attempt."""
-        if self._running is not None and not self._running.done():
-            self._running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._running
+        await cancel_and_wait(self._running)
 
     async def _run(self) -> str | None:
         return await self._attempt()

@@ -48,6 +48,7 @@ import psycopg
 from psycopg import sql
 
 from keel.backends.postgres.transactions import BROKER_QUERIES, channel_for, end_channel_for
+from keel.backends.tasks import cancel_and_wait
 from keel.errors import BackendUnavailable
 
 if TYPE_CHECKING:
@@ -104,10 +105,7 @@ class PostgresListener:
     async def aclose(self) -> None:
         """Stop the pump and close the connection; waiters return. Safe to call twice."""
         self._closed = True
-        if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
+        await cancel_and_wait(self._pump)
         await self._disconnect()
 
     @property

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from keel.backends.tasks import cancel_and_wait
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
@@ -65,10 +67,7 @@ class EndSubscriber:
     async def aclose(self) -> None:
         """Stop the pump and close its connection. Safe to call twice."""
         self._closed = True
-        if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
+        await cancel_and_wait(self._pump)
         await self._disconnect()
 
     async def _run(self) -> None:
